@@ -1,0 +1,3 @@
+//! Sources: one folder per database.
+
+pub mod postgres;

@@ -1,0 +1,392 @@
+//! What the source learns from the catalog over an ordinary tokio-postgres connection: the
+//! server's prerequisites, which tables the configured patterns name, their keys, the
+//! publication, the slot, and how each column type converts. Publication DDL is the only
+//! write, and only when the publication is missing or lacks a configured table.
+
+use std::collections::HashMap;
+
+use tokio_postgres::{Client, NoTls};
+
+use super::pgoutput::RelationMessage;
+use super::replication::quote_ident;
+use super::types::{builtin_value_type, value_type_from_catalog};
+use super::SourceError;
+use crate::config::{ConnectionUrl, TablePattern};
+use crate::event::{Column, Lsn, Relation, ValueType};
+
+pub struct Catalog {
+    client: Client,
+    value_types: HashMap<u32, ValueType>,
+    type_names: HashMap<(u32, i32), String>,
+}
+
+/// A replication slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub confirmed_flush: Option<Lsn>,
+    pub active_pid: Option<i32>,
+}
+
+/// A table the source captures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceTable {
+    pub schema: String,
+    pub table: String,
+}
+
+impl SourceTable {
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.table))
+    }
+}
+
+impl std::fmt::Display for SourceTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.table)
+    }
+}
+
+impl Catalog {
+    pub async fn connect(url: &ConnectionUrl) -> Result<Catalog, SourceError> {
+        let (client, connection) = url
+            .pg_config()
+            .connect(NoTls)
+            .await
+            .map_err(|e| SourceError::connect(url, e))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "catalog connection closed");
+            }
+        });
+        Ok(Catalog {
+            client,
+            value_types: HashMap::new(),
+            type_names: HashMap::new(),
+        })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub async fn wal_level(&self) -> Result<String, SourceError> {
+        let row = self
+            .client
+            .query_one("SELECT current_setting('wal_level')", &[])
+            .await
+            .map_err(|e| SourceError::catalog("reading wal_level", e))?;
+        Ok(row.get(0))
+    }
+
+    /// Whether the connected role may open a replication connection.
+    pub async fn can_replicate(&self) -> Result<(String, bool), SourceError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT current_user::text, rolreplication OR rolsuper \
+                 FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(|e| SourceError::catalog("reading the role's REPLICATION attribute", e))?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// The tables the patterns name, in a stable order. A pattern naming one table that does
+    /// not exist is an error; a schema glob may match none.
+    pub async fn resolve_tables(
+        &self,
+        patterns: &[TablePattern],
+    ) -> Result<Vec<SourceTable>, SourceError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
+                   AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                 ORDER BY 1, 2",
+                &[],
+            )
+            .await
+            .map_err(|e| SourceError::catalog("listing tables", e))?;
+        let all: Vec<SourceTable> = rows
+            .iter()
+            .map(|r| SourceTable {
+                schema: r.get(0),
+                table: r.get(1),
+            })
+            .collect();
+        let mut missing = Vec::new();
+        for pattern in patterns {
+            if pattern.table.is_some() && !all.iter().any(|t| pattern.matches(&t.schema, &t.table))
+            {
+                missing.push(pattern.to_string());
+            }
+        }
+        if !missing.is_empty() {
+            return Err(SourceError::Prerequisite(format!(
+                "source.tables names tables that do not exist: {}; create them or fix \
+                 source.tables",
+                missing.join(", ")
+            )));
+        }
+        Ok(all
+            .into_iter()
+            .filter(|t| patterns.iter().any(|p| p.matches(&t.schema, &t.table)))
+            .collect())
+    }
+
+    /// Refuses tables whose updates and deletes PostgreSQL cannot publish with a key.
+    pub async fn check_replica_identity(&self, tables: &[SourceTable]) -> Result<(), SourceError> {
+        let mut refused = Vec::new();
+        for table in tables {
+            let row = self
+                .client
+                .query_one(
+                    "SELECT c.relreplident::text, \
+                       EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
+                       EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident) \
+                     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = $1 AND c.relname = $2",
+                    &[&table.schema, &table.table],
+                )
+                .await
+                .map_err(|e| SourceError::catalog("reading replica identity", e))?;
+            let identity: String = row.get(0);
+            let has_pk: bool = row.get(1);
+            let has_identity_index: bool = row.get(2);
+            let ok = match identity.as_str() {
+                "d" => has_pk,
+                "i" => has_identity_index,
+                "f" => true,
+                _ => false,
+            };
+            if !ok {
+                refused.push(table.clone());
+            }
+        }
+        if refused.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = refused.iter().map(ToString::to_string).collect();
+        let fixes: Vec<String> = refused
+            .iter()
+            .map(|t| format!("ALTER TABLE {} ADD PRIMARY KEY (…)", t.quoted()))
+            .collect();
+        Err(SourceError::Prerequisite(format!(
+            "table(s) without a primary key or replica identity: {}; PostgreSQL cannot publish \
+             their updates and deletes. Add a primary key ({}) or, where none fits, \
+             ALTER TABLE … REPLICA IDENTITY FULL (supported too), or remove them from \
+             source.tables",
+            names.join(", "),
+            fixes.join("; ")
+        )))
+    }
+
+    /// Creates the publication for `tables`, or adds the tables it lacks.
+    pub async fn ensure_publication(
+        &self,
+        publication: &str,
+        tables: &[SourceTable],
+    ) -> Result<(), SourceError> {
+        let exists = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_publication WHERE pubname = $1",
+                &[&publication],
+            )
+            .await
+            .map_err(|e| SourceError::catalog("reading pg_publication", e))?
+            .is_some();
+        let missing: Vec<&SourceTable> = if exists {
+            let rows = self
+                .client
+                .query(
+                    "SELECT schemaname::text, tablename::text FROM pg_publication_tables \
+                     WHERE pubname = $1",
+                    &[&publication],
+                )
+                .await
+                .map_err(|e| SourceError::catalog("reading pg_publication_tables", e))?;
+            let published: Vec<(String, String)> =
+                rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            tables
+                .iter()
+                .filter(|t| !published.contains(&(t.schema.clone(), t.table.clone())))
+                .collect()
+        } else {
+            tables.iter().collect()
+        };
+        if exists && missing.is_empty() {
+            return Ok(());
+        }
+        let list = missing
+            .iter()
+            .map(|t| t.quoted())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = match (exists, list.is_empty()) {
+            (false, true) => format!("CREATE PUBLICATION {}", quote_ident(publication)),
+            (false, false) => format!(
+                "CREATE PUBLICATION {} FOR TABLE {list}",
+                quote_ident(publication)
+            ),
+            (true, _) => format!(
+                "ALTER PUBLICATION {} ADD TABLE {list}",
+                quote_ident(publication)
+            ),
+        };
+        self.client.batch_execute(&sql).await.map_err(|e| {
+            SourceError::Prerequisite(format!(
+                "cannot create or extend publication {publication:?} ({}); run as the tables' \
+                 owner or a superuser: {sql}",
+                db_message(&e)
+            ))
+        })?;
+        tracing::info!(publication, tables = %list, "publication updated");
+        Ok(())
+    }
+
+    pub async fn slot(&self, slot: &str) -> Result<Option<SlotInfo>, SourceError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT plugin::text, database::text, confirmed_flush_lsn::text, active_pid \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(|e| SourceError::catalog("reading pg_replication_slots", e))?;
+        Ok(row.map(|r| SlotInfo {
+            plugin: r.get(0),
+            database: r.get(1),
+            confirmed_flush: r.get::<_, Option<String>>(2).and_then(|l| l.parse().ok()),
+            active_pid: r.get(3),
+        }))
+    }
+
+    /// Turns a Relation message into the relation the log stores: column types resolved,
+    /// primary key from the catalog.
+    pub async fn describe(&mut self, message: &RelationMessage) -> Result<Relation, SourceError> {
+        let pk_rows = self
+            .client
+            .query(
+                "SELECT a.attname::text FROM pg_index i \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                 WHERE i.indrelid = $1 AND i.indisprimary",
+                &[&message.relation_id],
+            )
+            .await
+            .map_err(|e| SourceError::catalog("reading the primary key", e))?;
+        let primary_key: Vec<String> = pk_rows.iter().map(|r| r.get(0)).collect();
+        let mut columns = Vec::with_capacity(message.columns.len());
+        for column in &message.columns {
+            columns.push(Column {
+                name: column.name.clone(),
+                type_oid: column.type_oid,
+                type_modifier: column.type_modifier,
+                type_name: self
+                    .type_name(column.type_oid, column.type_modifier)
+                    .await?,
+                value_type: self.value_type(column.type_oid).await?,
+                primary_key: primary_key.contains(&column.name),
+                replica_identity: column.is_key(),
+            });
+        }
+        Ok(Relation {
+            oid: message.relation_id,
+            schema: message.namespace.clone(),
+            table: message.name.clone(),
+            columns,
+        })
+    }
+
+    async fn type_name(&mut self, oid: u32, modifier: i32) -> Result<String, SourceError> {
+        if let Some(name) = self.type_names.get(&(oid, modifier)) {
+            return Ok(name.clone());
+        }
+        let row = self
+            .client
+            .query_one("SELECT format_type($1, $2)", &[&oid, &modifier])
+            .await
+            .map_err(|e| SourceError::catalog("reading a column type", e))?;
+        let name: String = row.get(0);
+        self.type_names.insert((oid, modifier), name.clone());
+        Ok(name)
+    }
+
+    /// How values of type `oid` convert: built in, or resolved from pg_type (domains to their
+    /// base type, arrays to their element type, enums to text).
+    async fn value_type(&mut self, oid: u32) -> Result<ValueType, SourceError> {
+        if let Some(t) = builtin_value_type(oid) {
+            return Ok(t);
+        }
+        if let Some(t) = self.value_types.get(&oid) {
+            return Ok(t.clone());
+        }
+        let mut pending = vec![oid];
+        // Resolve depth-first without recursion: domains over arrays of domains are legal.
+        while let Some(&current) = pending.last() {
+            let row = self
+                .client
+                .query_opt(
+                    "SELECT typtype::text, typcategory::text, typelem, typbasetype \
+                     FROM pg_type WHERE oid = $1",
+                    &[&current],
+                )
+                .await
+                .map_err(|e| SourceError::catalog("reading pg_type", e))?;
+            let Some(row) = row else {
+                self.value_types.insert(current, ValueType::Other);
+                pending.pop();
+                continue;
+            };
+            let typtype: String = row.get(0);
+            let category: String = row.get(1);
+            let elem: u32 = row.get(2);
+            let base: u32 = row.get(3);
+            let known = |o: u32, cache: &HashMap<u32, ValueType>| {
+                builtin_value_type(o).or_else(|| cache.get(&o).cloned())
+            };
+            let dependency = [elem, base]
+                .into_iter()
+                .find(|&o| o != 0 && o != current && known(o, &self.value_types).is_none());
+            if let Some(dep) = dependency {
+                if pending.contains(&dep) {
+                    self.value_types.insert(dep, ValueType::Other);
+                } else {
+                    pending.push(dep);
+                }
+                continue;
+            }
+            let resolved = value_type_from_catalog(
+                typtype.chars().next().unwrap_or('b'),
+                category.chars().next().unwrap_or('U'),
+                (elem != 0)
+                    .then(|| known(elem, &self.value_types))
+                    .flatten(),
+                (base != 0)
+                    .then(|| known(base, &self.value_types))
+                    .flatten(),
+            );
+            self.value_types.insert(current, resolved);
+            pending.pop();
+        }
+        Ok(self
+            .value_types
+            .get(&oid)
+            .cloned()
+            .unwrap_or(ValueType::Other))
+    }
+}
+
+/// The server's message for a database error, else the error's own text.
+pub fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => db.message().to_string(),
+        None => e.to_string(),
+    }
+}

@@ -1,0 +1,70 @@
+//! The source's part of `tidemark check`: reachable, wal_level = logical, the REPLICATION
+//! attribute, the tables, their keys, and a replication connection that authenticates.
+
+use super::catalog::Catalog;
+use super::replication::ReplicationConnection;
+use super::{check_prerequisites, SourceError};
+use crate::check::Check;
+use crate::config::PostgresSourceConfig;
+
+pub async fn run(config: &PostgresSourceConfig) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let catalog = match Catalog::connect(&config.url).await {
+        Ok(catalog) => {
+            checks.push(Check::ok(
+                "source",
+                format!("connected to {}", config.url.redacted()),
+            ));
+            catalog
+        }
+        Err(e) => {
+            checks.push(Check::fail("source", e.to_string()));
+            return checks;
+        }
+    };
+    checks.push(outcome(
+        "source prerequisites",
+        check_prerequisites(&catalog)
+            .await
+            .map(|()| "wal_level = logical, role may replicate".to_string()),
+    ));
+    match catalog.resolve_tables(&config.tables).await {
+        Ok(tables) if tables.is_empty() => checks.push(Check::fail(
+            "source.tables",
+            "the patterns match no table; create the tables or fix the patterns",
+        )),
+        Ok(tables) => {
+            let names: Vec<String> = tables.iter().map(ToString::to_string).collect();
+            checks.push(Check::ok("source.tables", names.join(", ")));
+            checks.push(outcome(
+                "replica identity",
+                catalog
+                    .check_replica_identity(&tables)
+                    .await
+                    .map(|()| "every table has a primary key or replica identity".to_string()),
+            ));
+        }
+        Err(e) => checks.push(Check::fail("source.tables", e.to_string())),
+    }
+    checks.push(outcome(
+        "replication connection",
+        async {
+            let mut connection = ReplicationConnection::connect(&config.url.pg_config()).await?;
+            let system = connection.identify_system().await?;
+            connection.close().await?;
+            Ok::<_, SourceError>(format!(
+                "system {} timeline {} at {}",
+                system.system_id, system.timeline, system.xlog_position
+            ))
+        }
+        .await,
+    ));
+    checks
+}
+
+fn outcome(subject: &str, result: Result<String, SourceError>) -> Check {
+    match result {
+        Ok(found) => Check::ok(subject, found),
+        Err(e) => Check::fail(subject, e.to_string()),
+    }
+}

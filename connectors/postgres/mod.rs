@@ -1,0 +1,578 @@
+//! PostgreSQL source: logical replication with pgoutput into the offset log.
+//!
+//! The slot is confirmed only up to what the log has made durable (DESIGN invariant 1):
+//! standby status updates carry the log's durable end LSN, never the received position.
+//! Transactions the server re-sends below the last logged commit are recognised by their
+//! commit LSN and skipped.
+
+pub mod catalog;
+pub mod check;
+pub mod pgoutput;
+pub mod replication;
+pub mod types;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::error::SqlState;
+use tokio_util::sync::CancellationToken;
+
+use self::catalog::{db_message, Catalog};
+use self::pgoutput::{LogicalMessage, OldTuple, TupleValue};
+use self::replication::{
+    ReplicationConnection, ReplicationError, ReplicationMessage, PG_EPOCH_OFFSET_MICROS,
+};
+use crate::config::{ConnectionUrl, PostgresSourceConfig, SnapshotMode};
+use crate::event::{
+    ChangeEvent, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit, Value,
+};
+use crate::log::{LogError, LogWriter, SourceIdentity};
+use crate::retry::{is_transient, RetryPolicy};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot connect to the source at {url}: {message}")]
+    Connect {
+        url: String,
+        message: String,
+        code: Option<SqlState>,
+    },
+    #[error("source catalog, {context}: {message}")]
+    Catalog {
+        context: &'static str,
+        message: String,
+        code: Option<SqlState>,
+    },
+    #[error("replication connection: {0}")]
+    Replication(#[from] ReplicationError),
+    /// The server or the configuration is not ready for capture; the message says the fix.
+    #[error("{0}")]
+    Prerequisite(String),
+    #[error("malformed pgoutput data at {lsn}: {source}")]
+    Decode {
+        lsn: Lsn,
+        source: pgoutput::DecodeError,
+    },
+    /// Continuing could silently skip changes; the message says how to recover.
+    #[error("{0}")]
+    Diverged(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+impl SourceError {
+    pub fn connect(url: &ConnectionUrl, e: tokio_postgres::Error) -> SourceError {
+        let code = e.code().cloned();
+        let hint = match code.as_ref().map(SqlState::code) {
+            Some("28P01") => "; check the user and password in source.url",
+            Some("28000") => "; the server refuses this user (pg_hba.conf or role attributes)",
+            Some("3D000") => "; check the database name in source.url",
+            _ if code.is_none() => {
+                "; check the host and port in source.url and that PostgreSQL is running"
+            }
+            _ => "",
+        };
+        SourceError::Connect {
+            url: url.redacted(),
+            message: format!("{}{hint}", connect_message(&e)),
+            code,
+        }
+    }
+
+    pub fn catalog(context: &'static str, e: tokio_postgres::Error) -> SourceError {
+        SourceError::Catalog {
+            context,
+            message: db_message(&e),
+            code: e.code().cloned(),
+        }
+    }
+
+    /// Whether waiting and reconnecting may cure it.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Connect { code, .. } | SourceError::Catalog { code, .. } => {
+                code.as_ref().is_none_or(is_transient)
+            }
+            SourceError::Replication(e) => match e {
+                ReplicationError::Connect { .. } | ReplicationError::Io(_) => true,
+                ReplicationError::Server { code, .. } => is_transient(code),
+                ReplicationError::Protocol(_) | ReplicationError::Unsupported(_) => false,
+            },
+            SourceError::Decode { .. } => true,
+            SourceError::Prerequisite(_) | SourceError::Diverged(_) | SourceError::Log(_) => false,
+        }
+    }
+
+    /// Whether the error is the operator's setup rather than a runtime failure.
+    pub fn is_prerequisite(&self) -> bool {
+        match self {
+            SourceError::Prerequisite(_) => true,
+            SourceError::Connect { code, .. } => code.is_some() && !self.is_transient(),
+            SourceError::Replication(ReplicationError::Server { code, .. }) => !is_transient(code),
+            _ => false,
+        }
+    }
+}
+
+/// tokio-postgres wraps I/O failures; the innermost cause is what the operator needs.
+fn connect_message(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return db.message().to_string();
+    }
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        message = inner.to_string();
+        source = inner.source();
+    }
+    message
+}
+
+/// Captures the configured tables of one PostgreSQL database.
+pub struct PostgresSource {
+    config: PostgresSourceConfig,
+}
+
+/// Where the stream stands while a session runs.
+struct Session {
+    catalog: Catalog,
+    relations: HashMap<u32, (RelationId, Arc<Relation>)>,
+    /// The transaction being received; `None` between transactions.
+    open: Option<OpenTransaction>,
+    /// The last position reported to the server.
+    confirmed: Lsn,
+}
+
+#[derive(Clone, Copy)]
+enum OpenTransaction {
+    Logging,
+    /// Already in the log (the server re-sent it after a restart).
+    Skipping,
+}
+
+impl PostgresSource {
+    pub fn new(config: PostgresSourceConfig) -> PostgresSource {
+        PostgresSource { config }
+    }
+
+    /// Streams into the log until `cancel` fires. Transient failures reconnect with backoff;
+    /// before the first successful start they are retried for `connect_timeout` only, so a
+    /// misconfigured agent stops instead of retrying forever.
+    pub async fn run(
+        &self,
+        writer: &mut LogWriter,
+        cancel: CancellationToken,
+    ) -> Result<(), SourceError> {
+        if self.config.snapshot == SnapshotMode::Initial {
+            return Err(SourceError::Prerequisite(
+                "source.snapshot = \"initial\" is not supported yet; set snapshot = \"never\" \
+                 to stream changes from now on"
+                    .into(),
+            ));
+        }
+        let mut policy = RetryPolicy::new();
+        let started = Instant::now();
+        let mut streamed = false;
+        loop {
+            let result = self
+                .stream(writer, &cancel, &mut streamed, &mut policy)
+                .await;
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if e.is_transient()
+                        && (streamed || started.elapsed() < self.config.connect_timeout) =>
+                {
+                    let delay = policy.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "source interrupted; reconnecting");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn stream(
+        &self,
+        writer: &mut LogWriter,
+        cancel: &CancellationToken,
+        streamed: &mut bool,
+        policy: &mut RetryPolicy,
+    ) -> Result<(), SourceError> {
+        let catalog = Catalog::connect(&self.config.url).await?;
+        check_prerequisites(&catalog).await?;
+        let tables = catalog.resolve_tables(&self.config.tables).await?;
+        if tables.is_empty() {
+            return Err(SourceError::Prerequisite(format!(
+                "source.tables ({}) matches no table; create the tables or fix the patterns",
+                self.config
+                    .tables
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        catalog.check_replica_identity(&tables).await?;
+        catalog
+            .ensure_publication(&self.config.publication, &tables)
+            .await?;
+
+        let mut connection = ReplicationConnection::connect(&self.config.url.pg_config()).await?;
+        let system = connection.identify_system().await?;
+        let database = system.database.clone().unwrap_or_default();
+        self.check_identity(writer, &system.system_id, &database)
+            .await?;
+        let log_position = writer.last_appended();
+        match catalog.slot(&self.config.slot).await? {
+            Some(slot) => self.check_slot(&slot, &database)?,
+            None if log_position.seq > 0 => {
+                return Err(SourceError::Diverged(format!(
+                    "replication slot {:?} no longer exists (failover, or dropped by hand), but \
+                     the offset log continues from {}: changes made since may have been missed. \
+                     Recover by re-snapshotting: stop the agent, move agent.data_dir aside, and \
+                     start again with snapshot = \"initial\" (this re-creates the slot)",
+                    self.config.slot, log_position.end_lsn
+                )))
+            }
+            None => {
+                let lsn = connection.create_slot(&self.config.slot).await?;
+                tracing::info!(slot = %self.config.slot, %lsn, "replication slot created");
+            }
+        }
+        connection
+            .start_replication(
+                &self.config.slot,
+                &self.config.publication,
+                log_position.end_lsn,
+            )
+            .await?;
+        tracing::info!(
+            slot = %self.config.slot,
+            publication = %self.config.publication,
+            from = %log_position.end_lsn,
+            tables = tables.len(),
+            "streaming changes"
+        );
+        *streamed = true;
+        policy.reset();
+        let mut session = Session {
+            catalog,
+            relations: HashMap::new(),
+            open: None,
+            confirmed: Lsn(0),
+        };
+        let result = self
+            .stream_messages(&mut connection, &mut session, writer, cancel)
+            .await;
+        if result.is_ok() {
+            // Shutdown: make everything received durable and say so before leaving.
+            let durable = writer.log().flush().await?;
+            connection.send_status(durable.end_lsn).await?;
+            connection.close().await?;
+        }
+        result
+    }
+
+    async fn stream_messages(
+        &self,
+        connection: &mut ReplicationConnection,
+        session: &mut Session,
+        writer: &mut LogWriter,
+        cancel: &CancellationToken,
+    ) -> Result<(), SourceError> {
+        let mut durable = writer.log().subscribe_durable();
+        let mut status_timer = tokio::time::interval(self.config.status_interval);
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(()),
+                changed = durable.changed() => {
+                    if changed.is_ok() {
+                        let end = durable.borrow_and_update().end_lsn;
+                        session.confirm(connection, end).await?;
+                    }
+                }
+                _ = status_timer.tick() => {
+                    let end = writer.log().durable().end_lsn.max(session.confirmed);
+                    connection.send_status(end).await?;
+                }
+                message = connection.next_message() => match message? {
+                    ReplicationMessage::XLogData { wal_start, data, .. } => {
+                        let message = pgoutput::decode(&data, false)
+                            .map_err(|source| SourceError::Decode { lsn: wal_start, source })?;
+                        session.handle(writer, wal_start, message).await?;
+                    }
+                    ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested } => {
+                        // Idle and everything received is durable: the server may forget
+                        // WAL up to what it has sent, or an idle slot pins WAL forever.
+                        let log = writer.log();
+                        let caught_up = session.open.is_none()
+                            && writer.last_appended().seq == log.durable().seq;
+                        let end = if caught_up {
+                            wal_end.max(log.durable().end_lsn)
+                        } else {
+                            log.durable().end_lsn
+                        };
+                        if reply_requested || end > session.confirmed {
+                            connection.send_status(end.max(session.confirmed)).await?;
+                            session.confirmed = end.max(session.confirmed);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn check_identity(
+        &self,
+        writer: &LogWriter,
+        system_id: &str,
+        database: &str,
+    ) -> Result<(), SourceError> {
+        let current = SourceIdentity {
+            system_id: system_id.to_string(),
+            database: database.to_string(),
+            slot: self.config.slot.clone(),
+        };
+        match writer.log().source_identity()? {
+            None => writer.log().set_source_identity(&current).await?,
+            Some(logged) if logged == current => {}
+            Some(logged) => {
+                return Err(SourceError::Diverged(format!(
+                    "the offset log was captured from system {} database {:?} slot {:?}, but \
+                     the source is system {} database {:?} slot {:?} (a restored or promoted \
+                     server, or a changed config): resuming could skip or repeat changes. \
+                     Recover by re-snapshotting: stop the agent, move agent.data_dir aside and \
+                     start again",
+                    logged.system_id,
+                    logged.database,
+                    logged.slot,
+                    current.system_id,
+                    current.database,
+                    current.slot
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    fn check_slot(&self, slot: &catalog::SlotInfo, database: &str) -> Result<(), SourceError> {
+        if slot.plugin.as_deref() != Some("pgoutput") || slot.database.as_deref() != Some(database)
+        {
+            return Err(SourceError::Prerequisite(format!(
+                "replication slot {:?} exists but is not a pgoutput slot of database {database:?} \
+                 (plugin {:?}, database {:?}); choose another source.slot or drop it: \
+                 SELECT pg_drop_replication_slot('{}')",
+                self.config.slot,
+                slot.plugin.as_deref().unwrap_or("none"),
+                slot.database.as_deref().unwrap_or("none"),
+                self.config.slot
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Checks the server settings and role attributes capture needs; each failure names its fix.
+pub async fn check_prerequisites(catalog: &Catalog) -> Result<(), SourceError> {
+    let wal_level = catalog.wal_level().await?;
+    if wal_level != "logical" {
+        return Err(SourceError::Prerequisite(format!(
+            "the source has wal_level = {wal_level}, logical decoding needs wal_level = logical: \
+             run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL"
+        )));
+    }
+    let (user, can_replicate) = catalog.can_replicate().await?;
+    if !can_replicate {
+        return Err(SourceError::Prerequisite(format!(
+            "role {user:?} lacks the REPLICATION attribute needed for a replication connection: \
+             run ALTER ROLE \"{user}\" REPLICATION; (on RDS: GRANT rds_replication TO \"{user}\";)"
+        )));
+    }
+    Ok(())
+}
+
+impl Session {
+    async fn confirm(
+        &mut self,
+        connection: &mut ReplicationConnection,
+        durable_end: Lsn,
+    ) -> Result<(), SourceError> {
+        if durable_end > self.confirmed {
+            connection.send_status(durable_end).await?;
+            self.confirmed = durable_end;
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &mut self,
+        writer: &mut LogWriter,
+        lsn: Lsn,
+        message: LogicalMessage,
+    ) -> Result<(), SourceError> {
+        match message {
+            LogicalMessage::Begin {
+                final_lsn,
+                commit_ts,
+                xid,
+            } => {
+                if Lsn(final_lsn) <= writer.last_appended().commit_lsn {
+                    self.open = Some(OpenTransaction::Skipping);
+                    return Ok(());
+                }
+                self.open = Some(OpenTransaction::Logging);
+                writer.append(&Record::Begin(TxBegin {
+                    xid,
+                    commit_lsn: Lsn(final_lsn),
+                    commit_ts: unix_micros(commit_ts),
+                }))?;
+            }
+            LogicalMessage::Commit {
+                commit_lsn,
+                end_lsn,
+                commit_ts,
+                ..
+            } => {
+                if let Some(OpenTransaction::Logging) = self.open.take() {
+                    writer.append(&Record::Commit(TxCommit {
+                        commit_lsn: Lsn(commit_lsn),
+                        end_lsn: Lsn(end_lsn),
+                        commit_ts: unix_micros(commit_ts),
+                    }))?;
+                }
+            }
+            LogicalMessage::Relation(body) => {
+                let relation = self.catalog.describe(&body).await?;
+                let (id, relation) = writer.relation(relation)?;
+                self.relations.insert(body.relation_id, (id, relation));
+            }
+            LogicalMessage::Insert {
+                relation_id, new, ..
+            } => {
+                self.change(writer, lsn, relation_id, Op::Insert, None, Some(new))?;
+            }
+            LogicalMessage::Update {
+                relation_id,
+                old,
+                new,
+                ..
+            } => {
+                let old = old.map(|o| match o {
+                    OldTuple::Key(t) | OldTuple::Full(t) => t,
+                });
+                self.change(writer, lsn, relation_id, Op::Update, old, Some(new))?;
+            }
+            LogicalMessage::Delete {
+                relation_id, old, ..
+            } => {
+                let (OldTuple::Key(old) | OldTuple::Full(old)) = old;
+                self.change(writer, lsn, relation_id, Op::Delete, Some(old), None)?;
+            }
+            LogicalMessage::Truncate { relation_ids, .. } => {
+                for relation_id in relation_ids {
+                    self.change(writer, lsn, relation_id, Op::Truncate, None, None)?;
+                }
+            }
+            // Origins, type descriptions (the catalog resolves types) and logical decoding
+            // messages carry no row changes.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn change(
+        &mut self,
+        writer: &mut LogWriter,
+        lsn: Lsn,
+        relation_id: u32,
+        op: Op,
+        before: Option<Vec<TupleValue>>,
+        after: Option<Vec<TupleValue>>,
+    ) -> Result<(), SourceError> {
+        match self.open {
+            Some(OpenTransaction::Logging) => {}
+            Some(OpenTransaction::Skipping) => return Ok(()),
+            None => {
+                return Err(SourceError::Replication(ReplicationError::Protocol(
+                    format!("change at {lsn} outside a transaction"),
+                )))
+            }
+        }
+        let (id, relation) = self.relations.get(&relation_id).ok_or_else(|| {
+            SourceError::Replication(ReplicationError::Protocol(format!(
+                "change at {lsn} for relation {relation_id} before its Relation message"
+            )))
+        })?;
+        let before = before.map(|t| to_row(relation, lsn, t)).transpose()?;
+        let after = after.map(|t| to_row(relation, lsn, t)).transpose()?;
+        writer.append(&Record::Change(ChangeEvent {
+            relation: *id,
+            lsn,
+            op,
+            before,
+            after,
+        }))?;
+        Ok(())
+    }
+}
+
+/// Converts a pgoutput tuple to a row of values. A value the type conversion cannot read is
+/// kept as its text, with a warning, rather than stopping capture or losing it.
+fn to_row(relation: &Relation, lsn: Lsn, tuple: Vec<TupleValue>) -> Result<Row, SourceError> {
+    if tuple.len() != relation.columns.len() {
+        return Err(SourceError::Replication(ReplicationError::Protocol(
+            format!(
+                "change at {lsn} for {} has {} columns, its Relation message {}",
+                relation.qualified_name(),
+                tuple.len(),
+                relation.columns.len()
+            ),
+        )));
+    }
+    tuple
+        .into_iter()
+        .zip(&relation.columns)
+        .map(|(value, column)| match value {
+            TupleValue::Null => Ok(Value::Null),
+            TupleValue::UnchangedToast => Ok(Value::UnchangedToast),
+            TupleValue::Text(bytes) => {
+                let text = std::str::from_utf8(&bytes).map_err(|_| {
+                    SourceError::Replication(ReplicationError::Protocol(format!(
+                        "change at {lsn}: column {}.{} is not valid UTF-8",
+                        relation.qualified_name(),
+                        column.name
+                    )))
+                })?;
+                Ok(
+                    types::parse_text(&column.value_type, text).unwrap_or_else(|e| {
+                        tracing::warn!(
+                            table = %relation.qualified_name(),
+                            column = %column.name,
+                            error = %e,
+                            "value kept as text"
+                        );
+                        Value::Text(text.to_string())
+                    }),
+                )
+            }
+            TupleValue::Binary(_) => Err(SourceError::Replication(ReplicationError::Protocol(
+                format!("change at {lsn}: binary tuple data was not requested"),
+            ))),
+        })
+        .collect()
+}
+
+fn unix_micros(pg_micros: i64) -> i64 {
+    pg_micros.saturating_add(PG_EPOCH_OFFSET_MICROS)
+}
+
+/// How long `run` waits before it gives up on a source that never answered.
+pub fn default_connect_timeout() -> Duration {
+    Duration::from_secs(30)
+}

@@ -1,0 +1,531 @@
+//! The replication connection: PostgreSQL's streaming replication sub-protocol ("Streaming
+//! Replication Protocol" in the PostgreSQL docs) spoken over a plain TCP or Unix socket with
+//! postgres-protocol's message codecs. tokio-postgres cannot enter CopyBoth mode, so startup,
+//! authentication (trust, cleartext, md5, SCRAM-SHA-256), the replication commands and the
+//! CopyBoth stream are done here. Nothing here decides what to confirm: the caller passes the
+//! flush position, which must be durable in the offset log.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::backend::{ErrorFields, Message};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::error::SqlState;
+
+use crate::event::Lsn;
+
+/// Microseconds between the Unix epoch and PostgreSQL's epoch, 2000-01-01 00:00 UTC.
+pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+const COPY_BOTH_RESPONSE_TAG: u8 = b'W';
+const XLOG_DATA_TAG: u8 = b'w';
+const PRIMARY_KEEPALIVE_TAG: u8 = b'k';
+const STANDBY_STATUS_UPDATE_TAG: u8 = b'r';
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("cannot reach PostgreSQL at {target}: {source}")]
+    Connect { target: String, source: io::Error },
+    #[error("connection to PostgreSQL lost: {0}")]
+    Io(#[from] io::Error),
+    #[error("PostgreSQL: {message} (SQLSTATE {})", code.code())]
+    Server {
+        code: SqlState,
+        message: String,
+        detail: Option<String>,
+        hint: Option<String>,
+    },
+    #[error("replication protocol: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl ReplicationError {
+    pub fn code(&self) -> Option<&SqlState> {
+        match self {
+            ReplicationError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// What the server sends inside the CopyBoth stream.
+#[derive(Debug)]
+pub enum ReplicationMessage {
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        data: Bytes,
+    },
+    PrimaryKeepalive {
+        wal_end: Lsn,
+        reply_requested: bool,
+    },
+}
+
+/// The server's answer to IDENTIFY_SYSTEM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemIdentity {
+    pub system_id: String,
+    pub timeline: u32,
+    pub xlog_position: Lsn,
+    pub database: Option<String>,
+}
+
+trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
+
+pub struct ReplicationConnection {
+    stream: Box<dyn Transport>,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+}
+
+/// Session settings that fix the text output of every value the server sends, so the type
+/// conversion sees one format (they apply to the walsender's output functions too).
+const SESSION_OPTIONS: &str =
+    "-c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC -c extra_float_digits=3";
+
+impl ReplicationConnection {
+    /// Opens a `replication=database` connection and authenticates.
+    pub async fn connect(config: &tokio_postgres::Config) -> Result<Self, ReplicationError> {
+        if matches!(config.get_ssl_mode(), SslMode::Require) {
+            return Err(ReplicationError::Unsupported(
+                "sslmode=require is not supported yet by the replication connection; \
+                 use sslmode=disable or sslmode=prefer"
+                    .into(),
+            ));
+        }
+        let stream = open_stream(config).await?;
+        let mut conn = ReplicationConnection {
+            stream,
+            read_buf: BytesMut::with_capacity(64 * 1024),
+            write_buf: BytesMut::with_capacity(1024),
+        };
+        conn.startup(config).await?;
+        Ok(conn)
+    }
+
+    async fn startup(&mut self, config: &tokio_postgres::Config) -> Result<(), ReplicationError> {
+        let user = config
+            .get_user()
+            .ok_or_else(|| ReplicationError::Protocol("the source url names no user".into()))?;
+        let database = config.get_dbname().unwrap_or(user);
+        let mut params = vec![
+            ("user", user),
+            ("database", database),
+            ("replication", "database"),
+            ("application_name", "tidemark"),
+            ("client_encoding", "UTF8"),
+        ];
+        let options = match config.get_options() {
+            Some(extra) => format!("{SESSION_OPTIONS} {extra}"),
+            None => SESSION_OPTIONS.to_string(),
+        };
+        params.push(("options", &options));
+        frontend::startup_message(params.iter().copied(), &mut self.write_buf)?;
+        self.flush().await?;
+        self.authenticate(user, config.get_password()).await?;
+        loop {
+            match self.read_message().await? {
+                Message::ReadyForQuery(_) => return Ok(()),
+                Message::ErrorResponse(body) => return Err(server_error(body.fields())),
+                _ => {}
+            }
+        }
+    }
+
+    async fn authenticate(
+        &mut self,
+        user: &str,
+        password: Option<&[u8]>,
+    ) -> Result<(), ReplicationError> {
+        let need_password = || {
+            password.ok_or_else(|| {
+                ReplicationError::Protocol(
+                    "the server asks for a password but the source url has none: \
+                     add it to the url (postgres://user:${PASSWORD}@host/db)"
+                        .into(),
+                )
+            })
+        };
+        match self.read_message().await? {
+            Message::AuthenticationOk => return Ok(()),
+            Message::AuthenticationCleartextPassword => {
+                frontend::password_message(need_password()?, &mut self.write_buf)?;
+                self.flush().await?;
+            }
+            Message::AuthenticationMd5Password(body) => {
+                let hash = md5_hash(user.as_bytes(), need_password()?, body.salt());
+                frontend::password_message(hash.as_bytes(), &mut self.write_buf)?;
+                self.flush().await?;
+            }
+            Message::AuthenticationSasl(body) => {
+                let mut mechanisms = body.mechanisms();
+                let mut scram = false;
+                while let Some(m) = mechanisms.next().map_err(ReplicationError::Io)? {
+                    scram |= m == SCRAM_SHA_256;
+                }
+                if !scram {
+                    return Err(ReplicationError::Unsupported(
+                        "the server offers no SASL mechanism tidemark supports (SCRAM-SHA-256)"
+                            .into(),
+                    ));
+                }
+                let mut sasl = ScramSha256::new(need_password()?, ChannelBinding::unsupported());
+                frontend::sasl_initial_response(
+                    SCRAM_SHA_256,
+                    sasl.message(),
+                    &mut self.write_buf,
+                )?;
+                self.flush().await?;
+                match self.read_message().await? {
+                    Message::AuthenticationSaslContinue(body) => sasl.update(body.data())?,
+                    Message::ErrorResponse(body) => return Err(server_error(body.fields())),
+                    _ => return Err(unexpected("SASL continue")),
+                }
+                frontend::sasl_response(sasl.message(), &mut self.write_buf)?;
+                self.flush().await?;
+                match self.read_message().await? {
+                    Message::AuthenticationSaslFinal(body) => sasl.finish(body.data())?,
+                    Message::ErrorResponse(body) => return Err(server_error(body.fields())),
+                    _ => return Err(unexpected("SASL final")),
+                }
+            }
+            Message::ErrorResponse(body) => return Err(server_error(body.fields())),
+            _ => {
+                return Err(ReplicationError::Unsupported(
+                    "the server asks for an authentication method tidemark does not support \
+                     (supported: trust, password, md5, scram-sha-256)"
+                        .into(),
+                ))
+            }
+        }
+        match self.read_message().await? {
+            Message::AuthenticationOk => Ok(()),
+            Message::ErrorResponse(body) => Err(server_error(body.fields())),
+            _ => Err(unexpected("authentication ok")),
+        }
+    }
+
+    /// Runs a replication command (IDENTIFY_SYSTEM, CREATE_REPLICATION_SLOT …) and returns
+    /// its rows as text.
+    pub async fn simple_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, ReplicationError> {
+        frontend::query(sql, &mut self.write_buf)?;
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.read_message().await? {
+                Message::DataRow(body) => {
+                    let buf = body.buffer();
+                    let mut row = Vec::new();
+                    let mut ranges = body.ranges();
+                    while let Some(range) = ranges.next()? {
+                        row.push(match range {
+                            Some(r) => Some(
+                                std::str::from_utf8(buf.get(r).unwrap_or_default())
+                                    .map_err(|e| ReplicationError::Protocol(e.to_string()))?
+                                    .to_string(),
+                            ),
+                            None => None,
+                        });
+                    }
+                    rows.push(row);
+                }
+                Message::ErrorResponse(body) => error = Some(server_error(body.fields())),
+                Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        }
+    }
+
+    pub async fn identify_system(&mut self) -> Result<SystemIdentity, ReplicationError> {
+        let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let row = rows
+            .first()
+            .filter(|r| r.len() >= 4)
+            .ok_or_else(|| ReplicationError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+        let field = |i: usize| row.get(i).cloned().flatten();
+        let system_id = field(0).unwrap_or_default();
+        let timeline = field(1)
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| ReplicationError::Protocol("IDENTIFY_SYSTEM: bad timeline".into()))?;
+        let xlog_position = field(2)
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| ReplicationError::Protocol("IDENTIFY_SYSTEM: bad xlogpos".into()))?;
+        Ok(SystemIdentity {
+            system_id,
+            timeline,
+            xlog_position,
+            database: field(3),
+        })
+    }
+
+    /// Creates a logical slot with pgoutput without exporting a snapshot.
+    pub async fn create_slot(&mut self, slot: &str) -> Result<Lsn, ReplicationError> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+            quote_ident(slot)
+        );
+        let rows = self.simple_query(&sql).await?;
+        rows.first()
+            .and_then(|r| r.get(1).cloned().flatten())
+            .and_then(|lsn| lsn.parse().ok())
+            .ok_or_else(|| ReplicationError::Protocol("CREATE_REPLICATION_SLOT: no LSN".into()))
+    }
+
+    /// Enters CopyBoth mode streaming pgoutput changes of `publication` from `start`.
+    pub async fn start_replication(
+        &mut self,
+        slot: &str,
+        publication: &str,
+        start: Lsn,
+    ) -> Result<(), ReplicationError> {
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {})",
+            quote_ident(slot),
+            start,
+            quote_literal(&quote_ident(publication)),
+        );
+        frontend::query(&sql, &mut self.write_buf)?;
+        self.flush().await?;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.first() {
+                Some(&COPY_BOTH_RESPONSE_TAG) => return Ok(()),
+                _ => match parse_frame(frame)? {
+                    Message::ErrorResponse(body) => return Err(server_error(body.fields())),
+                    Message::NoticeResponse(_) => {}
+                    _ => return Err(unexpected("CopyBothResponse")),
+                },
+            }
+        }
+    }
+
+    /// The next message of the CopyBoth stream. Cancel-safe: a message is either returned
+    /// whole or stays buffered.
+    pub async fn next_message(&mut self) -> Result<ReplicationMessage, ReplicationError> {
+        loop {
+            match parse_frame(self.read_frame().await?)? {
+                Message::CopyData(body) => return parse_copy_data(body.into_bytes()),
+                Message::ErrorResponse(body) => return Err(server_error(body.fields())),
+                Message::CopyDone => {
+                    return Err(ReplicationError::Protocol(
+                        "the server ended the replication stream".into(),
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends a standby status update: everything up to `flush` is durable on our side.
+    pub async fn send_status(&mut self, flush: Lsn) -> Result<(), ReplicationError> {
+        let mut payload = BytesMut::with_capacity(34);
+        payload.put_u8(STANDBY_STATUS_UPDATE_TAG);
+        payload.put_u64(flush.0);
+        payload.put_u64(flush.0);
+        payload.put_u64(flush.0);
+        payload.put_i64(pg_now_micros());
+        payload.put_u8(0);
+        frontend::CopyData::new(payload.freeze())?.write(&mut self.write_buf);
+        self.flush().await
+    }
+
+    /// Ends the stream politely so the walsender records the last status we sent.
+    pub async fn close(mut self) -> Result<(), ReplicationError> {
+        frontend::copy_done(&mut self.write_buf);
+        frontend::terminate(&mut self.write_buf);
+        self.flush().await?;
+        self.stream.shutdown().await?;
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ReplicationError> {
+        self.stream.write_all(&self.write_buf).await?;
+        self.write_buf.clear();
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// Reads one whole backend message frame (tag, length, body). Cancel-safe.
+    async fn read_frame(&mut self) -> Result<BytesMut, ReplicationError> {
+        loop {
+            if self.read_buf.len() >= 5 {
+                let len = u32::from_be_bytes([
+                    self.read_buf[1],
+                    self.read_buf[2],
+                    self.read_buf[3],
+                    self.read_buf[4],
+                ]) as usize;
+                if len < 4 {
+                    return Err(ReplicationError::Protocol(format!(
+                        "message {:?} with invalid length {len}",
+                        self.read_buf[0] as char
+                    )));
+                }
+                if self.read_buf.len() > len {
+                    return Ok(self.read_buf.split_to(len + 1));
+                }
+                self.read_buf.reserve(len + 1 - self.read_buf.len());
+            }
+            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
+                return Err(ReplicationError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection",
+                )));
+            }
+        }
+    }
+
+    async fn read_message(&mut self) -> Result<Message, ReplicationError> {
+        let frame = self.read_frame().await?;
+        parse_frame(frame)
+    }
+}
+
+fn parse_frame(mut frame: BytesMut) -> Result<Message, ReplicationError> {
+    let tag = frame.first().copied().unwrap_or_default();
+    Message::parse(&mut frame)
+        .map_err(|e| ReplicationError::Protocol(format!("message {:?}: {e}", tag as char)))?
+        .ok_or_else(|| ReplicationError::Protocol(format!("message {:?} incomplete", tag as char)))
+}
+
+fn parse_copy_data(mut data: Bytes) -> Result<ReplicationMessage, ReplicationError> {
+    let truncated = |what: &str| {
+        ReplicationError::Protocol(format!("{what} message truncated ({} bytes)", data.len()))
+    };
+    match data.first().copied() {
+        Some(XLOG_DATA_TAG) => {
+            if data.len() < 25 {
+                return Err(truncated("XLogData"));
+            }
+            data.advance(1);
+            let wal_start = Lsn(data.get_u64());
+            let wal_end = Lsn(data.get_u64());
+            let _send_time = data.get_i64();
+            Ok(ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                data,
+            })
+        }
+        Some(PRIMARY_KEEPALIVE_TAG) => {
+            if data.len() < 18 {
+                return Err(truncated("primary keepalive"));
+            }
+            data.advance(1);
+            let wal_end = Lsn(data.get_u64());
+            let _send_time = data.get_i64();
+            Ok(ReplicationMessage::PrimaryKeepalive {
+                wal_end,
+                reply_requested: data.get_u8() == 1,
+            })
+        }
+        other => Err(ReplicationError::Protocol(format!(
+            "unknown CopyData message {:?}",
+            other.map(char::from)
+        ))),
+    }
+}
+
+async fn open_stream(
+    config: &tokio_postgres::Config,
+) -> Result<Box<dyn Transport>, ReplicationError> {
+    let host = config
+        .get_hosts()
+        .first()
+        .cloned()
+        .unwrap_or_else(|| Host::Unix(PathBuf::from("/var/run/postgresql")));
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let timeout = config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(Duration::from_secs(10));
+    let (target, result) = match host {
+        Host::Tcp(name) => {
+            let target = format!("{name}:{port}");
+            let result = tokio::time::timeout(timeout, TcpStream::connect((name.as_str(), port)))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+                .and_then(|r| r)
+                .map(|s| {
+                    let _ = s.set_nodelay(true);
+                    Box::new(s) as Box<dyn Transport>
+                });
+            (target, result)
+        }
+        Host::Unix(dir) => {
+            let path = dir.join(format!(".s.PGSQL.{port}"));
+            let target = path.display().to_string();
+            let result = tokio::time::timeout(timeout, UnixStream::connect(&path))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+                .and_then(|r| r)
+                .map(|s| Box::new(s) as Box<dyn Transport>);
+            (target, result)
+        }
+    };
+    result.map_err(|source| ReplicationError::Connect { target, source })
+}
+
+fn server_error(mut fields: ErrorFields<'_>) -> ReplicationError {
+    let mut code = SqlState::INTERNAL_ERROR;
+    let mut message = String::new();
+    let mut detail = None;
+    let mut hint = None;
+    while let Ok(Some(field)) = fields.next() {
+        let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
+        match field.type_() {
+            b'C' => code = SqlState::from_code(&value),
+            b'M' => message = value,
+            b'D' => detail = Some(value),
+            b'H' => hint = Some(value),
+            _ => {}
+        }
+    }
+    ReplicationError::Server {
+        code,
+        message,
+        detail,
+        hint,
+    }
+}
+
+fn unexpected(expected: &str) -> ReplicationError {
+    ReplicationError::Protocol(format!("unexpected message, expected {expected}"))
+}
+
+/// Now, in microseconds since PostgreSQL's epoch.
+fn pg_now_micros() -> i64 {
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default();
+    unix - PG_EPOCH_OFFSET_MICROS
+}
+
+pub fn quote_ident(name: &str) -> String {
+    postgres_protocol::escape::escape_identifier(name)
+}
+
+fn quote_literal(value: &str) -> String {
+    postgres_protocol::escape::escape_literal(value)
+}

@@ -1,0 +1,81 @@
+//! Sinks: where logged changes go. Each sink reads the offset log from its own cursor, at its
+//! own pace, in its own task.
+//!
+//! The contract of a sink (the pipeline keeps its side, every sink keeps its own):
+//! - `open` is called once before anything else and returns the log sequence number of the
+//!   last record the sink has durably applied, read from the sink's own checkpoint (0: none).
+//! - `apply` receives durable log records in log order, each batch starting right after the
+//!   last applied record. Batches end on a transaction's Commit, except that a transaction
+//!   larger than a batch arrives in consecutive chunks. Calls are sequential.
+//! - When `apply` returns `Ok`, the batch's effect and the sink's checkpoint are durable.
+//!   Applying again records that were already applied (after a crash between the write and the
+//!   checkpoint) must leave the destination as one application would, or, for an append-only
+//!   destination, the sink must undo the unrecorded write first.
+
+pub mod jsonl;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::config::{SinkConfig, SinkKind};
+use crate::envelope::SourceInfo;
+use crate::log::{LogEntry, LogError, OffsetLog};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("sink {sink:?}: {context}: {source}")]
+    Io {
+        sink: String,
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("sink {sink:?}: {message}")]
+    Inconsistent { sink: String, message: String },
+    #[error(
+        "sink {0:?}: postgres sinks are not built yet; remove the [[sink]] or use type = \"jsonl\""
+    )]
+    Unsupported(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+pub trait Sink {
+    fn open(&mut self) -> impl Future<Output = Result<u64, SinkError>> + Send;
+    fn apply(&mut self, entries: &[LogEntry])
+        -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+/// The closed set of sinks, built from config with one match.
+pub enum AnySink {
+    Jsonl(jsonl::JsonlSink),
+}
+
+impl AnySink {
+    pub fn build(
+        config: &SinkConfig,
+        log: &Arc<OffsetLog>,
+        source: &SourceInfo,
+    ) -> Result<AnySink, SinkError> {
+        match &config.kind {
+            SinkKind::Jsonl(jsonl) => Ok(AnySink::Jsonl(jsonl::JsonlSink::new(
+                &config.name,
+                jsonl,
+                Arc::clone(log),
+                source.clone(),
+            ))),
+            SinkKind::Postgres(_) => Err(SinkError::Unsupported(config.name.clone())),
+        }
+    }
+
+    pub async fn open(&mut self) -> Result<u64, SinkError> {
+        match self {
+            AnySink::Jsonl(sink) => sink.open().await,
+        }
+    }
+
+    pub async fn apply(&mut self, entries: &[LogEntry]) -> Result<(), SinkError> {
+        match self {
+            AnySink::Jsonl(sink) => sink.apply(entries).await,
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! `tidemark check`: every prerequisite the agent needs, checked before it runs, one line per
+//! check with the fix for each failure.
+
+use std::fmt;
+
+use crate::config::{Config, SinkKind, SourceConfig};
+use crate::connectors::postgres;
+
+/// The outcome of one check: what was checked, and either what was found or what is wrong
+/// and how to fix it.
+pub struct Check {
+    pub subject: String,
+    pub outcome: Result<String, String>,
+}
+
+impl Check {
+    pub fn ok(subject: impl Into<String>, found: impl Into<String>) -> Check {
+        Check {
+            subject: subject.into(),
+            outcome: Ok(found.into()),
+        }
+    }
+
+    pub fn fail(subject: impl Into<String>, problem: impl Into<String>) -> Check {
+        Check {
+            subject: subject.into(),
+            outcome: Err(problem.into()),
+        }
+    }
+
+    pub fn passed(&self) -> bool {
+        self.outcome.is_ok()
+    }
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.outcome {
+            Ok(found) => write!(f, "ok    {}: {found}", self.subject),
+            Err(problem) => write!(f, "FAIL  {}: {problem}", self.subject),
+        }
+    }
+}
+
+/// Runs every check of an already valid config.
+pub async fn run(config: &Config) -> Vec<Check> {
+    let mut checks = vec![Check::ok(
+        "config",
+        format!("{} is valid", config.path.display()),
+    )];
+    let SourceConfig::Postgres(source) = &config.source;
+    checks.extend(postgres::check::run(source).await);
+    for sink in &config.sinks {
+        let subject = format!("sink {:?}", sink.name);
+        checks.push(match &sink.kind {
+            SinkKind::Jsonl(jsonl) => match writable_dir(&jsonl.path) {
+                Ok(()) => Check::ok(subject, format!("{} is writable", jsonl.path.display())),
+                Err(e) => Check::fail(
+                    subject,
+                    format!(
+                        "cannot write to {}: {e}; create it or give the agent's user write access",
+                        jsonl.path.display()
+                    ),
+                ),
+            },
+            SinkKind::Postgres(_) => Check::fail(
+                subject,
+                "postgres sinks are not built yet; remove this [[sink]] or use type = \"jsonl\"",
+            ),
+        });
+    }
+    let data_dir = &config.agent.data_dir;
+    checks.push(match writable_dir(data_dir) {
+        Ok(()) => Check::ok(
+            "agent.data_dir",
+            format!("{} is writable", data_dir.display()),
+        ),
+        Err(e) => Check::fail(
+            "agent.data_dir",
+            format!(
+                "cannot write to {}: {e}; create it or give the agent's user write access",
+                data_dir.display()
+            ),
+        ),
+    });
+    checks
+}
+
+fn writable_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let probe = dir.join(".tidemark-check");
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(probe)
+}

@@ -1,0 +1,380 @@
+//! Debezium's JSON value payload (schemas disabled) for one change: `before`, `after`, the
+//! `source` block, `op`, `ts_ms` and the `transaction` block. Values follow Debezium's default
+//! encodings, except numeric, which is an exact string (`decimal.handling.mode=string`). A
+//! TOASTed value the change left untouched is Debezium's placeholder. An update that changes
+//! the primary key becomes a delete of the old key and a create of the new one, as Debezium
+//! emits it.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use base64::Engine;
+use serde::ser::{SerializeMap, SerializeSeq, Serializer};
+use serde::Serialize;
+
+use crate::event::{ChangeEvent, Op, Relation, Row, TxBegin, Value};
+
+pub const UNAVAILABLE_VALUE: &str = "__debezium_unavailable_value";
+/// Debezium's average month (365.25 / 12 days) for interval → microseconds.
+const MICROS_PER_MONTH: f64 = 30.4375 * 86_400_000_000.0;
+const MICROS_PER_DAY: i64 = 86_400_000_000;
+
+/// Who produced the envelopes: the `name` and `db` of the `source` block.
+#[derive(Debug, Clone)]
+pub struct SourceInfo {
+    pub connector: &'static str,
+    pub name: String,
+    pub database: String,
+}
+
+/// Counts a transaction's events for the `transaction` block.
+#[derive(Debug, Default)]
+pub struct TransactionOrder {
+    total: u64,
+    per_table: HashMap<(String, String), u64>,
+}
+
+impl TransactionOrder {
+    fn next(&mut self, relation: &Relation) -> (u64, u64) {
+        self.total += 1;
+        let per_table = self
+            .per_table
+            .entry((relation.schema.clone(), relation.table.clone()))
+            .or_default();
+        *per_table += 1;
+        (self.total, *per_table)
+    }
+}
+
+/// Writes the envelopes of one change, one JSON object per line, and advances `order`.
+pub fn write_envelopes(
+    out: &mut Vec<u8>,
+    source: &SourceInfo,
+    tx: &TxBegin,
+    relation: &Relation,
+    change: &ChangeEvent,
+    order: &mut TransactionOrder,
+    now_ms: i64,
+) {
+    let mut emit = |op: &'static str, before: Option<&Row>, after: Option<&Row>| {
+        let (total_order, table_order) = order.next(relation);
+        let envelope = Envelope {
+            before: before.map(|row| RowJson { relation, row }),
+            after: after.map(|row| RowJson { relation, row }),
+            source: SourceJson {
+                version: env!("CARGO_PKG_VERSION"),
+                connector: source.connector,
+                name: &source.name,
+                ts_ms: tx.commit_ts.div_euclid(1000),
+                snapshot: "false",
+                db: &source.database,
+                sequence: format!("[\"{}\",\"{}\"]", tx.commit_lsn.0, change.lsn.0),
+                schema: &relation.schema,
+                table: &relation.table,
+                tx_id: tx.xid,
+                lsn: change.lsn.0,
+                xmin: None,
+            },
+            op,
+            ts_ms: now_ms,
+            transaction: TransactionJson {
+                id: format!("{}:{}", tx.xid, tx.commit_lsn.0),
+                total_order,
+                data_collection_order: table_order,
+            },
+        };
+        // Writing plain data into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, &envelope);
+        let _ = out.write_all(b"\n");
+    };
+    match change.op {
+        Op::Insert => emit("c", None, change.after.as_ref()),
+        Op::Delete => emit("d", change.before.as_ref(), None),
+        Op::Truncate => emit("t", None, None),
+        Op::Update => match (&change.before, &change.after) {
+            (Some(before), Some(after)) if key_changed(relation, before, after) => {
+                emit("d", Some(before), None);
+                emit("c", None, Some(after));
+            }
+            (before, after) => {
+                let full_before = before.as_ref().filter(|b| is_full_row(relation, b));
+                emit("u", full_before, after.as_ref())
+            }
+        },
+    }
+}
+
+/// Whether an update moved the row to another key. Compares the primary key, or the replica
+/// identity columns where the table has no primary key.
+pub fn key_changed(relation: &Relation, before: &Row, after: &Row) -> bool {
+    let has_pk = relation.columns.iter().any(|c| c.primary_key);
+    relation
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| {
+            if has_pk {
+                c.primary_key
+            } else {
+                c.replica_identity
+            }
+        })
+        .any(|(i, _)| match (before.get(i), after.get(i)) {
+            (Some(Value::UnchangedToast), _) | (_, Some(Value::UnchangedToast)) => false,
+            (b, a) => b != a,
+        })
+}
+
+/// An old row under REPLICA IDENTITY FULL carries every column; an old key only the key.
+fn is_full_row(relation: &Relation, row: &Row) -> bool {
+    relation
+        .columns
+        .iter()
+        .zip(row)
+        .any(|(c, v)| !c.replica_identity && *v != Value::Null)
+        || relation.columns.iter().all(|c| c.replica_identity)
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    before: Option<RowJson<'a>>,
+    after: Option<RowJson<'a>>,
+    source: SourceJson<'a>,
+    op: &'static str,
+    ts_ms: i64,
+    transaction: TransactionJson,
+}
+
+#[derive(Serialize)]
+struct SourceJson<'a> {
+    version: &'static str,
+    connector: &'static str,
+    name: &'a str,
+    ts_ms: i64,
+    snapshot: &'static str,
+    db: &'a str,
+    sequence: String,
+    schema: &'a str,
+    table: &'a str,
+    #[serde(rename = "txId")]
+    tx_id: u32,
+    lsn: u64,
+    xmin: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct TransactionJson {
+    id: String,
+    total_order: u64,
+    data_collection_order: u64,
+}
+
+struct RowJson<'a> {
+    relation: &'a Relation,
+    row: &'a Row,
+}
+
+impl Serialize for RowJson<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.row.len()))?;
+        for (column, value) in self.relation.columns.iter().zip(self.row) {
+            map.serialize_entry(&column.name, &ValueJson(value))?;
+        }
+        map.end()
+    }
+}
+
+struct ValueJson<'a>(&'a Value);
+
+impl Serialize for ValueJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Value::Null => s.serialize_none(),
+            Value::UnchangedToast => s.serialize_str(UNAVAILABLE_VALUE),
+            Value::Bool(b) => s.serialize_bool(*b),
+            Value::Int(i) => s.serialize_i64(*i),
+            Value::Float(f) if f.is_nan() => s.serialize_str("NaN"),
+            Value::Float(f) if f.is_infinite() => {
+                s.serialize_str(if *f > 0.0 { "Infinity" } else { "-Infinity" })
+            }
+            Value::Float(f) => s.serialize_f64(*f),
+            Value::Numeric(n) => s.serialize_str(n),
+            Value::Text(t) | Value::Uuid(t) | Value::Json(t) | Value::TimeTz(t) => {
+                s.serialize_str(t)
+            }
+            Value::Bytes(b) => {
+                s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
+            }
+            Value::Date(d) => s.serialize_i32(*d),
+            Value::Time(t) | Value::Timestamp(t) => s.serialize_i64(*t),
+            Value::TimestampTz(t) => s.serialize_str(&zoned_timestamp(*t)),
+            Value::Interval {
+                months,
+                days,
+                micros,
+            } => {
+                let total = f64::from(*months) * MICROS_PER_MONTH
+                    + (i64::from(*days) * MICROS_PER_DAY + micros) as f64;
+                s.serialize_i64(total.round() as i64)
+            }
+            Value::Array(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(&ValueJson(item))?;
+                }
+                seq.end()
+            }
+        }
+    }
+}
+
+/// Debezium's ZonedTimestamp: ISO-8601 in UTC, fraction only as long as needed.
+fn zoned_timestamp(micros: i64) -> String {
+    match micros {
+        i64::MAX => return "infinity".into(),
+        i64::MIN => return "-infinity".into(),
+        _ => {}
+    }
+    let Some(ts) = chrono::DateTime::from_timestamp_micros(micros) else {
+        return micros.to_string();
+    };
+    let base = ts.format("%Y-%m-%dT%H:%M:%S").to_string();
+    let fraction = micros.rem_euclid(1_000_000);
+    if fraction == 0 {
+        format!("{base}Z")
+    } else {
+        let digits = format!("{fraction:06}");
+        format!("{base}.{}Z", digits.trim_end_matches('0'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Column, Lsn, RelationId, ValueType};
+
+    fn relation() -> Relation {
+        let column = |name: &str, pk: bool| Column {
+            name: name.into(),
+            type_oid: 23,
+            type_modifier: -1,
+            type_name: "integer".into(),
+            value_type: ValueType::Int4,
+            primary_key: pk,
+            replica_identity: pk,
+        };
+        Relation {
+            oid: 1,
+            schema: "public".into(),
+            table: "orders".into(),
+            columns: vec![column("id", true), column("note", false)],
+        }
+    }
+
+    fn render(op: Op, before: Option<Row>, after: Option<Row>) -> Vec<serde_json::Value> {
+        let change = ChangeEvent {
+            relation: RelationId(1),
+            lsn: Lsn(500),
+            op,
+            before,
+            after,
+        };
+        let tx = TxBegin {
+            xid: 7,
+            commit_lsn: Lsn(600),
+            commit_ts: 1_732_460_000_123_456,
+        };
+        let source = SourceInfo {
+            connector: "postgresql",
+            name: "shop".into(),
+            database: "shopdb".into(),
+        };
+        let mut out = Vec::new();
+        let mut order = TransactionOrder::default();
+        write_envelopes(&mut out, &source, &tx, &relation(), &change, &mut order, 99);
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn insert_envelope_has_debezium_fields() {
+        let events = render(Op::Insert, None, Some(vec![Value::Int(7), Value::Null]));
+        let e = &events[0];
+        assert_eq!(e["op"], "c");
+        assert_eq!(e["before"], serde_json::Value::Null);
+        assert_eq!(e["after"]["id"], 7);
+        assert_eq!(e["source"]["connector"], "postgresql");
+        assert_eq!(e["source"]["name"], "shop");
+        assert_eq!(e["source"]["db"], "shopdb");
+        assert_eq!(e["source"]["ts_ms"], 1_732_460_000_123i64);
+        assert_eq!(e["source"]["txId"], 7);
+        assert_eq!(e["source"]["lsn"], 500);
+        assert_eq!(e["source"]["sequence"], "[\"600\",\"500\"]");
+        assert_eq!(e["source"]["snapshot"], "false");
+        assert_eq!(e["ts_ms"], 99);
+        assert_eq!(e["transaction"]["id"], "7:600");
+        assert_eq!(e["transaction"]["total_order"], 1);
+    }
+
+    #[test]
+    fn key_update_becomes_delete_and_create() {
+        let events = render(
+            Op::Update,
+            Some(vec![Value::Int(1), Value::Null]),
+            Some(vec![Value::Int(2), Value::Text("x".into())]),
+        );
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0]["op"], "d");
+        assert_eq!(events[0]["before"]["id"], 1);
+        assert_eq!(events[1]["op"], "c");
+        assert_eq!(events[1]["after"]["id"], 2);
+        assert_eq!(events[1]["transaction"]["total_order"], 2);
+        assert_eq!(events[1]["transaction"]["data_collection_order"], 2);
+    }
+
+    #[test]
+    fn unchanged_toast_is_the_placeholder_and_old_key_is_not_a_before_image() {
+        let events = render(
+            Op::Update,
+            None,
+            Some(vec![Value::Int(1), Value::UnchangedToast]),
+        );
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0]["op"], "u");
+        assert_eq!(events[0]["before"], serde_json::Value::Null);
+        assert_eq!(events[0]["after"]["note"], UNAVAILABLE_VALUE);
+    }
+
+    #[test]
+    fn values_use_debezium_encodings() {
+        let json = |v: Value| serde_json::to_value(ValueJson(&v)).unwrap();
+        assert_eq!(json(Value::Numeric("123.4500".into())), "123.4500");
+        assert_eq!(json(Value::Bytes(vec![0, 1, 255])), "AAH/");
+        assert_eq!(
+            json(Value::TimestampTz(946_684_800_000_000)),
+            "2000-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            json(Value::TimestampTz(1_500_000)),
+            "1970-01-01T00:00:01.5Z"
+        );
+        assert_eq!(json(Value::Timestamp(1_500_000)), 1_500_000);
+        assert_eq!(json(Value::Date(-1)), -1);
+        assert_eq!(json(Value::Float(f64::NAN)), "NaN");
+        assert_eq!(
+            json(Value::Interval {
+                months: 1,
+                days: 1,
+                micros: 1
+            }),
+            2_629_800_000_000i64 + 86_400_000_001
+        );
+        assert_eq!(
+            json(Value::Array(vec![Value::Text("a".into()), Value::Null])),
+            serde_json::json!(["a", null])
+        );
+    }
+}

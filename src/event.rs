@@ -1,0 +1,192 @@
+//! The change model every part of tidemark speaks: positions (`Lsn`), values, rows, the
+//! relations they belong to, and the records a source appends to the offset log. It is
+//! source-agnostic: a connector converts its wire values into `Value`s once, at capture, and
+//! every sink reads the same model back from the log.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// A position in PostgreSQL's write-ahead log.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+pub struct Lsn(pub u64);
+
+impl fmt::Display for Lsn {
+    /// PostgreSQL's own notation, `16/B374D848`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+impl FromStr for Lsn {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (high, low) = s
+            .split_once('/')
+            .ok_or_else(|| format!("LSN {s:?} is not of the form X/X"))?;
+        let high = u32::from_str_radix(high, 16).map_err(|e| format!("LSN {s:?}: {e}"))?;
+        let low = u32::from_str_radix(low, 16).map_err(|e| format!("LSN {s:?}: {e}"))?;
+        Ok(Lsn((u64::from(high) << 32) | u64::from(low)))
+    }
+}
+
+/// How a column's values are represented, resolved once per column from the source's type
+/// (domains resolved to their base type, enums to text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ValueType {
+    Bool,
+    Int2,
+    Int4,
+    Int8,
+    Float4,
+    Float8,
+    Numeric,
+    Text,
+    Bytea,
+    Date,
+    Time,
+    TimeTz,
+    Timestamp,
+    TimestampTz,
+    Interval,
+    Uuid,
+    Json,
+    Jsonb,
+    Array(Box<ValueType>),
+    /// Any other type (enums, geometric, network, ranges …): kept as its text form.
+    Other,
+}
+
+/// One column value, converted from the source's representation at capture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Value {
+    Null,
+    /// A TOASTed value the change did not touch: the source did not send it. Table sinks keep
+    /// the value they hold; envelopes carry Debezium's placeholder.
+    UnchangedToast,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    /// Exact decimal text (also `NaN`, `Infinity`, `-Infinity`).
+    Numeric(String),
+    Text(String),
+    Bytes(Vec<u8>),
+    /// Days since 1970-01-01.
+    Date(i32),
+    /// Microseconds since midnight.
+    Time(i64),
+    /// Time of day with zone, normalised to UTC, as `HH:MM:SS[.ffffff]Z`.
+    TimeTz(String),
+    /// Microseconds since 1970-01-01 00:00, no zone; `i64::MAX`/`MIN` for ±infinity.
+    Timestamp(i64),
+    /// Microseconds since 1970-01-01 00:00 UTC; `i64::MAX`/`MIN` for ±infinity.
+    TimestampTz(i64),
+    Interval {
+        months: i32,
+        days: i32,
+        micros: i64,
+    },
+    Uuid(String),
+    /// JSON document text (json or jsonb).
+    Json(String),
+    Array(Vec<Value>),
+}
+
+/// The values of one row, in the relation's column order.
+pub type Row = Vec<Value>;
+
+/// A column of a source relation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Column {
+    pub name: String,
+    pub type_oid: u32,
+    pub type_modifier: i32,
+    /// The source's spelling of the type, e.g. `numeric(12,2)` or `text[]`.
+    pub type_name: String,
+    pub value_type: ValueType,
+    /// Part of the relation's primary key (from the catalog).
+    pub primary_key: bool,
+    /// Part of the replica identity the source sends for old rows.
+    pub replica_identity: bool,
+}
+
+/// A source table as the change stream described it when the change was captured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relation {
+    pub oid: u32,
+    pub schema: String,
+    pub table: String,
+    pub columns: Vec<Column>,
+}
+
+impl Relation {
+    pub fn qualified_name(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+
+    pub fn primary_key_indexes(&self) -> impl Iterator<Item = usize> + '_ {
+        self.columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.primary_key)
+            .map(|(i, _)| i)
+    }
+}
+
+/// Identifies one version of a relation's description in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RelationId(pub u64);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+/// One captured row change (or the truncation of one table).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeEvent {
+    pub relation: RelationId,
+    /// Position of the change in the source's log.
+    pub lsn: Lsn,
+    pub op: Op,
+    /// Update: the old key (or old row, under REPLICA IDENTITY FULL) when the source sent it.
+    /// Delete: the old key or old row. Insert and truncate: none.
+    pub before: Option<Row>,
+    /// Insert and update: the new row. Delete and truncate: none.
+    pub after: Option<Row>,
+}
+
+/// The start of a committed source transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxBegin {
+    pub xid: u32,
+    /// LSN of the transaction's commit record.
+    pub commit_lsn: Lsn,
+    /// Commit time, microseconds since the Unix epoch.
+    pub commit_ts: i64,
+}
+
+/// The end of a committed source transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxCommit {
+    pub commit_lsn: Lsn,
+    /// The position just past the commit record: what the slot may be confirmed up to once
+    /// this transaction is durable.
+    pub end_lsn: Lsn,
+    pub commit_ts: i64,
+}
+
+/// What the source appends to the offset log: each transaction as Begin, its changes, Commit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Record {
+    Begin(TxBegin),
+    Change(ChangeEvent),
+    Commit(TxCommit),
+}

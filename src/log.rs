@@ -1,0 +1,631 @@
+//! The durable offset log on sled: every captured transaction as Begin, its changes, Commit,
+//! under big-endian sequence numbers so sled's byte order is log order.
+//!
+//! The invariant it keeps: a position is *durable* only after `flush_async` has returned for
+//! everything up to it, and only durable, committed transactions are visible to readers or
+//! may be confirmed to the source. Changes are written as they arrive, so a transaction is never
+//! held whole in memory; a crash in the middle of one leaves a tail after the last Commit that
+//! `open` removes. Each sink has a cursor; records below the slowest cursor's transaction are
+//! trimmed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::event::{Lsn, Record, Relation, RelationId, TxBegin};
+
+/// Bumped whenever the on-disk encoding changes; `open` refuses other versions.
+const FORMAT_VERSION: u64 = 1;
+const FORMAT_KEY: &[u8] = b"format_version";
+const SOURCE_KEY: &[u8] = b"source_identity";
+/// Keeps sled's page cache from claiming its 1 GiB default (DESIGN, bounded memory).
+const CACHE_CAPACITY_BYTES: u64 = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error(
+        "{path} is in use by another tidemark process; stop the other agent or give this one \
+         its own agent.data_dir"
+    )]
+    Locked { path: PathBuf },
+    #[error("cannot use data_dir {path}: {source}; check that it exists and is writable")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot open the offset log in {path}: {source}; if the directory is damaged, move it \
+         aside and start again with a fresh data_dir (the affected tables must be re-snapshotted)"
+    )]
+    Open { path: PathBuf, source: sled::Error },
+    #[error(
+        "the offset log in {path} has format version {found}, this tidemark writes version \
+         {FORMAT_VERSION}; use the tidemark release that wrote it, or start with a fresh data_dir"
+    )]
+    Format { path: PathBuf, found: u64 },
+    #[error("offset log I/O: {0}")]
+    Io(#[from] sled::Error),
+    #[error(
+        "offset log record {seq} is corrupt ({reason}); the log cannot be trusted: move \
+         agent.data_dir aside and re-snapshot"
+    )]
+    Corrupt { seq: u64, reason: String },
+    #[error("relation {0:?} is missing from the offset log")]
+    MissingRelation(RelationId),
+}
+
+/// The position of the last committed transaction that is durable in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Durable {
+    /// Sequence number of its Commit record; 0 when the log holds nothing yet.
+    pub seq: u64,
+    pub commit_lsn: Lsn,
+    /// The source position that may be confirmed.
+    pub end_lsn: Lsn,
+}
+
+/// Where a sink stands in the log, plus whatever the sink needs to resume (the JSONL sink keeps
+/// its file position here).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SinkCursor {
+    /// Sequence number of the last record the sink has applied.
+    pub seq: u64,
+    pub state: Vec<u8>,
+}
+
+/// What the log was captured from, so a restart can tell it still follows the same source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceIdentity {
+    pub system_id: String,
+    pub database: String,
+    pub slot: String,
+}
+
+/// One record read back from the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogEntry {
+    pub seq: u64,
+    pub record: Record,
+}
+
+pub struct OffsetLog {
+    path: PathBuf,
+    /// Held for the life of the log: one agent per data_dir.
+    _lock: std::fs::File,
+    db: sled::Db,
+    entries: sled::Tree,
+    relations: sled::Tree,
+    cursors: sled::Tree,
+    meta: sled::Tree,
+    /// The last Commit appended (durable or not), published by the writer for the flusher.
+    appended: watch::Sender<Durable>,
+    durable: watch::Sender<Durable>,
+    relation_cache: Mutex<HashMap<RelationId, Arc<Relation>>>,
+}
+
+impl OffsetLog {
+    /// Opens (or creates) the log under `dir`, dropping the uncommitted tail a crash left.
+    pub fn open(dir: &Path) -> Result<Arc<OffsetLog>, LogError> {
+        let path = dir.join("log");
+        let lock = lock_data_dir(dir)?;
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(CACHE_CAPACITY_BYTES)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|source| LogError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let meta = db.open_tree("meta")?;
+        match meta.get(FORMAT_KEY)? {
+            Some(v) => {
+                let found = decode_u64(&v).unwrap_or(u64::MAX);
+                if found != FORMAT_VERSION {
+                    return Err(LogError::Format { path, found });
+                }
+            }
+            None => {
+                meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())?;
+            }
+        }
+        let entries = db.open_tree("entries")?;
+        let durable = drop_uncommitted_tail(&entries)?;
+        db.flush()?;
+        Ok(Arc::new(OffsetLog {
+            path,
+            _lock: lock,
+            relations: db.open_tree("relations")?,
+            cursors: db.open_tree("cursors")?,
+            meta,
+            entries,
+            db,
+            appended: watch::channel(durable).0,
+            durable: watch::channel(durable).0,
+            relation_cache: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The writer side. There is one writer: the source task.
+    pub fn writer(self: &Arc<Self>) -> Result<LogWriter, LogError> {
+        let last = self.entries.last()?.map(|(k, _)| key_seq(&k)).transpose()?;
+        Ok(LogWriter {
+            log: Arc::clone(self),
+            next_seq: last.unwrap_or(0) + 1,
+            relations: HashMap::new(),
+        })
+    }
+
+    pub fn durable(&self) -> Durable {
+        *self.durable.borrow()
+    }
+
+    pub fn subscribe_durable(&self) -> watch::Receiver<Durable> {
+        self.durable.subscribe()
+    }
+
+    pub fn source_identity(&self) -> Result<Option<SourceIdentity>, LogError> {
+        self.meta
+            .get(SOURCE_KEY)?
+            .map(|v| decode(0, &v))
+            .transpose()
+    }
+
+    pub async fn set_source_identity(&self, identity: &SourceIdentity) -> Result<(), LogError> {
+        self.meta.insert(SOURCE_KEY, encode(identity))?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Makes every Commit appended so far durable and visible. Group commit: one flush covers
+    /// every transaction appended before it started. Runs until the writer is dropped.
+    pub async fn run_flusher(&self) -> Result<(), LogError> {
+        let mut appended = self.appended.subscribe();
+        loop {
+            let target = *appended.borrow_and_update();
+            if target.seq > self.durable().seq {
+                self.db.flush_async().await?;
+                self.durable.send_replace(target);
+                continue;
+            }
+            if appended.changed().await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Flushes everything appended and publishes it; used at shutdown.
+    pub async fn flush(&self) -> Result<Durable, LogError> {
+        let target = *self.appended.borrow();
+        self.db.flush_async().await?;
+        if target.seq > self.durable().seq {
+            self.durable.send_replace(target);
+        }
+        Ok(self.durable())
+    }
+
+    /// Up to `max` durable records after `after`, in log order.
+    pub fn read(&self, after: u64, max: usize) -> Result<Vec<LogEntry>, LogError> {
+        let limit = self.durable().seq;
+        let mut out = Vec::new();
+        if after >= limit {
+            return Ok(out);
+        }
+        for item in self
+            .entries
+            .range(seq_key(after + 1)..=seq_key(limit))
+            .take(max)
+        {
+            let (k, v) = item?;
+            let seq = key_seq(&k)?;
+            out.push(LogEntry {
+                seq,
+                record: decode(seq, &v)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Waits until the durable position passes `after`.
+    pub async fn wait_beyond(&self, after: u64) {
+        let mut rx = self.durable.subscribe();
+        let _ = rx.wait_for(|d| d.seq > after).await;
+    }
+
+    /// The Begin of the transaction that contains `seq` (or starts after it), so a reader
+    /// resuming in the middle of a transaction knows which transaction it is in.
+    pub fn transaction_of(&self, seq: u64) -> Result<Option<(u64, TxBegin)>, LogError> {
+        for item in self.entries.range(..=seq_key(seq)).rev() {
+            let (k, v) = item?;
+            let at = key_seq(&k)?;
+            match decode(at, &v)? {
+                Record::Begin(begin) => return Ok(Some((at, begin))),
+                Record::Commit(_) if at < seq => return Ok(None),
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn relation(&self, id: RelationId) -> Result<Arc<Relation>, LogError> {
+        if let Some(r) = lock(&self.relation_cache).get(&id) {
+            return Ok(Arc::clone(r));
+        }
+        let bytes = self
+            .relations
+            .get(id.0.to_be_bytes())?
+            .ok_or(LogError::MissingRelation(id))?;
+        let relation = Arc::new(decode::<Relation>(0, &bytes)?);
+        lock(&self.relation_cache).insert(id, Arc::clone(&relation));
+        Ok(relation)
+    }
+
+    pub fn cursor(&self, sink: &str) -> Result<Option<SinkCursor>, LogError> {
+        self.cursors
+            .get(sink.as_bytes())?
+            .map(|v| decode(0, &v))
+            .transpose()
+    }
+
+    /// Stores a sink's cursor durably.
+    pub async fn store_cursor(&self, sink: &str, cursor: &SinkCursor) -> Result<(), LogError> {
+        self.cursors.insert(sink.as_bytes(), encode(cursor))?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Removes records every listed sink has applied, keeping the transaction the slowest
+    /// sink is in and the last Commit (which anchors the log's position). Returns how many
+    /// records were removed.
+    pub fn trim(&self, sinks: &[&str]) -> Result<usize, LogError> {
+        let mut slowest = self.durable().seq;
+        for sink in sinks {
+            slowest = slowest.min(self.cursor(sink)?.map_or(0, |c| c.seq));
+        }
+        let keep_from = match self.transaction_of(slowest + 1)? {
+            Some((begin_seq, _)) => begin_seq,
+            None => slowest + 1,
+        }
+        .min(self.durable().seq);
+        let mut removed = 0;
+        let mut batch = sled::Batch::default();
+        for item in self.entries.range(..seq_key(keep_from)) {
+            let (k, _) = item?;
+            batch.remove(k);
+            removed += 1;
+            if removed % 10_000 == 0 {
+                self.entries.apply_batch(std::mem::take(&mut batch))?;
+            }
+        }
+        self.entries.apply_batch(batch)?;
+        Ok(removed)
+    }
+
+    /// Bytes the log occupies on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// Appends records. Owned by the source task; its commits become durable through the flusher.
+pub struct LogWriter {
+    log: Arc<OffsetLog>,
+    next_seq: u64,
+    relations: HashMap<u32, (RelationId, Arc<Relation>)>,
+}
+
+impl LogWriter {
+    /// The last transaction appended (durable or about to be); a source re-sending anything at
+    /// or below its commit LSN is sending what the log already holds.
+    pub fn last_appended(&self) -> Durable {
+        *self.log.appended.borrow()
+    }
+
+    pub fn append(&mut self, record: &Record) -> Result<u64, LogError> {
+        let seq = self.next_seq;
+        self.log.entries.insert(seq_key(seq), encode(record))?;
+        self.next_seq += 1;
+        if let Record::Commit(commit) = record {
+            self.log.appended.send_replace(Durable {
+                seq,
+                commit_lsn: commit.commit_lsn,
+                end_lsn: commit.end_lsn,
+            });
+        }
+        Ok(seq)
+    }
+
+    /// Stores a relation description (once per distinct description) and returns its id.
+    pub fn relation(
+        &mut self,
+        relation: Relation,
+    ) -> Result<(RelationId, Arc<Relation>), LogError> {
+        if let Some((id, known)) = self.relations.get(&relation.oid) {
+            if **known == relation {
+                return Ok((*id, Arc::clone(known)));
+            }
+        }
+        let id = RelationId(self.log.db.generate_id()?);
+        self.log
+            .relations
+            .insert(id.0.to_be_bytes(), encode(&relation))?;
+        let relation = Arc::new(relation);
+        self.relations
+            .insert(relation.oid, (id, Arc::clone(&relation)));
+        Ok((id, relation))
+    }
+
+    pub fn log(&self) -> &Arc<OffsetLog> {
+        &self.log
+    }
+}
+
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, LogError> {
+    let path = dir.join("lock");
+    let data_dir_error = |source| LogError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(data_dir_error)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(data_dir_error)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(LogError::Locked {
+            path: dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(data_dir_error(e)),
+    }
+}
+
+/// Removes records after the last Commit and returns the position of that Commit.
+fn drop_uncommitted_tail(entries: &sled::Tree) -> Result<Durable, LogError> {
+    let mut tail = Vec::new();
+    for item in entries.iter().rev() {
+        let (k, v) = item?;
+        let seq = key_seq(&k)?;
+        if let Record::Commit(commit) = decode(seq, &v)? {
+            for key in tail {
+                entries.remove(key)?;
+            }
+            return Ok(Durable {
+                seq,
+                commit_lsn: commit.commit_lsn,
+                end_lsn: commit.end_lsn,
+            });
+        }
+        tail.push(k);
+    }
+    for key in tail {
+        entries.remove(key)?;
+    }
+    Ok(Durable::default())
+}
+
+fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+fn key_seq(key: &[u8]) -> Result<u64, LogError> {
+    decode_u64(key).ok_or_else(|| LogError::Corrupt {
+        seq: 0,
+        reason: format!("key of {} bytes, expected 8", key.len()),
+    })
+}
+
+fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising plain data into a Vec cannot fail.
+    postcard::to_allocvec(value).unwrap_or_default()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(seq: u64, bytes: &[u8]) -> Result<T, LogError> {
+    postcard::from_bytes(bytes).map_err(|e| LogError::Corrupt {
+        seq,
+        reason: e.to_string(),
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{ChangeEvent, Op, TxCommit, Value};
+
+    fn begin(lsn: u64) -> Record {
+        Record::Begin(TxBegin {
+            xid: lsn as u32,
+            commit_lsn: Lsn(lsn),
+            commit_ts: 0,
+        })
+    }
+
+    fn change(lsn: u64) -> Record {
+        Record::Change(ChangeEvent {
+            relation: RelationId(1),
+            lsn: Lsn(lsn),
+            op: Op::Insert,
+            before: None,
+            after: Some(vec![
+                Value::Int(lsn as i64),
+                Value::UnchangedToast,
+                Value::Null,
+            ]),
+        })
+    }
+
+    fn commit(lsn: u64) -> Record {
+        Record::Commit(TxCommit {
+            commit_lsn: Lsn(lsn),
+            end_lsn: Lsn(lsn + 8),
+            commit_ts: 0,
+        })
+    }
+
+    fn append_tx(writer: &mut LogWriter, lsn: u64, changes: u64) {
+        writer.append(&begin(lsn)).unwrap();
+        for i in 0..changes {
+            writer.append(&change(lsn - changes + i)).unwrap();
+        }
+        writer.append(&commit(lsn)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn records_are_invisible_until_flushed_and_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = OffsetLog::open(dir.path()).unwrap();
+        let mut writer = log.writer().unwrap();
+        writer.append(&begin(100)).unwrap();
+        writer.append(&change(90)).unwrap();
+        log.flush().await.unwrap();
+        assert!(
+            log.read(0, 10).unwrap().is_empty(),
+            "open transaction visible"
+        );
+        writer.append(&commit(100)).unwrap();
+        assert!(
+            log.read(0, 10).unwrap().is_empty(),
+            "unflushed commit visible"
+        );
+        let durable = log.flush().await.unwrap();
+        assert_eq!(durable.end_lsn, Lsn(108));
+        let read = log.read(0, 10).unwrap();
+        assert_eq!(read.len(), 3);
+        assert_eq!(read[1].record, change(90));
+        assert_eq!(
+            read.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+    }
+
+    #[tokio::test]
+    async fn reopening_drops_the_uncommitted_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = OffsetLog::open(dir.path()).unwrap();
+            let mut writer = log.writer().unwrap();
+            append_tx(&mut writer, 100, 2);
+            writer.append(&begin(200)).unwrap();
+            writer.append(&change(150)).unwrap();
+            log.flush().await.unwrap();
+        }
+        let log = OffsetLog::open(dir.path()).unwrap();
+        assert_eq!(log.durable().seq, 4);
+        assert_eq!(log.durable().commit_lsn, Lsn(100));
+        let mut writer = log.writer().unwrap();
+        assert_eq!(writer.append(&begin(300)).unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn flusher_publishes_group_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = OffsetLog::open(dir.path()).unwrap();
+        let flusher = {
+            let log = Arc::clone(&log);
+            tokio::spawn(async move { log.run_flusher().await })
+        };
+        let mut writer = log.writer().unwrap();
+        for lsn in [100, 200, 300] {
+            append_tx(&mut writer, lsn, 3);
+        }
+        log.wait_beyond(14).await;
+        assert_eq!(log.durable().commit_lsn, Lsn(300));
+        assert_eq!(log.read(0, 100).unwrap().len(), 15);
+        flusher.abort();
+    }
+
+    #[tokio::test]
+    async fn trim_keeps_the_slowest_cursors_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = OffsetLog::open(dir.path()).unwrap();
+        let mut writer = log.writer().unwrap();
+        append_tx(&mut writer, 100, 3); // seqs 1..=5
+        append_tx(&mut writer, 200, 3); // seqs 6..=10
+        log.flush().await.unwrap();
+        log.store_cursor(
+            "a",
+            &SinkCursor {
+                seq: 10,
+                state: vec![],
+            },
+        )
+        .await
+        .unwrap();
+        log.store_cursor(
+            "b",
+            &SinkCursor {
+                seq: 7,
+                state: vec![],
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(log.trim(&["a", "b"]).unwrap(), 5);
+        assert_eq!(log.read(0, 100).unwrap().first().map(|e| e.seq), Some(6));
+        assert_eq!(log.transaction_of(8).unwrap().map(|(s, _)| s), Some(6));
+        log.store_cursor(
+            "b",
+            &SinkCursor {
+                seq: 10,
+                state: vec![],
+            },
+        )
+        .await
+        .unwrap();
+        log.trim(&["a", "b"]).unwrap();
+        let left = log.read(0, 100).unwrap();
+        assert_eq!(left.len(), 1, "the last Commit anchors the position");
+        assert_eq!(left[0].record, commit(200));
+        drop(writer);
+        drop(log);
+        let log = OffsetLog::open(dir.path()).unwrap();
+        assert_eq!(log.durable().commit_lsn, Lsn(200));
+        assert_eq!(log.writer().unwrap().next_seq, 11);
+    }
+
+    #[tokio::test]
+    async fn relations_are_stored_once_per_description() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = OffsetLog::open(dir.path()).unwrap();
+        let mut writer = log.writer().unwrap();
+        let relation = Relation {
+            oid: 42,
+            schema: "public".into(),
+            table: "Orders".into(),
+            columns: vec![],
+        };
+        let (a, _) = writer.relation(relation.clone()).unwrap();
+        let (b, _) = writer.relation(relation.clone()).unwrap();
+        assert_eq!(a, b);
+        let mut changed = relation.clone();
+        changed.table = "orders2".into();
+        let (c, _) = writer.relation(changed).unwrap();
+        assert_ne!(a, c);
+        assert_eq!(*log.relation(a).unwrap(), relation);
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = OffsetLog::open(dir.path()).unwrap();
+        let err = OffsetLog::open(dir.path()).err().unwrap();
+        assert!(matches!(err, LogError::Locked { .. }), "{err}");
+    }
+}

@@ -1,0 +1,215 @@
+//! Source → log → sinks. One task captures into the log, one makes what it appends durable
+//! (group commit), one per sink applies the log from its cursor, one trims what every sink has
+//! applied. On shutdown the source stops reading, the log is flushed and confirmed, and each
+//! sink finishes the batch in flight.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, SinkConfig, SourceConfig};
+use crate::connectors::postgres::{PostgresSource, SourceError};
+use crate::envelope::SourceInfo;
+use crate::health;
+use crate::log::{LogEntry, LogError, OffsetLog};
+use crate::retry::RetryPolicy;
+use crate::sinks::{AnySink, SinkError};
+
+const TRIM_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("cannot serve health on {addr}: {source}; choose another agent.health_addr")]
+    Health {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl PipelineError {
+    /// Whether the operator's setup is at fault (exit code 2) rather than a runtime failure.
+    pub fn is_prerequisite(&self) -> bool {
+        match self {
+            PipelineError::Source(e) => e.is_prerequisite(),
+            PipelineError::Sink(SinkError::Unsupported(_)) => true,
+            PipelineError::Health { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Runs until `shutdown` fires (then exits cleanly) or a component fails for good.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), PipelineError> {
+    let SourceConfig::Postgres(source_config) = &config.source;
+    let log = OffsetLog::open(&config.agent.data_dir)?;
+    let source_info = SourceInfo {
+        connector: "postgresql",
+        name: config.agent.name.clone(),
+        database: source_config
+            .url
+            .pg_config()
+            .get_dbname()
+            .unwrap_or_default()
+            .to_string(),
+    };
+    let mut sinks = Vec::new();
+    for sink_config in &config.sinks {
+        sinks.push((
+            sink_config.clone(),
+            AnySink::build(sink_config, &log, &source_info)?,
+        ));
+    }
+    let health = tokio::net::TcpListener::bind(config.agent.health_addr)
+        .await
+        .map_err(|source| PipelineError::Health {
+            addr: config.agent.health_addr,
+            source,
+        })?;
+
+    let stop = shutdown.child_token();
+    let mut tasks: JoinSet<Result<(), PipelineError>> = JoinSet::new();
+    tasks.spawn(health::serve(health, stop.clone()));
+    {
+        let log = Arc::clone(&log);
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                result = log.run_flusher() => result.map_err(PipelineError::from),
+                _ = stop.cancelled() => Ok(()),
+            }
+        });
+    }
+    for (sink_config, sink) in sinks {
+        tasks.spawn(run_sink(sink_config, sink, Arc::clone(&log), stop.clone()));
+    }
+    {
+        let log = Arc::clone(&log);
+        let names: Vec<String> = config.sinks.iter().map(|s| s.name.clone()).collect();
+        tasks.spawn(run_trimmer(log, names, stop.clone()));
+    }
+    {
+        let source = PostgresSource::new(source_config.clone());
+        let mut writer = log.writer()?;
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let result = source.run(&mut writer, stop.clone()).await;
+            if result.is_err() {
+                stop.cancel();
+            }
+            result.map_err(PipelineError::from)
+        });
+    }
+
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        let result = joined.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "pipeline task panicked");
+            Ok(())
+        });
+        if let Err(e) = result {
+            stop.cancel();
+            first_error.get_or_insert(e);
+        }
+    }
+    log.flush().await?;
+    match first_error {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!(durable = %log.durable().end_lsn, "stopped");
+            Ok(())
+        }
+    }
+}
+
+/// Applies the log to one sink from its checkpoint, batch by batch. A batch is whatever has
+/// become durable since the last one, up to `batch_max_rows` records, cut after its last
+/// Commit (a transaction larger than a batch goes in chunks). Failing batches are retried
+/// with backoff; the log keeps everything meanwhile.
+async fn run_sink(
+    config: SinkConfig,
+    mut sink: AnySink,
+    log: Arc<OffsetLog>,
+    stop: CancellationToken,
+) -> Result<(), PipelineError> {
+    let mut applied = sink.open().await?;
+    tracing::info!(sink = %config.name, from = applied, "sink started");
+    let mut policy = RetryPolicy::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Ok(()),
+            _ = log.wait_beyond(applied) => {}
+        }
+        if !config.batch_max_wait.is_zero() {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(config.batch_max_wait) => {}
+            }
+        }
+        let batch = cut_at_last_commit(log.read(applied, config.batch_max_rows)?);
+        let Some(last) = batch.last().map(|e| e.seq) else {
+            continue;
+        };
+        loop {
+            match sink.apply(&batch).await {
+                Ok(()) => break,
+                Err(e @ SinkError::Io { .. }) => {
+                    let delay = policy.next_delay();
+                    tracing::warn!(sink = %config.name, error = %e, retry_in = ?delay, "batch failed; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    // The failed attempt may have left part of the batch: start over from the
+                    // checkpoint, which the sink's open() restores.
+                    applied = sink.open().await?;
+                    if applied >= last {
+                        break;
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        policy.reset();
+        tracing::debug!(sink = %config.name, records = batch.len(), through = last, "batch applied");
+        applied = last;
+    }
+}
+
+/// Drops the records after the batch's last Commit, unless it has none (one transaction
+/// larger than the batch, applied in chunks).
+fn cut_at_last_commit(mut batch: Vec<LogEntry>) -> Vec<LogEntry> {
+    if let Some(end) = batch
+        .iter()
+        .rposition(|e| matches!(e.record, crate::event::Record::Commit(_)))
+    {
+        batch.truncate(end + 1);
+    }
+    batch
+}
+
+async fn run_trimmer(
+    log: Arc<OffsetLog>,
+    sinks: Vec<String>,
+    stop: CancellationToken,
+) -> Result<(), PipelineError> {
+    let names: Vec<&str> = sinks.iter().map(String::as_str).collect();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(TRIM_INTERVAL) => {}
+        }
+        let removed = log.trim(&names)?;
+        if removed > 0 {
+            tracing::debug!(removed, "log trimmed");
+        }
+    }
+}

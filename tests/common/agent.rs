@@ -1,0 +1,237 @@
+//! Runs the real `tidemark` binary against a test cluster: config files, start, health,
+//! SIGKILL/SIGTERM, and reading what the JSONL sink wrote.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_tidemark")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A working directory with a config for one agent with a JSONL sink.
+pub struct AgentSetup {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub health_port: u16,
+}
+
+impl AgentSetup {
+    /// `tables` is the TOML array body, e.g. `"public.a", "public.b"`.
+    pub fn jsonl(source_url: &str, tables: &str) -> AgentSetup {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let health_port = free_port();
+        let config = dir.path().join("tidemark.toml");
+        let text = format!(
+            "[agent]\nname = \"test\"\ndata_dir = \"data\"\nhealth_addr = \"127.0.0.1:{health_port}\"\n\n\
+             [source]\ntype = \"postgres\"\nurl = \"{source_url}\"\ntables = [{tables}]\n\
+             snapshot = \"never\"\nconnect_timeout = \"3s\"\n\n\
+             [[sink]]\nname = \"events\"\ntype = \"jsonl\"\npath = \"events\"\n"
+        );
+        std::fs::write(&config, text).expect("write config");
+        AgentSetup {
+            dir,
+            config,
+            health_port,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn events_dir(&self) -> PathBuf {
+        self.dir.path().join("events")
+    }
+
+    pub fn start(&self) -> Agent {
+        let log_path = self.dir.path().join("agent.log");
+        let log_offset = std::fs::metadata(&log_path).map_or(0, |m| m.len() as usize);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .expect("agent log");
+        let child = Command::new(binary())
+            .args(["run", "-c"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tidemark");
+        Agent {
+            child,
+            health_port: self.health_port,
+            log_path,
+            log_offset,
+        }
+    }
+
+    /// Runs `tidemark <args> -c config` to completion.
+    pub fn command(&self, subcommand: &str) -> Output {
+        run_tidemark(subcommand, &self.config)
+    }
+
+    /// Every envelope the JSONL sink wrote, in file order.
+    pub fn envelopes(&self) -> Vec<serde_json::Value> {
+        read_envelopes(&self.events_dir())
+    }
+}
+
+pub fn run_tidemark(subcommand: &str, config: &Path) -> Output {
+    Command::new(binary())
+        .arg(subcommand)
+        .arg("-c")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run tidemark")
+}
+
+pub fn read_envelopes(dir: &Path) -> Vec<serde_json::Value> {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+        Err(_) => return Vec::new(),
+    };
+    files.sort();
+    let mut out = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("read events file");
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            out.push(
+                serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("{}: bad JSON line {line:?}: {e}", file.display())),
+            );
+        }
+    }
+    out
+}
+
+pub struct Agent {
+    child: Child,
+    health_port: u16,
+    log_path: PathBuf,
+    log_offset: usize,
+}
+
+impl Agent {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What this run of the agent logged (earlier runs share the file).
+    pub fn log(&self) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        text.get(self.log_offset..).unwrap_or_default().to_string()
+    }
+
+    /// Waits until `/health` answers 200.
+    pub fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("tidemark exited with {status}:\n{}", self.log());
+            }
+            if http_get(self.health_port, "/health").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "tidemark /health did not answer within 30 s:\n{}",
+            self.log()
+        );
+    }
+
+    /// Waits until the agent's log says it streams (the slot exists and is read).
+    pub fn wait_streaming(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("tidemark exited with {status}:\n{}", self.log());
+            }
+            if self.log().contains("streaming changes") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "tidemark did not start streaming within 60 s:\n{}",
+            self.log()
+        );
+    }
+
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit status (within 30 s).
+    pub fn terminate(mut self) -> ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        panic!(
+            "tidemark did not stop within 30 s of SIGTERM:\n{}",
+            self.log()
+        );
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A bare HTTP/1.1 GET; the response text, or None when nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+/// Polls `condition` every 100 ms for up to `timeout`; true when it held.
+pub fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    condition()
+}
