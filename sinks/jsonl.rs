@@ -8,7 +8,7 @@
 //! written after the last stored cursor are written again exactly once.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -20,6 +20,8 @@ use crate::config::JsonlSinkConfig;
 use crate::envelope::{write_envelopes, SourceInfo, TransactionOrder};
 use crate::event::{Record, TxBegin};
 use crate::log::{LogEntry, OffsetLog, SinkCursor};
+
+const WRITE_BUFFER_BYTES: usize = 256 * 1024;
 
 /// Where the next line goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,7 +40,6 @@ pub struct JsonlSink {
     position: FilePosition,
     /// The transaction the last applied record belongs to, if it is still open.
     transaction: Option<(TxBegin, TransactionOrder)>,
-    buffer: Vec<u8>,
 }
 
 impl JsonlSink {
@@ -60,7 +61,6 @@ impl JsonlSink {
                 offset: 0,
             },
             transaction: None,
-            buffer: Vec::new(),
         }
     }
 
@@ -144,13 +144,17 @@ impl JsonlSink {
             let entries = self.log.read(seen, (cursor - seen) as usize)?;
             let Some(last) = entries.last() else { break };
             seen = last.seq;
-            self.render(&entries, now_ms())?;
+            self.render(&entries, &mut std::io::sink(), now_ms())?;
         }
-        self.buffer.clear();
         Ok(())
     }
 
-    fn render(&mut self, entries: &[LogEntry], now_ms: i64) -> Result<(), SinkError> {
+    fn render(
+        &mut self,
+        entries: &[LogEntry],
+        out: &mut impl Write,
+        now_ms: i64,
+    ) -> Result<(), SinkError> {
         for entry in entries {
             match &entry.record {
                 Record::Begin(begin) => {
@@ -167,15 +171,12 @@ impl JsonlSink {
                             ),
                         });
                     };
-                    write_envelopes(
-                        &mut self.buffer,
-                        &self.source,
-                        begin,
-                        &relation,
-                        change,
-                        order,
-                        now_ms,
-                    );
+                    write_envelopes(out, &self.source, begin, &relation, change, order, now_ms)
+                        .map_err(|source| SinkError::Io {
+                            sink: self.name.clone(),
+                            context: format!("writing {}", self.dir.display()),
+                            source,
+                        })?;
                 }
                 Record::Commit(_) => self.transaction = None,
             }
@@ -183,21 +184,30 @@ impl JsonlSink {
         Ok(())
     }
 
-    fn write_buffer(&mut self) -> Result<(), SinkError> {
+    /// Writes the batch's envelopes through a small buffer and makes them durable.
+    fn write(&mut self, entries: &[LogEntry]) -> Result<(), SinkError> {
         if self.position.offset >= self.max_file_bytes {
             self.rotate()?;
         }
         let path = self.file_path(self.position.index);
-        let Some(file) = self.file.as_mut() else {
+        let Some(file) = self.file.take() else {
             return Err(SinkError::Inconsistent {
                 sink: self.name.clone(),
                 message: "applied before open".into(),
             });
         };
-        let result = file.write_all(&self.buffer).and_then(|()| file.sync_data());
-        result.map_err(self.io_error(format!("writing {}", path.display())))?;
-        self.position.offset += self.buffer.len() as u64;
-        self.buffer.clear();
+        let mut out = BufWriter::with_capacity(WRITE_BUFFER_BYTES, &file);
+        let rendered = self.render(entries, &mut out, now_ms());
+        let flushed = out.flush();
+        drop(out);
+        let written = flushed
+            .and_then(|()| file.sync_data())
+            .and_then(|()| file.metadata());
+        self.file = Some(file);
+        rendered?;
+        self.position.offset = written
+            .map_err(self.io_error(format!("writing {}", path.display())))?
+            .len();
         Ok(())
     }
 
@@ -236,10 +246,7 @@ impl Sink for JsonlSink {
         let Some(last) = entries.last() else {
             return Ok(());
         };
-        tokio::task::block_in_place(|| {
-            self.render(entries, now_ms())?;
-            self.write_buffer()
-        })?;
+        tokio::task::block_in_place(|| self.write(entries))?;
         let cursor = SinkCursor {
             seq: last.seq,
             state: postcard::to_allocvec(&self.position).unwrap_or_default(),

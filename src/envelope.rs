@@ -47,15 +47,15 @@ impl TransactionOrder {
 }
 
 /// Writes the envelopes of one change, one JSON object per line, and advances `order`.
-pub fn write_envelopes(
-    out: &mut Vec<u8>,
+pub fn write_envelopes<W: Write>(
+    out: &mut W,
     source: &SourceInfo,
     tx: &TxBegin,
     relation: &Relation,
     change: &ChangeEvent,
     order: &mut TransactionOrder,
     now_ms: i64,
-) {
+) -> std::io::Result<()> {
     let mut emit = |op: &'static str, before: Option<&Row>, after: Option<&Row>| {
         let (total_order, table_order) = order.next(relation);
         let envelope = Envelope {
@@ -83,9 +83,8 @@ pub fn write_envelopes(
                 data_collection_order: table_order,
             },
         };
-        // Writing plain data into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *out, &envelope);
-        let _ = out.write_all(b"\n");
+        serde_json::to_writer(&mut *out, &envelope)?;
+        out.write_all(b"\n")
     };
     match change.op {
         Op::Insert => emit("c", None, change.after.as_ref()),
@@ -93,8 +92,8 @@ pub fn write_envelopes(
         Op::Truncate => emit("t", None, None),
         Op::Update => match (&change.before, &change.after) {
             (Some(before), Some(after)) if key_changed(relation, before, after) => {
-                emit("d", Some(before), None);
-                emit("c", None, Some(after));
+                emit("d", Some(before), None)?;
+                emit("c", None, Some(after))
             }
             (before, after) => {
                 let full_before = before.as_ref().filter(|b| is_full_row(relation, b));
@@ -291,7 +290,7 @@ mod tests {
         };
         let mut out = Vec::new();
         let mut order = TransactionOrder::default();
-        write_envelopes(&mut out, &source, &tx, &relation(), &change, &mut order, 99);
+        write_envelopes(&mut out, &source, &tx, &relation(), &change, &mut order, 99).unwrap();
         String::from_utf8(out)
             .unwrap()
             .lines()

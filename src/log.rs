@@ -22,7 +22,7 @@ const FORMAT_VERSION: u64 = 1;
 const FORMAT_KEY: &[u8] = b"format_version";
 const SOURCE_KEY: &[u8] = b"source_identity";
 /// Keeps sled's page cache from claiming its 1 GiB default (DESIGN, bounded memory).
-const CACHE_CAPACITY_BYTES: u64 = 16 * 1024 * 1024;
+const CACHE_CAPACITY_BYTES: u64 = 4 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -97,6 +97,9 @@ pub struct OffsetLog {
     _lock: std::fs::File,
     db: sled::Db,
     entries: sled::Tree,
+    /// Begin sequence → Commit sequence (empty while the transaction is open), so finding the
+    /// transaction a position is in never walks the records of a large transaction.
+    transactions: sled::Tree,
     relations: sled::Tree,
     cursors: sled::Tree,
     meta: sled::Tree,
@@ -133,7 +136,8 @@ impl OffsetLog {
             }
         }
         let entries = db.open_tree("entries")?;
-        let durable = drop_uncommitted_tail(&entries)?;
+        let transactions = db.open_tree("transactions")?;
+        let durable = drop_uncommitted_tail(&entries, &transactions)?;
         db.flush()?;
         Ok(Arc::new(OffsetLog {
             path,
@@ -142,6 +146,7 @@ impl OffsetLog {
             cursors: db.open_tree("cursors")?,
             meta,
             entries,
+            transactions,
             db,
             appended: watch::channel(durable).0,
             durable: watch::channel(durable).0,
@@ -160,6 +165,7 @@ impl OffsetLog {
             log: Arc::clone(self),
             next_seq: last.unwrap_or(0) + 1,
             relations: HashMap::new(),
+            open_begin: None,
         })
     }
 
@@ -239,19 +245,31 @@ impl OffsetLog {
         let _ = rx.wait_for(|d| d.seq > after).await;
     }
 
-    /// The Begin of the transaction that contains `seq` (or starts after it), so a reader
-    /// resuming in the middle of a transaction knows which transaction it is in.
+    /// The Begin of the transaction that contains `seq`, so a reader resuming in the middle
+    /// of a transaction knows which transaction it is in. `None` between transactions.
     pub fn transaction_of(&self, seq: u64) -> Result<Option<(u64, TxBegin)>, LogError> {
-        for item in self.entries.range(..=seq_key(seq)).rev() {
-            let (k, v) = item?;
-            let at = key_seq(&k)?;
-            match decode(at, &v)? {
-                Record::Begin(begin) => return Ok(Some((at, begin))),
-                Record::Commit(_) if at < seq => return Ok(None),
-                _ => {}
-            }
+        let Some((key, commit)) = self
+            .transactions
+            .range(..=seq_key(seq))
+            .next_back()
+            .transpose()?
+        else {
+            return Ok(None);
+        };
+        let begin_seq = key_seq(&key)?;
+        if decode_u64(&commit).is_some_and(|commit_seq| commit_seq < seq) {
+            return Ok(None);
         }
-        Ok(None)
+        match self.entries.get(key)? {
+            Some(bytes) => match decode(begin_seq, &bytes)? {
+                Record::Begin(begin) => Ok(Some((begin_seq, begin))),
+                _ => Err(LogError::Corrupt {
+                    seq: begin_seq,
+                    reason: "the transaction index points at a record that is not a Begin".into(),
+                }),
+            },
+            None => Ok(None),
+        }
     }
 
     pub fn relation(&self, id: RelationId) -> Result<Arc<Relation>, LogError> {
@@ -282,10 +300,12 @@ impl OffsetLog {
     }
 
     /// Removes records every listed sink has applied, keeping the transaction the slowest
-    /// sink is in and the last Commit (which anchors the log's position). Returns how many
-    /// records were removed.
-    pub fn trim(&self, sinks: &[&str]) -> Result<usize, LogError> {
-        let mut slowest = self.durable().seq;
+    /// sink is in and the last Commit (which anchors the log's position). Removes at most
+    /// `max` records per call, so a trim after a large transaction holds little in memory.
+    /// Returns how many records were removed.
+    pub fn trim(&self, sinks: &[&str], max: usize) -> Result<usize, LogError> {
+        let durable = self.durable().seq;
+        let mut slowest = durable;
         for sink in sinks {
             slowest = slowest.min(self.cursor(sink)?.map_or(0, |c| c.seq));
         }
@@ -293,18 +313,23 @@ impl OffsetLog {
             Some((begin_seq, _)) => begin_seq,
             None => slowest + 1,
         }
-        .min(self.durable().seq);
+        .min(durable);
         let mut removed = 0;
         let mut batch = sled::Batch::default();
-        for item in self.entries.range(..seq_key(keep_from)) {
-            let (k, _) = item?;
-            batch.remove(k);
+        for item in self.entries.range(..seq_key(keep_from)).keys().take(max) {
+            batch.remove(item?);
             removed += 1;
-            if removed % 10_000 == 0 {
-                self.entries.apply_batch(std::mem::take(&mut batch))?;
-            }
         }
         self.entries.apply_batch(batch)?;
+        let mut finished = sled::Batch::default();
+        for item in self.transactions.range(..seq_key(keep_from)).keys() {
+            let key = item?;
+            if self.entries.get(&key)?.is_some() {
+                break;
+            }
+            finished.remove(key);
+        }
+        self.transactions.apply_batch(finished)?;
         Ok(removed)
     }
 
@@ -319,6 +344,8 @@ pub struct LogWriter {
     log: Arc<OffsetLog>,
     next_seq: u64,
     relations: HashMap<u32, (RelationId, Arc<Relation>)>,
+    /// Sequence of the open transaction's Begin.
+    open_begin: Option<u64>,
 }
 
 impl LogWriter {
@@ -332,6 +359,20 @@ impl LogWriter {
         let seq = self.next_seq;
         self.log.entries.insert(seq_key(seq), encode(record))?;
         self.next_seq += 1;
+        match record {
+            Record::Begin(_) => {
+                self.log.transactions.insert(seq_key(seq), &[])?;
+                self.open_begin = Some(seq);
+            }
+            Record::Commit(_) => {
+                if let Some(begin) = self.open_begin.take() {
+                    self.log
+                        .transactions
+                        .insert(seq_key(begin), &seq.to_be_bytes())?;
+                }
+            }
+            Record::Change(_) => {}
+        }
         if let Record::Commit(commit) = record {
             self.log.appended.send_replace(Durable {
                 seq,
@@ -389,28 +430,49 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, LogError> {
     }
 }
 
-/// Removes records after the last Commit and returns the position of that Commit.
-fn drop_uncommitted_tail(entries: &sled::Tree) -> Result<Durable, LogError> {
-    let mut tail = Vec::new();
-    for item in entries.iter().rev() {
+/// Removes records after the last Commit (and the index entries of their transactions) and
+/// returns the position of that Commit. The tail is whatever a crash left of a transaction
+/// that never committed; it may be long, so it is removed in batches, never collected.
+fn drop_uncommitted_tail(
+    entries: &sled::Tree,
+    transactions: &sled::Tree,
+) -> Result<Durable, LogError> {
+    // An open transaction in the index: its Commit-less records start at its Begin, and the
+    // last Commit lies just before it.
+    let search_below = match transactions.last()? {
+        Some((begin, commit)) if commit.is_empty() => key_seq(&begin)?,
+        _ => u64::MAX,
+    };
+    let mut durable = Durable::default();
+    for item in entries.range(..seq_key(search_below)).rev() {
         let (k, v) = item?;
         let seq = key_seq(&k)?;
         if let Record::Commit(commit) = decode(seq, &v)? {
-            for key in tail {
-                entries.remove(key)?;
-            }
-            return Ok(Durable {
+            durable = Durable {
                 seq,
                 commit_lsn: commit.commit_lsn,
                 end_lsn: commit.end_lsn,
-            });
+            };
+            break;
         }
-        tail.push(k);
     }
-    for key in tail {
-        entries.remove(key)?;
+    let tail = seq_key(durable.seq + 1)..;
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        for key in entries.range(tail.clone()).keys().take(10_000) {
+            batch.remove(key?);
+            removed += 1;
+        }
+        entries.apply_batch(batch)?;
+        if removed == 0 {
+            break;
+        }
     }
-    Ok(Durable::default())
+    for key in transactions.range(tail).keys() {
+        transactions.remove(key?)?;
+    }
+    Ok(durable)
 }
 
 fn seq_key(seq: u64) -> [u8; 8] {
@@ -577,7 +639,7 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!(log.trim(&["a", "b"]).unwrap(), 5);
+        assert_eq!(log.trim(&["a", "b"], usize::MAX).unwrap(), 5);
         assert_eq!(log.read(0, 100).unwrap().first().map(|e| e.seq), Some(6));
         assert_eq!(log.transaction_of(8).unwrap().map(|(s, _)| s), Some(6));
         log.store_cursor(
@@ -589,7 +651,7 @@ mod tests {
         )
         .await
         .unwrap();
-        log.trim(&["a", "b"]).unwrap();
+        log.trim(&["a", "b"], usize::MAX).unwrap();
         let left = log.read(0, 100).unwrap();
         assert_eq!(left.len(), 1, "the last Commit anchors the position");
         assert_eq!(left[0].record, commit(200));

@@ -18,6 +18,7 @@ use crate::retry::RetryPolicy;
 use crate::sinks::{AnySink, SinkError};
 
 const TRIM_INTERVAL: Duration = Duration::from_secs(5);
+const TRIM_MAX_RECORDS: usize = 5_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -207,9 +208,16 @@ async fn run_trimmer(
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(TRIM_INTERVAL) => {}
         }
-        let removed = log.trim(&names)?;
-        if removed > 0 {
-            tracing::debug!(removed, "log trimmed");
+        // Bounded passes keep the memory of a large trim small; loop until caught up.
+        loop {
+            let removed = log.trim(&names, TRIM_MAX_RECORDS)?;
+            if removed > 0 {
+                tracing::debug!(removed, "log trimmed");
+            }
+            if removed < TRIM_MAX_RECORDS || stop.is_cancelled() {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
     }
 }

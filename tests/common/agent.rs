@@ -109,7 +109,9 @@ pub fn read_envelopes(dir: &Path) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(&file).expect("read events file");
-        for line in text.lines().filter(|l| !l.is_empty()) {
+        // The agent may be writing: a last line without its newline is not complete yet.
+        let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+        for line in complete.lines().filter(|l| !l.is_empty()) {
             out.push(
                 serde_json::from_str(line)
                     .unwrap_or_else(|e| panic!("{}: bad JSON line {line:?}: {e}", file.display())),
