@@ -208,3 +208,31 @@ fn check_passes_on_a_good_setup() {
     assert!(!text.contains("FAIL"), "{text}");
     assert!(text.contains("ok    source.tables: public.t"), "{text}");
 }
+
+#[test]
+fn json_log_format_writes_one_json_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::agent::free_port();
+    let path = write_config(
+        dir.path(),
+        &format!("postgres://u:{SECRET}@127.0.0.1:{port}/db"),
+    );
+    let output = std::process::Command::new(common::agent::binary())
+        .args(["--log-format", "json", "run", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = stderr(&output);
+    let json_lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        json_lines.iter().any(|l| l["level"] == "WARN"
+            && l["fields"]["message"] == "source interrupted; reconnecting"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(SECRET));
+}

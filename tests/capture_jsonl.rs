@@ -492,3 +492,33 @@ fn source_restart_mid_stream_reconnects_and_loses_nothing() {
     assert!(agent.log().contains("reconnecting"), "{}", agent.log());
     assert!(agent.terminate().success());
 }
+
+#[test]
+fn a_dropped_slot_stops_the_agent_instead_of_resuming_silently() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("dropped");
+    pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY)");
+    let setup = AgentSetup::jsonl(&pg.url(&db), "\"public.t\"");
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(&db, "INSERT INTO t VALUES (1)");
+    assert!(eventually(Duration::from_secs(30), || setup
+        .envelopes()
+        .len()
+        == 1));
+    assert!(agent.terminate().success());
+
+    pg.psql(&db, "SELECT pg_drop_replication_slot('tidemark_test')");
+    pg.psql(&db, "INSERT INTO t VALUES (2)");
+    let output = setup.command("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("\"tidemark_test\" no longer exists"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("may have been missed"), "{stderr}");
+    assert!(stderr.contains("snapshot"), "{stderr}");
+    let slots = pg.psql(&db, "SELECT count(*) FROM pg_replication_slots");
+    assert_eq!(slots, "0", "a new slot was created silently");
+}

@@ -13,7 +13,7 @@ pub mod types;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
@@ -570,9 +570,4 @@ fn to_row(relation: &Relation, lsn: Lsn, tuple: Vec<TupleValue>) -> Result<Row, 
 
 fn unix_micros(pg_micros: i64) -> i64 {
     pg_micros.saturating_add(PG_EPOCH_OFFSET_MICROS)
-}
-
-/// How long `run` waits before it gives up on a source that never answered.
-pub fn default_connect_timeout() -> Duration {
-    Duration::from_secs(30)
 }
