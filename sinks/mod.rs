@@ -31,12 +31,23 @@ pub enum SinkError {
     },
     #[error("sink {sink:?}: {message}")]
     Inconsistent { sink: String, message: String },
-    #[error(
-        "sink {0:?}: postgres sinks are not built yet; remove the [[sink]] or use type = \"jsonl\""
-    )]
+    /// Connection trouble, serialization failures: retried with backoff.
+    #[error("sink {sink:?}: {message}")]
+    Transient { sink: String, message: String },
+    /// The target refused the batch for good.
+    #[error("sink {sink:?}: {message}")]
+    Target { sink: String, message: String },
+    #[error("{0}")]
     Unsupported(String),
     #[error(transparent)]
     Log(#[from] LogError),
+}
+
+impl SinkError {
+    /// Whether retrying the batch later may succeed; the log keeps everything meanwhile.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SinkError::Io { .. } | SinkError::Transient { .. })
+    }
 }
 
 pub trait Sink {
@@ -63,7 +74,10 @@ impl AnySink {
                 Arc::clone(log),
                 source.clone(),
             ))),
-            SinkKind::Postgres(_) => Err(SinkError::Unsupported(config.name.clone())),
+            SinkKind::Postgres(_) => Err(SinkError::Unsupported(format!(
+                "sink {:?}: postgres sinks are not built yet; remove the [[sink]] or use type = \"jsonl\"",
+                config.name
+            ))),
         }
     }
 

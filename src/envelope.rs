@@ -168,9 +168,10 @@ struct TransactionJson {
     data_collection_order: u64,
 }
 
-struct RowJson<'a> {
-    relation: &'a Relation,
-    row: &'a Row,
+/// A row as Debezium's `before`/`after` object: column name → value.
+pub struct RowJson<'a> {
+    pub relation: &'a Relation,
+    pub row: &'a Row,
 }
 
 impl Serialize for RowJson<'_> {

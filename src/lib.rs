@@ -4,12 +4,14 @@
 
 pub mod check;
 pub mod config;
+pub mod dead_letter;
 pub mod envelope;
 pub mod event;
 pub mod health;
 pub mod log;
 pub mod pipeline;
 pub mod retry;
+pub mod tls;
 
 #[path = "../connectors/mod.rs"]
 pub mod connectors;

@@ -140,7 +140,7 @@ async fn run_sink(
     log: Arc<OffsetLog>,
     stop: CancellationToken,
 ) -> Result<(), PipelineError> {
-    let mut applied = sink.open().await?;
+    let mut applied = open_sink(&config, &mut sink, &stop).await?;
     tracing::info!(sink = %config.name, from = applied, "sink started");
     let mut policy = RetryPolicy::new();
     loop {
@@ -162,7 +162,7 @@ async fn run_sink(
         loop {
             match sink.apply(&batch).await {
                 Ok(()) => break,
-                Err(e @ SinkError::Io { .. }) => {
+                Err(e) if e.is_transient() => {
                     let delay = policy.next_delay();
                     tracing::warn!(sink = %config.name, error = %e, retry_in = ?delay, "batch failed; retrying");
                     tokio::select! {
@@ -171,7 +171,7 @@ async fn run_sink(
                     }
                     // The failed attempt may have left part of the batch: start over from the
                     // checkpoint, which the sink's open() restores.
-                    applied = sink.open().await?;
+                    applied = open_sink(&config, &mut sink, &stop).await?;
                     if applied >= last {
                         break;
                     }
@@ -182,6 +182,30 @@ async fn run_sink(
         policy.reset();
         tracing::debug!(sink = %config.name, records = batch.len(), through = last, "batch applied");
         applied = last;
+    }
+}
+
+/// Opens a sink, retrying while its destination is unreachable: a sink that is down holds
+/// nothing up but itself, and the log keeps what it has not applied.
+async fn open_sink(
+    config: &SinkConfig,
+    sink: &mut AnySink,
+    stop: &CancellationToken,
+) -> Result<u64, PipelineError> {
+    let mut policy = RetryPolicy::new();
+    loop {
+        match sink.open().await {
+            Ok(applied) => return Ok(applied),
+            Err(e) if e.is_transient() => {
+                let delay = policy.next_delay();
+                tracing::warn!(sink = %config.name, error = %e, retry_in = ?delay, "sink cannot start; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return Err(e.into()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::pgoutput::RelationMessage;
 use super::replication::quote_ident;
@@ -13,6 +13,7 @@ use super::types::{builtin_value_type, value_type_from_catalog};
 use super::SourceError;
 use crate::config::{ConnectionUrl, TablePattern};
 use crate::event::{Column, Lsn, Relation, ValueType};
+use crate::tls::ConnectError;
 
 pub struct Catalog {
     client: Client,
@@ -50,11 +51,17 @@ impl std::fmt::Display for SourceTable {
 
 impl Catalog {
     pub async fn connect(url: &ConnectionUrl) -> Result<Catalog, SourceError> {
-        let (client, connection) = url
-            .pg_config()
-            .connect(NoTls)
-            .await
-            .map_err(|e| SourceError::connect(url, e))?;
+        let (client, connection) =
+            crate::tls::connect(&url.pg_config())
+                .await
+                .map_err(|e| match e {
+                    // A certificate that fails verification, or a server without TLS under a
+                    // mode that requires it, needs the operator: retrying cannot cure it.
+                    ConnectError::Tls(e) => {
+                        SourceError::Prerequisite(format!("cannot connect to the source: {e}"))
+                    }
+                    ConnectError::Postgres(e) => SourceError::connect(url, e),
+                })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "catalog connection closed");

@@ -1,12 +1,14 @@
 //! The replication connection: PostgreSQL's streaming replication sub-protocol ("Streaming
-//! Replication Protocol" in the PostgreSQL docs) spoken over a plain TCP or Unix socket with
-//! postgres-protocol's message codecs. tokio-postgres cannot enter CopyBoth mode, so startup,
-//! authentication (trust, cleartext, md5, SCRAM-SHA-256), the replication commands and the
-//! CopyBoth stream are done here. Nothing here decides what to confirm: the caller passes the
-//! flush position, which must be durable in the offset log.
+//! Replication Protocol" in the PostgreSQL docs) spoken over TCP (with TLS as the URL's
+//! `sslmode` says: `crate::tls` owns the policy, this file the SSLRequest exchange) or a Unix
+//! socket with postgres-protocol's message codecs. tokio-postgres cannot enter CopyBoth mode, so
+//! startup, authentication (trust, cleartext, md5, SCRAM-SHA-256), the replication commands and
+//! the CopyBoth stream are done here. Nothing here decides what to confirm: the caller passes
+//! the flush position, which must be durable in the offset log.
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -17,10 +19,13 @@ use postgres_protocol::message::backend::{ErrorFields, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::{Host, SslNegotiation};
 use tokio_postgres::error::SqlState;
+use tokio_rustls::TlsConnector;
 
+use crate::config::PgConfig;
 use crate::event::Lsn;
+use crate::tls;
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch, 2000-01-01 00:00 UTC.
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -96,15 +101,9 @@ const SESSION_OPTIONS: &str =
     "-c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC -c extra_float_digits=3";
 
 impl ReplicationConnection {
-    /// Opens a `replication=database` connection and authenticates.
-    pub async fn connect(config: &tokio_postgres::Config) -> Result<Self, ReplicationError> {
-        if matches!(config.get_ssl_mode(), SslMode::Require) {
-            return Err(ReplicationError::Unsupported(
-                "sslmode=require is not supported yet by the replication connection; \
-                 use sslmode=disable or sslmode=prefer"
-                    .into(),
-            ));
-        }
+    /// Opens a `replication=database` connection, encrypted as the URL's `sslmode` says, and
+    /// authenticates.
+    pub async fn connect(config: &PgConfig) -> Result<Self, ReplicationError> {
         let stream = open_stream(config).await?;
         let mut conn = ReplicationConnection {
             stream,
@@ -446,9 +445,7 @@ fn parse_copy_data(mut data: Bytes) -> Result<ReplicationMessage, ReplicationErr
     }
 }
 
-async fn open_stream(
-    config: &tokio_postgres::Config,
-) -> Result<Box<dyn Transport>, ReplicationError> {
+async fn open_stream(config: &PgConfig) -> Result<Box<dyn Transport>, ReplicationError> {
     let host = config
         .get_hosts()
         .first()
@@ -459,31 +456,111 @@ async fn open_stream(
         .get_connect_timeout()
         .copied()
         .unwrap_or(Duration::from_secs(10));
-    let (target, result) = match host {
+    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+    match host {
         Host::Tcp(name) => {
-            let target = format!("{name}:{port}");
-            let result = tokio::time::timeout(timeout, TcpStream::connect((name.as_str(), port)))
+            // As in libpq, `hostaddr` is where to connect when given; `host` stays the name
+            // the server's certificate must carry.
+            let (addr, target) = match config.get_hostaddrs().first() {
+                Some(ip) => (ip.to_string(), format!("{name} ({ip}) port {port}")),
+                None => (name.clone(), format!("{name}:{port}")),
+            };
+            // Before any I/O: an unusable sslrootcert is the operator's to fix, not a network
+            // failure to retry.
+            let tls = tls::client_config(config).map_err(tls_error)?;
+            let connecting = async {
+                let stream = TcpStream::connect((addr.as_str(), port))
+                    .await
+                    .map_err(|source| ReplicationError::Connect {
+                        target: target.clone(),
+                        source,
+                    })?;
+                let _ = stream.set_nodelay(true);
+                match tls {
+                    None => Ok(Box::new(stream) as Box<dyn Transport>),
+                    Some(tls) => negotiate_tls(stream, tls, config, &name, &target).await,
+                }
+            };
+            tokio::time::timeout(timeout, connecting)
                 .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
-                .and_then(|r| r)
-                .map(|s| {
-                    let _ = s.set_nodelay(true);
-                    Box::new(s) as Box<dyn Transport>
-                });
-            (target, result)
+                .map_err(|_| ReplicationError::Connect {
+                    target: target.clone(),
+                    source: timed_out(),
+                })?
         }
+        // PostgreSQL never offers TLS on a Unix socket, and libpq does not ask there.
         Host::Unix(dir) => {
             let path = dir.join(format!(".s.PGSQL.{port}"));
             let target = path.display().to_string();
-            let result = tokio::time::timeout(timeout, UnixStream::connect(&path))
+            tokio::time::timeout(timeout, UnixStream::connect(&path))
                 .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+                .map_err(|_| timed_out())
                 .and_then(|r| r)
-                .map(|s| Box::new(s) as Box<dyn Transport>);
-            (target, result)
+                .map(|s| Box::new(s) as Box<dyn Transport>)
+                .map_err(|source| ReplicationError::Connect { target, source })
         }
+    }
+}
+
+/// Asks the server for TLS with an SSLRequest ("SSL Session Encryption" in the protocol
+/// chapter of the PostgreSQL docs) unless `sslnegotiation=direct`, and does the handshake
+/// when it agrees; the startup message then goes over the returned stream. A server that
+/// answers `N` gets a plain connection only when the mode allows it.
+async fn negotiate_tls(
+    mut stream: TcpStream,
+    tls: rustls::ClientConfig,
+    config: &PgConfig,
+    host: &str,
+    target: &str,
+) -> Result<Box<dyn Transport>, ReplicationError> {
+    let mode = config.tls().mode;
+    let lost = |source: io::Error| ReplicationError::Connect {
+        target: target.to_owned(),
+        source,
     };
-    result.map_err(|source| ReplicationError::Connect { target, source })
+    if config.get_ssl_negotiation() == SslNegotiation::Direct {
+        if mode.allows_plain() {
+            return Err(ReplicationError::Unsupported(format!(
+                "{}: sslnegotiation=direct cannot fall back to a plain connection, so it \
+                 needs sslmode=require or stricter, not sslmode={mode}",
+                config.redacted()
+            )));
+        }
+    } else {
+        let mut request = BytesMut::with_capacity(8);
+        frontend::ssl_request(&mut request);
+        stream.write_all(&request).await.map_err(lost)?;
+        // Exactly one byte: anything the server sent after it belongs to the TLS handshake,
+        // never to the (encrypted) protocol that follows.
+        match stream.read_u8().await.map_err(lost)? {
+            b'S' => {}
+            b'N' if mode.allows_plain() => return Ok(Box::new(stream)),
+            b'N' => return Err(tls_error(tls::refused(config))),
+            other => {
+                return Err(ReplicationError::Protocol(format!(
+                    "the server answered the SSLRequest with {:?} instead of S or N",
+                    char::from(other)
+                )))
+            }
+        }
+    }
+    let name = tls::server_name(config, host).map_err(tls_error)?;
+    match TlsConnector::from(Arc::new(tls))
+        .connect(name, stream)
+        .await
+    {
+        Ok(stream) => Ok(Box::new(stream)),
+        Err(e) => Err(match tls::handshake_failure(config, &e) {
+            Some(failure) => tls_error(failure),
+            None => lost(e),
+        }),
+    }
+}
+
+/// TLS problems need the operator (a certificate, sslrootcert, the server's ssl setting):
+/// they are not retried like a lost connection.
+fn tls_error(e: tls::TlsError) -> ReplicationError {
+    ReplicationError::Unsupported(e.to_string())
 }
 
 fn server_error(mut fields: ErrorFields<'_>) -> ReplicationError {

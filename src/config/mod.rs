@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use check::Checker;
 
-pub use url::{ConnectionUrl, InvalidUrl};
+pub use url::{ConnectionUrl, InvalidUrl, PgConfig, RootCert, SslMode, TlsSettings};
 
 /// A validated configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -30,14 +30,22 @@ pub struct AgentSetup {
 impl AgentSetup {
     /// `tables` is the TOML array body, e.g. `"public.a", "public.b"`.
     pub fn jsonl(source_url: &str, tables: &str) -> AgentSetup {
+        AgentSetup::with_sinks(
+            source_url,
+            tables,
+            "[[sink]]\nname = \"events\"\ntype = \"jsonl\"\npath = \"events\"\n",
+        )
+    }
+
+    /// An agent with the given `[[sink]]` tables (TOML text).
+    pub fn with_sinks(source_url: &str, tables: &str, sinks: &str) -> AgentSetup {
         let dir = tempfile::tempdir().expect("temp dir");
         let health_port = free_port();
         let config = dir.path().join("tidemark.toml");
         let text = format!(
             "[agent]\nname = \"test\"\ndata_dir = \"data\"\nhealth_addr = \"127.0.0.1:{health_port}\"\n\n\
              [source]\ntype = \"postgres\"\nurl = \"{source_url}\"\ntables = [{tables}]\n\
-             snapshot = \"never\"\nconnect_timeout = \"3s\"\n\n\
-             [[sink]]\nname = \"events\"\ntype = \"jsonl\"\npath = \"events\"\n"
+             snapshot = \"never\"\nconnect_timeout = \"3s\"\n\n{sinks}"
         );
         std::fs::write(&config, text).expect("write config");
         AgentSetup {

@@ -11,6 +11,9 @@
 //! system user through `runuser`; clients (`psql`, tokio-postgres) connect over TCP with
 //! trust authentication as the `postgres` superuser.
 //!
+//! [`PgCluster::start_tls`] starts a cluster that takes TCP connections over TLS only, with a
+//! certificate the test made.
+//!
 //! `cargo nextest` runs every test in its own process, so a test starts its own cluster and
 //! takes a database from [`PgCluster::fresh_database`]; tests that share a cluster never
 //! share a database.
@@ -50,6 +53,17 @@ const BASE_SETTINGS: &[(&str, &str)] = &[
 
 static DATABASE_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Where [`PgCluster::start_tls`] puts the server's certificate and key, in the data directory.
+const SERVER_CERT_FILE: &str = "server.crt";
+const SERVER_KEY_FILE: &str = "server.key";
+
+/// The certificate (PEM, with any intermediates after it) and private key (PEM) a TLS test
+/// cluster presents; see [`PgCluster::start_tls`].
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// A PostgreSQL server private to the test that started it.
 pub struct PgCluster {
     bindir: PathBuf,
@@ -70,6 +84,19 @@ impl PgCluster {
     /// e.g. `&[("wal_level", "replica")]`. The harness owns `port` and
     /// `unix_socket_directories`.
     pub fn start_with(settings: &[(&str, &str)]) -> PgCluster {
+        PgCluster::start_configured(settings, None)
+    }
+
+    /// Starts a cluster that takes TCP connections over TLS only: `ssl = on` with `tls`'s
+    /// certificate and key, and a pg_hba.conf whose only TCP entries are `hostssl` for
+    /// 127.0.0.1 (Unix-socket connections stay trust). psql, which `psql`,
+    /// `create_database` and `fresh_database` use, negotiates TLS by itself; `connect`, which
+    /// does not, is refused.
+    pub fn start_tls(tls: &ServerTls) -> PgCluster {
+        PgCluster::start_configured(&[], Some(tls))
+    }
+
+    fn start_configured(settings: &[(&str, &str)], tls: Option<&ServerTls>) -> PgCluster {
         let bindir = find_bindir();
         let runuser = if effective_uid() == 0 {
             Some(find_runuser())
@@ -95,6 +122,9 @@ impl PgCluster {
             cluster.hand_dir_to_system_user();
         }
         cluster.initdb();
+        if let Some(tls) = tls {
+            cluster.install_tls(tls);
+        }
         let mut conf: Vec<(&str, String)> = BASE_SETTINGS
             .iter()
             .map(|(key, value)| (*key, (*value).to_string()))
@@ -103,6 +133,13 @@ impl PgCluster {
             "unix_socket_directories",
             cluster.socket_dir().display().to_string(),
         ));
+        if tls.is_some() {
+            conf.extend([
+                ("ssl", "on".to_string()),
+                ("ssl_cert_file", SERVER_CERT_FILE.to_string()),
+                ("ssl_key_file", SERVER_KEY_FILE.to_string()),
+            ]);
+        }
         conf.extend(
             settings
                 .iter()
@@ -356,6 +393,51 @@ impl PgCluster {
                 output.status,
                 String::from_utf8_lossy(&output.stdout),
                 String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+
+    /// Copies the certificate and key into the data directory, where the server reads them
+    /// (the key must be the server user's and mode 0600, or the server refuses to start), and
+    /// replaces pg_hba.conf with TLS-only TCP entries.
+    fn install_tls(&self, tls: &ServerTls) {
+        let data = self.data_dir();
+        for (from, to, mode) in [
+            (&tls.cert, SERVER_CERT_FILE, 0o644),
+            (&tls.key, SERVER_KEY_FILE, 0o600),
+        ] {
+            let target = data.join(to);
+            fs::copy(from, &target).unwrap_or_else(|e| {
+                panic!("copying {} to {}: {e}", from.display(), target.display())
+            });
+            fs::set_permissions(&target, fs::Permissions::from_mode(mode))
+                .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", target.display()));
+            if self.runuser.is_some() {
+                self.chown_to_system_user(&target);
+            }
+        }
+        let hba = data.join("pg_hba.conf");
+        fs::write(
+            &hba,
+            "# tidemark test harness: TCP over TLS only\n\
+             local all all trust\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostssl replication all 127.0.0.1/32 trust\n",
+        )
+        .unwrap_or_else(|e| panic!("writing {}: {e}", hba.display()));
+    }
+
+    fn chown_to_system_user(&self, path: &Path) {
+        let output = Command::new("chown")
+            .arg(format!("{SYSTEM_USER}:"))
+            .arg(path)
+            .output()
+            .unwrap_or_else(|e| panic!("running chown: {e}"));
+        if !output.status.success() {
+            panic!(
+                "chown {SYSTEM_USER}: {} failed: {}",
+                path.display(),
+                String::from_utf8_lossy(&output.stderr).trim_end()
             );
         }
     }
