@@ -13,8 +13,10 @@
 //!   destination, the sink must undo the unrecorded write first.
 
 pub mod jsonl;
+pub mod postgres;
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::config::{SinkConfig, SinkKind};
@@ -59,6 +61,7 @@ pub trait Sink {
 /// The closed set of sinks, built from config with one match.
 pub enum AnySink {
     Jsonl(jsonl::JsonlSink),
+    Postgres(postgres::PostgresSink),
 }
 
 impl AnySink {
@@ -66,6 +69,7 @@ impl AnySink {
         config: &SinkConfig,
         log: &Arc<OffsetLog>,
         source: &SourceInfo,
+        data_dir: &Path,
     ) -> Result<AnySink, SinkError> {
         match &config.kind {
             SinkKind::Jsonl(jsonl) => Ok(AnySink::Jsonl(jsonl::JsonlSink::new(
@@ -74,22 +78,26 @@ impl AnySink {
                 Arc::clone(log),
                 source.clone(),
             ))),
-            SinkKind::Postgres(_) => Err(SinkError::Unsupported(format!(
-                "sink {:?}: postgres sinks are not built yet; remove the [[sink]] or use type = \"jsonl\"",
-                config.name
-            ))),
+            SinkKind::Postgres(target) => Ok(AnySink::Postgres(postgres::PostgresSink::new(
+                &config.name,
+                target,
+                Arc::clone(log),
+                data_dir,
+            )?)),
         }
     }
 
     pub async fn open(&mut self) -> Result<u64, SinkError> {
         match self {
             AnySink::Jsonl(sink) => sink.open().await,
+            AnySink::Postgres(sink) => sink.open().await,
         }
     }
 
     pub async fn apply(&mut self, entries: &[LogEntry]) -> Result<(), SinkError> {
         match self {
             AnySink::Jsonl(sink) => sink.apply(entries).await,
+            AnySink::Postgres(sink) => sink.apply(entries).await,
         }
     }
 }

@@ -63,10 +63,9 @@ pub async fn run(config: &Config) -> Vec<Check> {
                     ),
                 ),
             },
-            SinkKind::Postgres(_) => Check::fail(
-                subject,
-                "postgres sinks are not built yet; remove this [[sink]] or use type = \"jsonl\"",
-            ),
+            SinkKind::Postgres(target) => {
+                crate::sinks::postgres::check::run(&sink.name, target).await
+            }
         });
     }
     let data_dir = &config.agent.data_dir;

@@ -65,7 +65,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Pipe
     for sink_config in &config.sinks {
         sinks.push((
             sink_config.clone(),
-            AnySink::build(sink_config, &log, &source_info)?,
+            AnySink::build(sink_config, &log, &source_info, &config.agent.data_dir)?,
         ));
     }
     let health = tokio::net::TcpListener::bind(config.agent.health_addr)

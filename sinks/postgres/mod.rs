@@ -1,0 +1,453 @@
+//! PostgreSQL table sinks. `mode = "merge"` keeps a live mirror of each source table: each
+//! batch is collapsed to the last state per key, loaded into staging tables and applied with
+//! set-based statements, and the checkpoint row (the last log record applied) is written in
+//! the same target transaction, so replaying any suffix of the log changes nothing twice.
+
+pub mod check;
+pub mod collapse;
+pub mod copy_text;
+pub mod ddl;
+pub mod merge;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::pin::pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::SinkExt;
+use tokio_postgres::Client;
+
+use self::collapse::{Collapse, KeyState, TablePlan};
+use self::ddl::TargetTable;
+use super::{Sink, SinkError};
+use crate::config::{PostgresSinkConfig, SinkMode};
+use crate::dead_letter::{self, DeadLetterQueue};
+use crate::event::{Lsn, Record, Relation, RelationId};
+use crate::log::{LogEntry, OffsetLog, SinkCursor};
+use crate::retry::is_transient;
+use crate::tls::ConnectError;
+
+pub struct PostgresSink {
+    name: String,
+    config: PostgresSinkConfig,
+    log: Arc<OffsetLog>,
+    client: Option<Client>,
+    /// Relation descriptions whose target table is known to exist with all their columns.
+    prepared: HashSet<RelationId>,
+    /// Source `schema.table` → target, from `[[sink.table]]`.
+    renames: HashMap<String, TargetTable>,
+    dead_letters: DeadLetterQueue,
+}
+
+impl PostgresSink {
+    pub fn new(
+        name: &str,
+        config: &PostgresSinkConfig,
+        log: Arc<OffsetLog>,
+        data_dir: &Path,
+    ) -> Result<PostgresSink, SinkError> {
+        if config.mode != SinkMode::Merge {
+            return Err(SinkError::Unsupported(format!(
+                "sink {name:?}: mode {:?} is not built yet; use mode = \"merge\"",
+                config.mode
+            )));
+        }
+        let renames = config
+            .tables
+            .iter()
+            .filter_map(|m| {
+                let (schema, name) = m.target.split_once('.')?;
+                Some((
+                    m.source.clone(),
+                    TargetTable {
+                        schema: schema.into(),
+                        name: name.into(),
+                    },
+                ))
+            })
+            .collect();
+        Ok(PostgresSink {
+            name: name.to_string(),
+            config: config.clone(),
+            log,
+            client: None,
+            prepared: HashSet::new(),
+            renames,
+            dead_letters: DeadLetterQueue::new(data_dir, name),
+        })
+    }
+
+    fn target_of(&self, relation: &Relation) -> TargetTable {
+        self.renames
+            .get(&relation.qualified_name())
+            .cloned()
+            .unwrap_or_else(|| TargetTable {
+                schema: self.config.schema.clone(),
+                name: relation.table.clone(),
+            })
+    }
+
+    fn error(&self, context: String) -> impl FnOnce(tokio_postgres::Error) -> SinkError + '_ {
+        move |e| target_error(&self.name, context, e)
+    }
+
+    fn client(&self) -> Result<&Client, SinkError> {
+        self.client.as_ref().ok_or_else(|| SinkError::Transient {
+            sink: self.name.clone(),
+            message: "not connected".into(),
+        })
+    }
+
+    /// Creates the target table of `relation` if missing and adds columns it lacks.
+    async fn prepare(&mut self, id: RelationId, relation: &Relation) -> Result<(), SinkError> {
+        if self.prepared.contains(&id) {
+            return Ok(());
+        }
+        let target = self.target_of(relation);
+        let client = self.client()?;
+        let extra: &[&str] = if self.config.soft_delete {
+            &["_tidemark_deleted boolean NOT NULL DEFAULT false"]
+        } else {
+            &[]
+        };
+        let mut sql = vec![
+            ddl::create_schema(&target.schema),
+            ddl::create_table(&target, relation, extra),
+        ];
+        sql.extend(relation.columns.iter().map(|c| ddl::add_column(&target, c)));
+        if self.config.soft_delete {
+            sql.push(format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} boolean NOT NULL DEFAULT false",
+                target.quoted(),
+                merge::DELETED_COLUMN
+            ));
+        }
+        client
+            .batch_execute(&sql.join(";\n"))
+            .await
+            .map_err(self.error(format!("creating or altering {target}")))?;
+        self.prepared.insert(id);
+        Ok(())
+    }
+}
+
+impl Sink for PostgresSink {
+    async fn open(&mut self) -> Result<u64, SinkError> {
+        let context = format!("connecting to {}", self.config.url.redacted());
+        let (client, connection) = crate::tls::connect(&self.config.url.pg_config())
+            .await
+            .map_err(|e| match e {
+                // A certificate that fails verification needs the operator, not a retry.
+                ConnectError::Tls(e) => SinkError::Target {
+                    sink: self.name.clone(),
+                    message: e.to_string(),
+                },
+                ConnectError::Postgres(e) => target_error(&self.name, context, e),
+            })?;
+        let sink = self.name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(sink, error = %e, "target connection closed");
+            }
+        });
+        client
+            .batch_execute(&format!(
+                "{};\n{}",
+                ddl::create_schema(&self.config.schema),
+                ddl::create_checkpoint_table(&self.config.schema)
+            ))
+            .await
+            .map_err(self.error("creating the checkpoint table".into()))?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT log_position FROM {}._tidemark_checkpoint WHERE sink = $1",
+                    postgres_protocol::escape::escape_identifier(&self.config.schema)
+                ),
+                &[&self.name],
+            )
+            .await
+            .map_err(self.error("reading the checkpoint".into()))?;
+        self.client = Some(client);
+        self.prepared.clear();
+        Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+    }
+
+    async fn apply(&mut self, entries: &[LogEntry]) -> Result<(), SinkError> {
+        let Some(last) = entries.last() else {
+            return Ok(());
+        };
+        let mut collapse = Collapse::default();
+        let mut source_lsn = Lsn(0);
+        for entry in entries {
+            match &entry.record {
+                Record::Change(change) => {
+                    let relation = self.log.relation(change.relation)?;
+                    self.prepare(change.relation, &relation).await?;
+                    collapse
+                        .add(change.relation, &relation, change)
+                        .map_err(|e| SinkError::Inconsistent {
+                            sink: self.name.clone(),
+                            message: e.to_string(),
+                        })?;
+                    source_lsn = source_lsn.max(change.lsn);
+                }
+                Record::Commit(commit) => source_lsn = source_lsn.max(commit.commit_lsn),
+                Record::Begin(_) => {}
+            }
+        }
+        let plans = collapse.finish();
+        let batch = Batch {
+            targets: plans.iter().map(|p| self.target_of(&p.relation)).collect(),
+            plans,
+            log_position: last.seq,
+            source_lsn,
+        };
+        let rejected = match self.apply_batch(&batch, false).await {
+            Err(e) if e.is_data_error() => {
+                tracing::warn!(
+                    sink = %self.name,
+                    error = %e,
+                    "the target refused the batch; applying it row by row to dead-letter the refused rows"
+                );
+                self.apply_batch(&batch, true).await
+            }
+            result => result,
+        }
+        .map_err(|e| e.into_sink_error(&self.name))?;
+        if !rejected.is_empty() {
+            tracing::warn!(
+                sink = %self.name,
+                rows = rejected.len(),
+                file = %self.dead_letters.path().display(),
+                "rows dead-lettered"
+            );
+        }
+        // The target's checkpoint is what resumes the sink; the log's cursor only lets the
+        // log trim what the target holds.
+        self.log
+            .store_cursor(
+                &self.name,
+                &SinkCursor {
+                    seq: last.seq,
+                    state: Vec::new(),
+                },
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// A collapsed batch ready to apply.
+struct Batch {
+    plans: Vec<TablePlan>,
+    targets: Vec<TargetTable>,
+    log_position: u64,
+    source_lsn: Lsn,
+}
+
+impl PostgresSink {
+    /// Applies the batch and its checkpoint in one target transaction. With `isolate`, each
+    /// row goes in its own savepoint and rows the target refuses are dead-lettered (durably,
+    /// before the commit) instead of failing the batch; returns those rows' reasons.
+    async fn apply_batch(
+        &mut self,
+        batch: &Batch,
+        isolate: bool,
+    ) -> Result<Vec<String>, ApplyError> {
+        let checkpoint = format!(
+            "INSERT INTO {}._tidemark_checkpoint (sink, log_position, source_lsn, updated_at) \
+             VALUES ($1, $2, $3::text::pg_lsn, now()) ON CONFLICT (sink) DO UPDATE SET \
+             log_position = EXCLUDED.log_position, source_lsn = EXCLUDED.source_lsn, \
+             updated_at = now()",
+            postgres_protocol::escape::escape_identifier(&self.config.schema)
+        );
+        let client = self.client.as_mut().ok_or(ApplyError::NotConnected)?;
+        let mut transaction = client
+            .transaction()
+            .await
+            .map_err(ApplyError::at("starting a transaction"))?;
+        let mut letters = Vec::new();
+        let mut reasons = Vec::new();
+        for (index, (plan, target)) in batch.plans.iter().zip(&batch.targets).enumerate() {
+            let stage = format!("_tidemark_stage_{index}");
+            let sql = merge::statements(target, plan, &stage, self.config.soft_delete, isolate);
+            let (rows, with_unchanged) = merge::stage_rows(plan);
+            let context = || format!("staging changes for {target}");
+            transaction
+                .batch_execute(&sql.create_stage)
+                .await
+                .map_err(ApplyError::with(context()))?;
+            let copy = transaction
+                .copy_in(&sql.copy_stage)
+                .await
+                .map_err(ApplyError::with(context()))?;
+            let mut copy = pin!(copy);
+            copy.send(Bytes::from(rows))
+                .await
+                .map_err(ApplyError::with(context()))?;
+            copy.as_mut()
+                .finish()
+                .await
+                .map_err(ApplyError::with(context()))?;
+            if let Some(truncate) = &sql.truncate {
+                transaction
+                    .batch_execute(truncate)
+                    .await
+                    .map_err(ApplyError::with(format!("truncating {target}")))?;
+            }
+            let statements: Vec<&str> = [Some(&sql.delete), Some(&sql.upsert)]
+                .into_iter()
+                .chain([sql.update_unchanged.as_ref().filter(|_| with_unchanged > 0)])
+                .flatten()
+                .map(String::as_str)
+                .collect();
+            let context = || format!("applying changes to {target}");
+            if !isolate {
+                for statement in statements {
+                    transaction
+                        .execute(statement, &[])
+                        .await
+                        .map_err(ApplyError::with(context()))?;
+                }
+                continue;
+            }
+            for (number, state) in plan.states().iter().enumerate() {
+                let number = number as i32;
+                let savepoint = transaction
+                    .savepoint(format!("row_{number}"))
+                    .await
+                    .map_err(ApplyError::with(context()))?;
+                let mut refused = None;
+                for statement in &statements {
+                    if let Err(e) = savepoint.execute(*statement, &[&number]).await {
+                        if !is_data_error(&e) {
+                            return Err(ApplyError::with(context())(e));
+                        }
+                        refused = Some(format!("{}: {}", context(), db_message(&e)));
+                        break;
+                    }
+                }
+                match refused {
+                    Some(reason) => {
+                        savepoint
+                            .rollback()
+                            .await
+                            .map_err(ApplyError::with(context()))?;
+                        let (action, row) = match state {
+                            KeyState::Upsert(row) => ("upsert", row),
+                            KeyState::Delete(row) => ("delete", row),
+                        };
+                        reasons.push(reason.clone());
+                        letters.push(dead_letter::letter(
+                            &self.name,
+                            &plan.relation,
+                            action,
+                            row,
+                            batch.log_position,
+                            reason,
+                        ));
+                    }
+                    None => savepoint
+                        .commit()
+                        .await
+                        .map_err(ApplyError::with(context()))?,
+                }
+            }
+        }
+        transaction
+            .execute(
+                checkpoint.as_str(),
+                &[
+                    &self.name,
+                    &(batch.log_position as i64),
+                    &batch.source_lsn.to_string(),
+                ],
+            )
+            .await
+            .map_err(ApplyError::at("writing the checkpoint"))?;
+        self.dead_letters
+            .append(&letters)
+            .map_err(ApplyError::DeadLetters)?;
+        transaction
+            .commit()
+            .await
+            .map_err(ApplyError::at("committing the batch"))?;
+        Ok(reasons)
+    }
+}
+
+/// Why applying a batch failed, before it is classified for the pipeline.
+#[derive(Debug, thiserror::Error)]
+enum ApplyError {
+    #[error("not connected to the target")]
+    NotConnected,
+    #[error("{context}: {}", db_message(.source))]
+    Target {
+        context: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("writing dead letters: {0}")]
+    DeadLetters(std::io::Error),
+}
+
+impl ApplyError {
+    fn with(context: String) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
+        move |source| ApplyError::Target { context, source }
+    }
+
+    fn at(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
+        ApplyError::with(context.to_string())
+    }
+
+    /// The target refused a value (class 22 data exception, class 23 constraint violation):
+    /// retrying will not help, isolating the row will.
+    fn is_data_error(&self) -> bool {
+        matches!(self, ApplyError::Target { source, .. } if is_data_error(source))
+    }
+
+    fn into_sink_error(self, sink: &str) -> SinkError {
+        match self {
+            ApplyError::NotConnected => SinkError::Transient {
+                sink: sink.to_string(),
+                message: "not connected".into(),
+            },
+            ApplyError::Target { context, source } => target_error(sink, context, source),
+            ApplyError::DeadLetters(source) => SinkError::Io {
+                sink: sink.to_string(),
+                context: "writing dead letters".into(),
+                source,
+            },
+        }
+    }
+}
+
+fn is_data_error(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"))
+}
+
+fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// Classifies a target error: connection trouble and serialization failures are transient.
+fn target_error(sink: &str, context: String, e: tokio_postgres::Error) -> SinkError {
+    let message = format!("{context}: {}", db_message(&e));
+    let transient = e.is_closed() || e.code().is_none_or(is_transient);
+    if transient {
+        SinkError::Transient {
+            sink: sink.to_string(),
+            message,
+        }
+    } else {
+        SinkError::Target {
+            sink: sink.to_string(),
+            message,
+        }
+    }
+}

@@ -1,0 +1,462 @@
+//! The merge sink against real PostgreSQL: the target mirrors the source row for row.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::agent::{eventually, AgentSetup};
+use common::PgCluster;
+
+/// Runs SQL through the cluster's psql; None when it fails (e.g. the table is not there yet).
+fn try_psql(pg: &PgCluster, db: &str, sql: &str) -> Option<String> {
+    let output = std::process::Command::new(pg.bindir().join("psql"))
+        .args([
+            "-X",
+            "-qAt",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+        ])
+        .args(["-p", &pg.port().to_string(), "-d", db, "-c", sql])
+        .output()
+        .ok()?;
+    output.status.success().then(|| {
+        String::from_utf8_lossy(&output.stdout)
+            .trim_end()
+            .to_string()
+    })
+}
+
+/// Sorted text dump of a table, for row-for-row comparison; empty when it cannot be read.
+fn dump(pg: &PgCluster, db: &str, table: &str, columns: &str) -> String {
+    try_psql(
+        pg,
+        db,
+        &format!("COPY (SELECT {columns} FROM {table} ORDER BY 1, 2) TO STDOUT"),
+    )
+    .unwrap_or_default()
+}
+
+fn merge_sink(pg: &PgCluster, warehouse: &str, extra: &str) -> String {
+    format!(
+        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n\
+         mode = \"merge\"\n{extra}",
+        pg.url(warehouse)
+    )
+}
+
+/// Waits until every listed table's dump in the target equals the source's.
+fn assert_mirrors(pg: &PgCluster, source: &str, target: &str, tables: &[(&str, &str)]) {
+    for (table, columns) in tables {
+        let want = dump(pg, source, &format!("public.\"{table}\""), columns);
+        let mut got = String::new();
+        let same = eventually(Duration::from_secs(60), || {
+            got = dump(pg, target, &format!("replica.\"{table}\""), columns);
+            got == want
+        });
+        assert!(same, "{table} differs\nsource:\n{want}\ntarget:\n{got}");
+    }
+}
+
+#[test]
+fn merge_target_mirrors_every_kind_of_change() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("shop");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(
+        &db,
+        "CREATE TYPE mood AS ENUM ('ok', 'sad');
+         CREATE TABLE \"Items\" (id int PRIMARY KEY, name text, price numeric(40,8), doc jsonb,
+           tags text[], seen timestamptz, day date, span interval, raw bytea, m mood,
+           ratio double precision, flag boolean, u uuid, at time);
+         CREATE TABLE pairs (a int, b text, v int, PRIMARY KEY (a, b));",
+    );
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.*\"",
+        &merge_sink(&pg, &warehouse, ""),
+    );
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(
+        &db,
+        "INSERT INTO \"Items\" VALUES
+           (1, 'añejo ☃ \t tab', 123456789012345678901234567890.12345678, '{\"a\": [1, 2]}',
+            '{x,\"y z\",NULL,\"\"}', '2024-01-05 12:34:56.5+00', '0044-03-15 BC', '-1 mon 2 days -00:00:03.5',
+            '\\x00ff5c', 'sad', 0.1, true, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '23:59:59.999999'),
+           (2, NULL, 'NaN', NULL, '{}', 'infinity', '-infinity', NULL, NULL, NULL, 'NaN', NULL, NULL, NULL);
+         UPDATE \"Items\" SET name = 'two' WHERE id = 2;
+         INSERT INTO \"Items\" (id, name) VALUES (3, 'three');
+         DELETE FROM \"Items\" WHERE id = 3;
+         UPDATE \"Items\" SET id = 10 WHERE id = 1;
+         BEGIN; INSERT INTO \"Items\" (id) VALUES (99); ROLLBACK;
+         INSERT INTO pairs VALUES (1, 'x', 10), (1, 'y', 20), (2, 'x', 30);
+         BEGIN; UPDATE pairs SET v = v + 1; DELETE FROM pairs WHERE b = 'y'; UPDATE pairs SET b = 'z' WHERE a = 2; COMMIT;",
+    );
+    assert_mirrors(&pg, &db, &warehouse, &[("Items", "*"), ("pairs", "*")]);
+    pg.psql(
+        &db,
+        "TRUNCATE pairs; INSERT INTO pairs VALUES (7, 'after', 1);",
+    );
+    assert_mirrors(&pg, &db, &warehouse, &[("pairs", "*")]);
+    let types = pg.psql(
+        &warehouse,
+        "SELECT string_agg(column_name || ' ' || data_type, ', ' ORDER BY ordinal_position)
+         FROM information_schema.columns WHERE table_schema = 'replica' AND table_name = 'Items'",
+    );
+    assert!(
+        types.contains("price numeric") && types.contains("tags ARRAY") && types.contains("m text"),
+        "{types}"
+    );
+    assert!(agent.terminate().success());
+}
+
+#[test]
+fn unchanged_toast_column_keeps_the_target_value() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("toast");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(
+        &db,
+        "CREATE TABLE docs (id int PRIMARY KEY, rev int, body text);
+         ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;",
+    );
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.docs\"",
+        &merge_sink(&pg, &warehouse, ""),
+    );
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(
+        &db,
+        "INSERT INTO docs VALUES (1, 0, repeat('abcdefgh', 100000)), (2, 0, 'short')",
+    );
+    assert_mirrors(&pg, &db, &warehouse, &[("docs", "id, rev, md5(body)")]);
+    // Separate transactions, so the update's unchanged value is not in the same batch.
+    std::thread::sleep(Duration::from_millis(500));
+    pg.psql(&db, "UPDATE docs SET rev = rev + 1");
+    pg.psql(&db, "BEGIN; UPDATE docs SET rev = rev + 1 WHERE id = 1; UPDATE docs SET rev = rev + 1 WHERE id = 1; COMMIT;");
+    assert_mirrors(&pg, &db, &warehouse, &[("docs", "id, rev, md5(body)")]);
+    let placeholder = pg.psql(
+        &warehouse,
+        "SELECT count(*) FROM replica.docs WHERE body LIKE '%unavailable%' OR body IS NULL",
+    );
+    assert_eq!(placeholder, "0");
+    assert!(agent.terminate().success());
+}
+
+#[test]
+fn soft_delete_keeps_the_row_and_a_reinsert_clears_the_flag() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("soft");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v text)");
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.t\"",
+        &merge_sink(&pg, &warehouse, "soft_delete = true\n"),
+    );
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(
+        &db,
+        "INSERT INTO t VALUES (1, 'a'), (2, 'b'); DELETE FROM t WHERE id = 1;",
+    );
+    let flags = || {
+        try_psql(&pg, &warehouse, "SELECT string_agg(id || ':' || v || ':' || _tidemark_deleted, ' ' ORDER BY id) FROM replica.t")
+            .unwrap_or_default()
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || flags() == "1:a:true 2:b:false"),
+        "{}",
+        flags()
+    );
+    pg.psql(&db, "INSERT INTO t VALUES (1, 'again')");
+    assert!(
+        eventually(Duration::from_secs(30), || flags()
+            == "1:again:false 2:b:false"),
+        "{}",
+        flags()
+    );
+    assert!(agent.terminate().success());
+}
+
+#[test]
+fn checkpoint_is_written_with_the_batch_and_resumed_from() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("ckpt");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v int)");
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.t\"",
+        &merge_sink(&pg, &warehouse, ""),
+    );
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(
+        &db,
+        "INSERT INTO t SELECT g, g FROM generate_series(1, 100) g",
+    );
+    assert_mirrors(&pg, &db, &warehouse, &[("t", "*")]);
+    let checkpoint = pg.psql(
+        &warehouse,
+        "SELECT sink, log_position > 0, source_lsn > '0/0' FROM replica._tidemark_checkpoint",
+    );
+    assert_eq!(checkpoint, "mirror|t|t");
+    agent.kill();
+    // Changes while the agent is down arrive after the restart, once.
+    pg.psql(&db, "UPDATE t SET v = v + 1; DELETE FROM t WHERE id > 90;");
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    assert_mirrors(&pg, &db, &warehouse, &[("t", "*")]);
+    assert!(agent.terminate().success());
+}
+
+#[test]
+fn a_target_that_is_down_at_start_catches_up_when_it_returns() {
+    let source = PgCluster::start();
+    let target = PgCluster::start();
+    let db = source.fresh_database("src");
+    let warehouse = target.fresh_database("warehouse");
+    source.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v int)");
+    target.stop();
+    let sink = format!(
+        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n",
+        target.url(&warehouse)
+    );
+    let setup = AgentSetup::with_sinks(&source.url(&db), "\"public.t\"", &sink);
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    source.psql(
+        &db,
+        "INSERT INTO t SELECT g, g FROM generate_series(1, 50) g",
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(agent.is_running(), "{}", agent.log());
+    assert!(
+        agent.log().contains("sink cannot start; retrying"),
+        "{}",
+        agent.log()
+    );
+    target.start_again();
+    let want = dump(&source, &db, "public.t", "*");
+    let arrived = eventually(Duration::from_secs(60), || {
+        dump(&target, &warehouse, "replica.t", "*") == want
+    });
+    assert!(arrived, "{}", agent.log());
+    assert!(agent.terminate().success());
+}
+
+/// Applying a batch, then any suffix of it again, leaves the target as one application did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_an_applied_suffix_changes_nothing() {
+    use tidemark::config::{ColumnNaming, PostgresSinkConfig, SinkMode};
+    use tidemark::event::{
+        ChangeEvent, Column, Lsn, Op, Record, Relation, TxBegin, TxCommit, Value, ValueType,
+    };
+    use tidemark::log::OffsetLog;
+    use tidemark::sinks::postgres::PostgresSink;
+    use tidemark::sinks::Sink;
+
+    let pg = PgCluster::start();
+    let warehouse = pg.fresh_database("warehouse");
+    let dir = tempfile::tempdir().unwrap();
+    let log = OffsetLog::open(dir.path()).unwrap();
+    let mut writer = log.writer().unwrap();
+    let column = |name: &str, pk: bool| Column {
+        name: name.into(),
+        type_oid: 20,
+        type_modifier: -1,
+        type_name: "bigint".into(),
+        value_type: ValueType::Int8,
+        primary_key: pk,
+        replica_identity: pk,
+    };
+    let (relation, _) = writer
+        .relation(Relation {
+            oid: 1,
+            schema: "public".into(),
+            table: "t".into(),
+            columns: vec![column("id", true), column("v", false)],
+        })
+        .unwrap();
+    let row = |id: i64, v: i64| Some(vec![Value::Int(id), Value::Int(v)]);
+    let mut lsn = 100;
+    type Change = (Op, Option<Vec<Value>>, Option<Vec<Value>>);
+    let mut tx = |writer: &mut tidemark::log::LogWriter, changes: Vec<Change>| {
+        lsn += 100;
+        writer
+            .append(&Record::Begin(TxBegin {
+                xid: lsn as u32,
+                commit_lsn: Lsn(lsn),
+                commit_ts: 0,
+            }))
+            .unwrap();
+        for (op, before, after) in changes {
+            writer
+                .append(&Record::Change(ChangeEvent {
+                    relation,
+                    lsn: Lsn(lsn - 50),
+                    op,
+                    before,
+                    after,
+                }))
+                .unwrap();
+        }
+        writer
+            .append(&Record::Commit(TxCommit {
+                commit_lsn: Lsn(lsn),
+                end_lsn: Lsn(lsn + 8),
+                commit_ts: 0,
+            }))
+            .unwrap();
+    };
+    tx(
+        &mut writer,
+        (1..=5).map(|i| (Op::Insert, None, row(i, i))).collect(),
+    );
+    tx(
+        &mut writer,
+        vec![
+            (Op::Update, None, row(1, 10)),
+            (Op::Delete, row(2, 2), None),
+        ],
+    );
+    tx(
+        &mut writer,
+        vec![
+            (Op::Update, row(3, 3), row(30, 3)),
+            (Op::Insert, None, row(2, 20)),
+        ],
+    );
+    tx(
+        &mut writer,
+        vec![
+            (Op::Truncate, None, None),
+            (Op::Insert, None, row(7, 7)),
+            (Op::Insert, None, row(8, 8)),
+        ],
+    );
+    tx(
+        &mut writer,
+        vec![
+            (Op::Update, None, row(7, 70)),
+            (Op::Delete, row(8, 8), None),
+        ],
+    );
+    log.flush().await.unwrap();
+    let entries = log.read(0, 1000).unwrap();
+
+    let config = PostgresSinkConfig {
+        url: pg.url(&warehouse).parse().unwrap(),
+        schema: "replica".into(),
+        mode: SinkMode::Merge,
+        soft_delete: false,
+        columns: ColumnNaming::Tidemark,
+        history_deletes: false,
+        tables: vec![],
+    };
+    let target = || {
+        pg.psql(
+            &warehouse,
+            "SELECT string_agg(id || ':' || v, ' ' ORDER BY id) FROM replica.t",
+        )
+    };
+    // Transaction by transaction, as batches; after each, replay every suffix of what was applied.
+    let ends: Vec<usize> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e.record, Record::Commit(_)))
+        .map(|(i, _)| i + 1)
+        .collect();
+    let mut sink = PostgresSink::new("mirror", &config, log.clone(), dir.path()).unwrap();
+    let mut start = sink.open().await.unwrap() as usize;
+    assert_eq!(start, 0);
+    for end in ends {
+        sink.apply(&entries[start..end]).await.unwrap();
+        let once = target();
+        for replay_from in (0..end).filter(|i| matches!(entries[*i].record, Record::Begin(_))) {
+            sink.apply(&entries[replay_from..end]).await.unwrap();
+            assert_eq!(
+                target(),
+                once,
+                "replaying from record {replay_from} changed the target"
+            );
+        }
+        start = end;
+    }
+    assert_eq!(target(), "7:70");
+    let mut reopened = PostgresSink::new("mirror", &config, log.clone(), dir.path()).unwrap();
+    assert_eq!(reopened.open().await.unwrap(), entries.last().unwrap().seq);
+}
+
+#[test]
+fn a_row_the_target_refuses_is_dead_lettered_and_the_rest_applied() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("dlq");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v int)");
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.t\"",
+        &merge_sink(&pg, &warehouse, ""),
+    );
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(&db, "INSERT INTO t VALUES (1, 1)");
+    assert_mirrors(&pg, &db, &warehouse, &[("t", "*")]);
+    // A constraint the target has and the source has not.
+    pg.psql(
+        &warehouse,
+        "ALTER TABLE replica.t ADD CONSTRAINT v_small CHECK (v < 100)",
+    );
+    pg.psql(
+        &db,
+        "INSERT INTO t VALUES (2, 5), (3, 500), (4, 7); UPDATE t SET v = 2 WHERE id = 1;",
+    );
+    let rows = || {
+        try_psql(
+            &pg,
+            &warehouse,
+            "SELECT string_agg(id || ':' || v, ' ' ORDER BY id) FROM replica.t",
+        )
+        .unwrap_or_default()
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || rows() == "1:2 2:5 4:7"),
+        "{}\n{}",
+        rows(),
+        agent.log()
+    );
+    let letters =
+        std::fs::read_to_string(setup.data_dir().join("dead_letters/mirror.jsonl")).unwrap();
+    let letters: Vec<serde_json::Value> = letters
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["row"], serde_json::json!({"id": 3, "v": 500}));
+    assert_eq!(letters[0]["table"], "public.t");
+    assert_eq!(letters[0]["action"], "upsert");
+    assert!(
+        letters[0]["reason"].as_str().unwrap().contains("v_small"),
+        "{}",
+        letters[0]
+    );
+    // The sink goes on applying.
+    pg.psql(&db, "INSERT INTO t VALUES (5, 9)");
+    assert!(
+        eventually(Duration::from_secs(30), || rows() == "1:2 2:5 4:7 5:9"),
+        "{}",
+        rows()
+    );
+    assert!(agent.is_running());
+    assert!(agent.terminate().success());
+}
