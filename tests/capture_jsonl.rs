@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use common::agent::{eventually, AgentSetup};
-use common::PgCluster;
+use common::{workload, PgCluster};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tidemark::event::Record;
@@ -241,11 +241,7 @@ async fn randomised_workload_survives_sigkills_exactly_once() {
     let db = pg.fresh_database("random");
     pg.psql(
         &db,
-        "CREATE TABLE accounts (id int PRIMARY KEY, balance numeric(20,2) NOT NULL, note text);
-         CREATE TABLE lines (a int, b text, qty int NOT NULL, PRIMARY KEY (a, b));
-         CREATE TABLE docs (id int PRIMARY KEY, body text NOT NULL, rev int NOT NULL);
-         ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;
-         CREATE TABLE marker (id int PRIMARY KEY);",
+        &format!("{}CREATE TABLE marker (id int PRIMARY KEY);", workload::SCHEMA),
     );
     let setup = AgentSetup::jsonl(&pg.url(&db), "\"public.*\"");
     let mut agent = Some(setup.start());
@@ -262,7 +258,7 @@ async fn randomised_workload_survives_sigkills_exactly_once() {
             let mut rng = rand::rngs::StdRng::seed_from_u64(0x7e1d_3a4c);
             let mut transactions = 0;
             while transactions < 3_000 || kills_done.load(std::sync::atomic::Ordering::SeqCst) < 4 {
-                random_transaction(&client, &mut rng).await;
+                workload::random_transaction(&client, &mut rng).await;
                 transactions += 1;
             }
             transactions
@@ -322,46 +318,6 @@ async fn randomised_workload_survives_sigkills_exactly_once() {
     assert!(agent.unwrap().terminate().success());
 }
 
-async fn random_transaction(client: &tokio_postgres::Client, rng: &mut rand::rngs::StdRng) {
-    let statements = rng.gen_range(1..=6);
-    let mut sql = String::from("BEGIN;");
-    for _ in 0..statements {
-        let id = rng.gen_range(1..=60);
-        let a = rng.gen_range(1..=8);
-        let b = ["x", "y", "z"][rng.gen_range(0..3)];
-        sql.push_str(&match rng.gen_range(0..10) {
-            0 | 1 => format!(
-                "INSERT INTO accounts VALUES ({id}, {}.{:02}, {}) ON CONFLICT (id) DO UPDATE SET balance = EXCLUDED.balance;",
-                rng.gen_range(0..10_000),
-                rng.gen_range(0..100),
-                if rng.gen_bool(0.3) { "NULL".to_string() } else { format!("'n{}'", rng.gen_range(0..100)) }
-            ),
-            2 => format!("DELETE FROM accounts WHERE id = {id};"),
-            3 => format!(
-                "UPDATE accounts SET id = {} WHERE id = {id} AND NOT EXISTS (SELECT 1 FROM accounts WHERE id = {});",
-                id + 100,
-                id + 100
-            ),
-            4 | 5 => format!(
-                "INSERT INTO lines VALUES ({a}, '{b}', {}) ON CONFLICT (a, b) DO UPDATE SET qty = lines.qty + 1;",
-                rng.gen_range(0..50)
-            ),
-            6 => format!("DELETE FROM lines WHERE a = {a} AND b = '{b}';"),
-            7 => format!(
-                "INSERT INTO docs VALUES ({id}, repeat(md5('{}'), 300), 0) ON CONFLICT (id) DO UPDATE SET rev = docs.rev + 1;",
-                rng.gen::<u32>()
-            ),
-            8 => format!("UPDATE docs SET rev = rev + 1 WHERE id = {id};"),
-            _ => format!("UPDATE accounts SET note = 'u{}' WHERE id = {id};", rng.gen_range(0..100)),
-        });
-    }
-    sql.push_str(if rng.gen_bool(0.1) {
-        "ROLLBACK;"
-    } else {
-        "COMMIT;"
-    });
-    client.batch_execute(&sql).await.unwrap();
-}
 
 /// Ids of `burst` rows that reached the offset log or the JSONL files.
 fn logged_burst_ids(setup: &AgentSetup) -> HashSet<i64> {

@@ -460,3 +460,127 @@ fn a_row_the_target_refuses_is_dead_lettered_and_the_rest_applied() {
     assert!(agent.is_running());
     assert!(agent.terminate().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_target_equals_the_source_after_sigkills_under_a_random_workload() {
+    use common::workload;
+    use rand::{Rng, SeedableRng};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("random");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(&db, workload::SCHEMA);
+    let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.*\"", &merge_sink(&pg, &warehouse, ""));
+    let mut agent = Some(setup.start());
+    tokio::task::block_in_place(|| agent.as_mut().unwrap().wait_streaming());
+
+    let kills_done = std::sync::Arc::new(AtomicUsize::new(0));
+    let workload = tokio::spawn({
+        let kills_done = kills_done.clone();
+        let client = pg.connect(&db).await;
+        async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(0x3e4e);
+            let mut transactions = 0;
+            while transactions < 3_000 || kills_done.load(Ordering::SeqCst) < 4 {
+                if transactions % 500 == 250 {
+                    workload::large_transaction(&client, &mut rng, 2_000).await;
+                } else {
+                    workload::random_transaction(&client, &mut rng).await;
+                }
+                transactions += 1;
+            }
+        }
+    });
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xdead);
+    let mut kills = 0;
+    while !workload.is_finished() {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(100..700))).await;
+        agent.take().unwrap().kill();
+        kills += 1;
+        kills_done.store(kills, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..300))).await;
+        let mut restarted = setup.start();
+        tokio::task::block_in_place(|| restarted.wait_streaming());
+        agent = Some(restarted);
+    }
+    workload.await.unwrap();
+    assert!(kills >= 4);
+    tokio::task::block_in_place(|| {
+        let tables: Vec<(&str, &str)> = workload::TABLES.to_vec();
+        assert_mirrors(&pg, &db, &warehouse, &tables);
+    });
+    assert!(agent.unwrap().terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_of_the_target_never_sees_half_a_transaction() {
+    use rand::{Rng, SeedableRng};
+
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("bank");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(&db, "CREATE TABLE bank (id int PRIMARY KEY, amount int NOT NULL)");
+    let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.bank\"", &merge_sink(&pg, &warehouse, ""));
+    let mut agent = setup.start();
+    tokio::task::block_in_place(|| agent.wait_streaming());
+    let source = pg.connect(&db).await;
+    source.batch_execute("INSERT INTO bank VALUES (1, 1000), (2, 1000)").await.unwrap();
+    tokio::task::block_in_place(|| assert_mirrors(&pg, &db, &warehouse, &[("bank", "*")]));
+
+    let transfers = tokio::spawn(async move {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for _ in 0..1_000 {
+            let amount = rng.gen_range(1..50);
+            let (from, to) = if rng.gen_bool(0.5) { (1, 2) } else { (2, 1) };
+            source
+                .batch_execute(&format!(
+                    "BEGIN; UPDATE bank SET amount = amount - {amount} WHERE id = {from}; \
+                     UPDATE bank SET amount = amount + {amount} WHERE id = {to}; COMMIT;"
+                ))
+                .await
+                .unwrap();
+        }
+    });
+    let reader = pg.connect(&warehouse).await;
+    let mut reads = 0;
+    while !transfers.is_finished() {
+        let row = reader
+            .query_one("SELECT sum(amount)::int, count(*)::int FROM replica.bank", &[])
+            .await
+            .unwrap();
+        let (sum, count): (i32, i32) = (row.get(0), row.get(1));
+        assert_eq!((sum, count), (2000, 2), "a reader saw half a transaction");
+        reads += 1;
+    }
+    transfers.await.unwrap();
+    assert!(reads > 10, "only {reads} reads overlapped the transfers");
+    tokio::task::block_in_place(|| assert_mirrors(&pg, &db, &warehouse, &[("bank", "*")]));
+    assert!(agent.terminate().success());
+}
+
+#[test]
+fn several_sinks_apply_side_by_side_from_their_own_cursors() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("multi");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v text)");
+    let sinks = format!(
+        "{}\n[[sink]]\nname = \"second\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"second\"\n\
+         [[sink.table]]\nsource = \"public.t\"\ntarget = \"second.renamed\"\n\n\
+         [[sink]]\nname = \"events\"\ntype = \"jsonl\"\npath = \"events\"\n",
+        merge_sink(&pg, &warehouse, ""),
+        pg.url(&warehouse)
+    );
+    let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &sinks);
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(&db, "INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 300) g; DELETE FROM t WHERE id % 3 = 0;");
+    assert_mirrors(&pg, &db, &warehouse, &[("t", "*")]);
+    let want = dump(&pg, &db, "public.t", "*");
+    assert!(eventually(Duration::from_secs(30), || dump(&pg, &warehouse, "second.renamed", "*") == want));
+    assert!(eventually(Duration::from_secs(30), || setup.envelopes().len() == 400));
+    let positions = pg.psql(&warehouse, "SELECT (SELECT log_position FROM replica._tidemark_checkpoint) = (SELECT log_position FROM second._tidemark_checkpoint)");
+    assert_eq!(positions, "t");
+    assert!(agent.terminate().success());
+}

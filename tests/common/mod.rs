@@ -701,3 +701,4 @@ fn percent_encode(text: &str) -> String {
     encoded
 }
 pub mod agent;
+pub mod workload;
