@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, SinkConfig, SourceConfig};
+use crate::config::{Config, SinkConfig, SinkKind, SourceConfig};
 use crate::connectors::postgres::{PostgresSource, SourceError};
 use crate::envelope::SourceInfo;
 use crate::health;
@@ -97,7 +97,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Pipe
         tasks.spawn(run_trimmer(log, names, stop.clone()));
     }
     {
-        let source = PostgresSource::new(source_config.clone());
+        let table_sinks = config
+            .sinks
+            .iter()
+            .any(|s| matches!(s.kind, SinkKind::Postgres(_)));
+        let source = PostgresSource::new(source_config.clone(), table_sinks);
         let mut writer = log.writer()?;
         let stop = stop.clone();
         tasks.spawn(async move {

@@ -241,7 +241,10 @@ async fn randomised_workload_survives_sigkills_exactly_once() {
     let db = pg.fresh_database("random");
     pg.psql(
         &db,
-        &format!("{}CREATE TABLE marker (id int PRIMARY KEY);", workload::SCHEMA),
+        &format!(
+            "{}CREATE TABLE marker (id int PRIMARY KEY);",
+            workload::SCHEMA
+        ),
     );
     let setup = AgentSetup::jsonl(&pg.url(&db), "\"public.*\"");
     let mut agent = Some(setup.start());
@@ -317,7 +320,6 @@ async fn randomised_workload_survives_sigkills_exactly_once() {
     }
     assert!(agent.unwrap().terminate().success());
 }
-
 
 /// Ids of `burst` rows that reached the offset log or the JSONL files.
 fn logged_burst_ids(setup: &AgentSetup) -> HashSet<i64> {

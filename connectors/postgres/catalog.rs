@@ -193,6 +193,36 @@ impl Catalog {
         )))
     }
 
+    /// Refuses tables without a primary key: a table sink upserts by it. (REPLICA IDENTITY
+    /// FULL lets PostgreSQL publish such a table, which an append sink can take.)
+    pub async fn check_primary_keys(&self, tables: &[SourceTable]) -> Result<(), SourceError> {
+        let mut missing = Vec::new();
+        for table in tables {
+            let row = self
+                .client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
+                       JOIN pg_namespace n ON n.oid = c.relnamespace \
+                       WHERE n.nspname = $1 AND c.relname = $2 AND i.indisprimary)",
+                    &[&table.schema, &table.table],
+                )
+                .await
+                .map_err(|e| SourceError::catalog("reading primary keys", e))?;
+            if !row.get::<_, bool>(0) {
+                missing.push(table.to_string());
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(SourceError::Prerequisite(format!(
+            "table(s) without a primary key: {}; a postgres sink mirrors a table by its primary \
+             key: add one (ALTER TABLE … ADD PRIMARY KEY (…)), or capture these tables into a \
+             jsonl sink only (REPLICA IDENTITY FULL is enough there)",
+            missing.join(", ")
+        )))
+    }
+
     /// Creates the publication for `tables`, or adds the tables it lacks.
     pub async fn ensure_publication(
         &self,

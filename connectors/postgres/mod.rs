@@ -132,6 +132,8 @@ fn connect_message(e: &tokio_postgres::Error) -> String {
 /// Captures the configured tables of one PostgreSQL database.
 pub struct PostgresSource {
     config: PostgresSourceConfig,
+    /// A table sink is configured: every table needs a primary key.
+    require_primary_keys: bool,
 }
 
 /// Where the stream stands while a session runs.
@@ -152,8 +154,11 @@ enum OpenTransaction {
 }
 
 impl PostgresSource {
-    pub fn new(config: PostgresSourceConfig) -> PostgresSource {
-        PostgresSource { config }
+    pub fn new(config: PostgresSourceConfig, require_primary_keys: bool) -> PostgresSource {
+        PostgresSource {
+            config,
+            require_primary_keys,
+        }
     }
 
     /// Streams into the log until `cancel` fires. Transient failures reconnect with backoff;
@@ -218,6 +223,9 @@ impl PostgresSource {
             )));
         }
         catalog.check_replica_identity(&tables).await?;
+        if self.require_primary_keys {
+            catalog.check_primary_keys(&tables).await?;
+        }
         catalog
             .ensure_publication(&self.config.publication, &tables)
             .await?;

@@ -204,7 +204,23 @@ impl Sink for PostgresSink {
             log_position: last.seq,
             source_lsn,
         };
-        let rejected = match self.apply_batch(&batch, false).await {
+        let mut result = self.apply_batch(&batch, false).await;
+        if matches!(&result, Err(e) if e.is_missing_target()) {
+            // Someone dropped a target table or column: create it again and go on. Rows it
+            // held before are gone from the mirror until the table is re-snapshotted.
+            tracing::warn!(
+                sink = %self.name,
+                error = %result.as_ref().err().map(ToString::to_string).unwrap_or_default(),
+                "a target table or column is missing; creating it again (rows it held before \
+                 are not in it until the table is re-snapshotted)"
+            );
+            self.prepared.clear();
+            for plan in &batch.plans {
+                self.prepare(plan.relation_id, &plan.relation).await?;
+            }
+            result = self.apply_batch(&batch, false).await;
+        }
+        let rejected = match result {
             Err(e) if e.is_data_error() => {
                 tracing::warn!(
                     sink = %self.name,
@@ -399,6 +415,12 @@ impl ApplyError {
 
     fn at(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
         ApplyError::with(context.to_string())
+    }
+
+    /// A target table or column the sink created is gone (undefined_table, undefined_column).
+    fn is_missing_target(&self) -> bool {
+        matches!(self, ApplyError::Target { source, .. }
+            if source.code().is_some_and(|c| matches!(c.code(), "42P01" | "42703")))
     }
 
     /// The target refused a value (class 22 data exception, class 23 constraint violation):

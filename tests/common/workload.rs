@@ -6,7 +6,8 @@
 use rand::Rng;
 
 /// The workload's tables.
-pub const SCHEMA: &str = "CREATE TABLE accounts (id int PRIMARY KEY, balance numeric(20,2) NOT NULL, note text);
+pub const SCHEMA: &str =
+    "CREATE TABLE accounts (id int PRIMARY KEY, balance numeric(20,2) NOT NULL, note text);
      CREATE TABLE lines (a int, b text, qty int NOT NULL, PRIMARY KEY (a, b));
      CREATE TABLE docs (id int PRIMARY KEY, body text NOT NULL, rev int NOT NULL);
      ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;
