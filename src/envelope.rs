@@ -199,9 +199,11 @@ impl Serialize for ValueJson<'_> {
             }
             Value::Float(f) => s.serialize_f64(*f),
             Value::Numeric(n) => s.serialize_str(n),
-            Value::Text(t) | Value::Uuid(t) | Value::Json(t) | Value::TimeTz(t) => {
-                s.serialize_str(t)
-            }
+            Value::Text(t) | Value::Uuid(t) | Value::Json(t) => s.serialize_str(t),
+            Value::TimeTz {
+                micros,
+                offset_secs,
+            } => s.serialize_str(&zoned_time(*micros, *offset_secs)),
             Value::Bytes(b) => {
                 s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
             }
@@ -225,6 +227,28 @@ impl Serialize for ValueJson<'_> {
                 seq.end()
             }
         }
+    }
+}
+
+/// Debezium's ZonedTime: the time of day normalised to UTC, wrapped into one day, as
+/// `HH:MM:SS[.ffffff]Z` with the fraction only as long as needed.
+fn zoned_time(local_micros: i64, offset_secs: i32) -> String {
+    let utc = local_micros
+        .saturating_sub(i64::from(offset_secs) * 1_000_000)
+        .rem_euclid(MICROS_PER_DAY);
+    let seconds = utc / 1_000_000;
+    let fraction = utc % 1_000_000;
+    let base = format!(
+        "{:02}:{:02}:{:02}",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60
+    );
+    if fraction == 0 {
+        format!("{base}Z")
+    } else {
+        let digits = format!("{fraction:06}");
+        format!("{base}.{}Z", digits.trim_end_matches('0'))
     }
 }
 
@@ -375,6 +399,42 @@ mod tests {
         assert_eq!(
             json(Value::Array(vec![Value::Text("a".into()), Value::Null])),
             serde_json::json!(["a", null])
+        );
+    }
+
+    #[test]
+    fn timetz_is_a_zoned_time_in_utc() {
+        let json = |micros: i64, offset_secs: i32| {
+            serde_json::to_value(ValueJson(&Value::TimeTz {
+                micros,
+                offset_secs,
+            }))
+            .unwrap()
+        };
+        let hms = |h: i64, m: i64, s: i64| (h * 3600 + m * 60 + s) * 1_000_000;
+        // 23:59:59.999999-14:59
+        assert_eq!(
+            json(hms(23, 59, 59) + 999_999, -(14 * 3600 + 59 * 60)),
+            "14:58:59.999999Z"
+        );
+        // 00:30:00+01
+        assert_eq!(json(hms(0, 30, 0), 3600), "23:30:00Z");
+        // 12:34:56.789+05:30
+        assert_eq!(json(hms(12, 34, 56) + 789_000, 19_800), "07:04:56.789Z");
+        // 12:00:00.1+00 and 24:00:00-08, 24:00:00+00
+        assert_eq!(json(hms(12, 0, 0) + 100_000, 0), "12:00:00.1Z");
+        assert_eq!(json(hms(24, 0, 0), -8 * 3600), "08:00:00Z");
+        assert_eq!(json(hms(24, 0, 0), 0), "00:00:00Z");
+        // 12:00:00+05:30:15
+        assert_eq!(json(hms(12, 0, 0), 19_815), "06:29:45Z");
+        // Array elements too.
+        let array = Value::Array(vec![Value::TimeTz {
+            micros: hms(1, 0, 0),
+            offset_secs: 5 * 3600,
+        }]);
+        assert_eq!(
+            serde_json::to_value(ValueJson(&array)).unwrap(),
+            serde_json::json!(["20:00:00Z"])
         );
     }
 }

@@ -79,8 +79,16 @@ pub enum Value {
     Date(i32),
     /// Microseconds since midnight.
     Time(i64),
-    /// Time of day with zone, normalised to UTC, as `HH:MM:SS[.ffffff]Z`.
-    TimeTz(String),
+    /// Time of day with zone, as PostgreSQL's timetz keeps it: the local time of day and its
+    /// zone, not normalised (`12:00:00+01` and `11:00:00+00` are different values).
+    TimeTz {
+        /// Local time of day in microseconds since midnight, `0..=86_400_000_000`
+        /// (`24:00:00` is a valid time of day).
+        micros: i64,
+        /// UTC offset in seconds, east of Greenwich positive, as PostgreSQL prints it
+        /// (`+05:30` is 19_800). PostgreSQL's internal `zone` field has the opposite sign.
+        offset_secs: i32,
+    },
     /// Microseconds since 1970-01-01 00:00, no zone; `i64::MAX`/`MIN` for ±infinity.
     Timestamp(i64),
     /// Microseconds since 1970-01-01 00:00 UTC; `i64::MAX`/`MIN` for ±infinity.

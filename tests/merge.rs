@@ -143,6 +143,10 @@ fn unchanged_toast_column_keeps_the_target_value() {
     pg.psql(&db, "UPDATE docs SET rev = rev + 1");
     pg.psql(&db, "BEGIN; UPDATE docs SET rev = rev + 1 WHERE id = 1; UPDATE docs SET rev = rev + 1 WHERE id = 1; COMMIT;");
     assert_mirrors(&pg, &db, &warehouse, &[("docs", "id, rev, md5(body)")]);
+    // A key update that leaves the TOASTed value alone: the value moves with the row.
+    pg.psql(&db, "UPDATE docs SET id = 3 WHERE id = 1");
+    pg.psql(&db, "BEGIN; UPDATE docs SET id = 4 WHERE id = 3; UPDATE docs SET id = 5, rev = 9 WHERE id = 4; COMMIT;");
+    assert_mirrors(&pg, &db, &warehouse, &[("docs", "id, rev, md5(body)")]);
     let placeholder = pg.psql(
         &warehouse,
         "SELECT count(*) FROM replica.docs WHERE body LIKE '%unavailable%' OR body IS NULL",
@@ -471,10 +475,11 @@ async fn merge_target_equals_the_source_after_sigkills_under_a_random_workload()
     let db = pg.fresh_database("random");
     let warehouse = pg.fresh_database("warehouse");
     pg.psql(&db, workload::SCHEMA);
+    // Small batches, so the 2,000-statement transactions are applied in chunks.
     let setup = AgentSetup::with_sinks(
         &pg.url(&db),
         "\"public.*\"",
-        &merge_sink(&pg, &warehouse, ""),
+        &merge_sink(&pg, &warehouse, "batch_max_rows = 500\n"),
     );
     let mut agent = Some(setup.start());
     tokio::task::block_in_place(|| agent.as_mut().unwrap().wait_streaming());
@@ -701,5 +706,82 @@ fn a_table_without_primary_key_is_refused_at_start_with_the_fix() {
     let jsonl = AgentSetup::jsonl(&pg.url(&db), "\"public.loose\"");
     let mut agent = jsonl.start();
     agent.wait_streaming();
+    assert!(agent.terminate().success());
+}
+
+#[test]
+fn every_type_of_the_readme_table_arrives_unchanged() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("types");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(
+        &db,
+        "CREATE DOMAIN positive AS numeric(10,2) CHECK (VALUE > 0);
+         CREATE TYPE color AS ENUM ('red', 'green');
+         CREATE TABLE kinds (id int PRIMARY KEY, b boolean, s smallint, i integer, l bigint, o oid,
+           r real, d double precision, n numeric, c char(3), vc varchar(10), nm name, x xml,
+           by bytea, dt date, t time, tz timetz, ts timestamp, tstz timestamptz, iv interval,
+           u uuid, j json, jb jsonb, ia int[], ta text[][], tsa timestamptz[], e color, ea color[],
+           p positive, m money, pt point, inet inet);",
+    );
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.kinds\"",
+        &merge_sink(&pg, &warehouse, ""),
+    );
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(
+        &db,
+        r#"INSERT INTO kinds VALUES
+          (1, true, -32768, 2147483647, -9223372036854775808, 4294967295, 3.4028235e38, 1e-300,
+           -0.000000000000000000000000000001, 'ab', 'tab	x', 'nm', '<a>b</a>', '\x00010203ff',
+           '4713-01-01 BC', '24:00:00', '23:59:59.999999-14:59', '294276-12-31 23:59:59.999999',
+           '1970-01-01 00:00:00.000001+05:45', '-178000000 years -1 mon +3 days -04:05:06.000001',
+           'A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11', '{"a": [1, "two"]}', '{"z": null, "a": 1}',
+           '{1,NULL,-3}', '{{"a b","c,d"},{"\"q\"","back\\slash"}}', '{infinity,"2000-01-01 00:00+00"}',
+           'green', '{red,green}', 12.5, '$1,234.56', '(1.5,-2)', '192.168.0.1/24'),
+          (2, NULL, NULL, NULL, NULL, NULL, 'NaN', '-Infinity', 'NaN', NULL, '', NULL, NULL, '\x',
+           'infinity', '00:00', NULL, '-infinity', 'infinity', '0', NULL, 'null', '[]', '{}', '{}',
+           NULL, NULL, '{}', NULL, NULL, NULL, NULL)"#,
+    );
+    assert_mirrors(&pg, &db, &warehouse, &[("kinds", "*")]);
+    assert!(agent.terminate().success());
+}
+
+#[test]
+fn a_target_restart_mid_stream_is_retried_and_nothing_is_lost() {
+    let source = PgCluster::start();
+    let target = PgCluster::start();
+    let db = source.fresh_database("src");
+    let warehouse = target.fresh_database("warehouse");
+    source.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v int)");
+    let sink = format!(
+        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n",
+        target.url(&warehouse)
+    );
+    let setup = AgentSetup::with_sinks(&source.url(&db), "\"public.t\"", &sink);
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    for round in 0..3 {
+        source.psql(&db, &format!("INSERT INTO t SELECT g, {round} FROM generate_series({round} * 100, {round} * 100 + 99) g"));
+        target.restart();
+        source.psql(
+            &db,
+            &format!("UPDATE t SET v = v + 10 WHERE id % 7 = {round}"),
+        );
+    }
+    let want = dump(&source, &db, "public.t", "*");
+    assert!(
+        eventually(Duration::from_secs(60), || dump(
+            &target,
+            &warehouse,
+            "replica.t",
+            "*"
+        ) == want),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.is_running());
     assert!(agent.terminate().success());
 }

@@ -7,7 +7,6 @@
 //! PostgreSQL manual), and any other input, malformed or beyond what `Value` can represent, is a
 //! `TypeError`: never a panic, never a silently different value.
 
-use std::fmt::Write as _;
 use std::num::{IntErrorKind, ParseIntError};
 use std::str::FromStr;
 
@@ -124,8 +123,8 @@ pub enum TypeError {
 /// Representations beyond what `Value`'s doc comments fix:
 /// - float4 is read as the decimal it prints (`0.1` → `0.1_f64`); with
 ///   `extra_float_digits=3` that decimal converts back to the exact float4.
-/// - timetz is normalised to UTC modulo 24 hours (`24:00:00+00` → `00:00:00Z`), its fraction
-///   written without trailing zeros and left out when zero, as PostgreSQL writes fractions.
+/// - timetz keeps what PostgreSQL stores, the local time of day and the printed offset, not
+///   normalised to UTC (`24:00:00-08` is 24:00 at 8 hours west of UTC).
 /// - timestamps after 294247-01-10 04:00:54.775806 (PostgreSQL goes on to 294276 AD) do not
 ///   fit 64-bit microseconds since 1970 beside the infinity sentinels: `OutOfRange`.
 /// - interval `infinity`/`-infinity` (PostgreSQL 17) keep PostgreSQL's own encoding: every
@@ -194,7 +193,13 @@ fn parse_scalar(value_type: &ValueType, text: &str) -> Result<Value, Fault> {
             cursor.finish()?;
             Value::Time(micros)
         }
-        ValueType::TimeTz => Value::TimeTz(parse_timetz(text)?),
+        ValueType::TimeTz => {
+            let (micros, offset_secs) = parse_timetz(text)?;
+            Value::TimeTz {
+                micros,
+                offset_secs,
+            }
+        }
         ValueType::Timestamp => Value::Timestamp(parse_timestamp(text, false)?),
         ValueType::TimestampTz => Value::TimestampTz(parse_timestamp(text, true)?),
         ValueType::Interval => {
@@ -314,31 +319,14 @@ fn parse_date(text: &str) -> Result<i32, Fault> {
     }
 }
 
-/// `HH:MM:SS[.f]±HH[:MM[:SS]]` → `HH:MM:SS[.f]Z` in UTC.
-fn parse_timetz(text: &str) -> Result<String, Fault> {
+/// `HH:MM:SS[.f]±HH[:MM[:SS]]` → the local time of day in microseconds since midnight and
+/// the offset in seconds east of UTC, as written (no normalisation).
+fn parse_timetz(text: &str) -> Result<(i64, i32), Fault> {
     let mut cursor = Cursor::new(text);
     let local = time_of_day(&mut cursor, true)?;
-    let offset = utc_offset_micros(&mut cursor)?;
+    let offset = utc_offset_seconds(&mut cursor)?;
     cursor.finish()?;
-    Ok(format_utc_time((local - offset).rem_euclid(MICROS_PER_DAY)))
-}
-
-/// `HH:MM:SS[.f]Z`, the fraction without trailing zeros and left out when zero.
-fn format_utc_time(micros: i64) -> String {
-    let seconds = micros / MICROS_PER_SECOND;
-    let fraction = micros % MICROS_PER_SECOND;
-    let mut out = format!(
-        "{:02}:{:02}:{:02}",
-        seconds / 3600,
-        seconds / 60 % 60,
-        seconds % 60
-    );
-    if fraction != 0 {
-        let digits = format!("{fraction:06}");
-        let _ = write!(out, ".{}", digits.trim_end_matches('0'));
-    }
-    out.push('Z');
-    out
+    Ok((local, offset))
 }
 
 /// `YYYY-MM-DD HH:MM:SS[.f][±HH[:MM[:SS]]][ BC]` or `±infinity` → microseconds since
@@ -559,9 +547,14 @@ fn fraction_micros(cursor: &mut Cursor<'_>) -> Result<i64, Fault> {
     Ok(value as i64 * 10_i64.pow(6 - count as u32))
 }
 
-/// `±HH[:MM[:SS]]` → the offset east of UTC in microseconds. Seconds appear for local mean
-/// time offsets of old timestamps; PostgreSQL allows offsets up to 15:59:59.
+/// `±HH[:MM[:SS]]` → the offset east of UTC in microseconds.
 fn utc_offset_micros(cursor: &mut Cursor<'_>) -> Result<i64, Fault> {
+    Ok(i64::from(utc_offset_seconds(cursor)?) * MICROS_PER_SECOND)
+}
+
+/// `±HH[:MM[:SS]]` → the offset east of UTC in seconds. Seconds appear for local mean time
+/// offsets of old timestamps; PostgreSQL allows offsets up to 15:59:59.
+fn utc_offset_seconds(cursor: &mut Cursor<'_>) -> Result<i32, Fault> {
     const SHAPE: &str = "expected a UTC offset as +HH, +HH:MM or +HH:MM:SS";
     let sign = match cursor.next() {
         Some(b'+') => 1,
@@ -581,7 +574,7 @@ fn utc_offset_micros(cursor: &mut Cursor<'_>) -> Result<i64, Fault> {
         return Err(Fault::Invalid("UTC offset out of range"));
     }
     // Two digits each, so the cast is lossless.
-    Ok(sign * (hours * 3600 + minutes * 60 + seconds) as i64 * MICROS_PER_SECOND)
+    Ok(sign * (hours * 3600 + minutes * 60 + seconds) as i32)
 }
 
 /// A read position in ASCII-structured text. It moves byte by byte but only ever stops at
@@ -1475,32 +1468,66 @@ mod tests {
         }
     }
 
-    #[test]
-    fn timetz_is_normalised_to_utc() {
-        let timetz = |s| parse(&ValueType::TimeTz, s);
-        let utc = |s: &str| Value::TimeTz(s.to_owned());
-        assert_eq!(timetz("12:34:56.789+05:30"), utc("07:04:56.789Z"));
-        assert_eq!(timetz("12:34:56.789+05:30:15"), utc("07:04:41.789Z"));
-        assert_eq!(timetz("12:00:00+00"), utc("12:00:00Z"));
-        assert_eq!(timetz("12:00:00-08"), utc("20:00:00Z"));
-        assert_eq!(timetz("12:00:00.000001+05"), utc("07:00:00.000001Z"));
-        assert_eq!(timetz("12:00:00.100000+00"), utc("12:00:00.1Z"));
+    /// A timetz value from its local time of day in seconds plus microseconds and its offset
+    /// in seconds east of UTC.
+    fn timetz_value(seconds: i64, fraction: i64, offset_secs: i32) -> Value {
+        Value::TimeTz {
+            micros: seconds * MICROS_PER_SECOND + fraction,
+            offset_secs,
+        }
     }
 
     #[test]
-    fn timetz_wraps_around_midnight() {
+    fn timetz_keeps_its_local_time_and_offset() {
         let timetz = |s| parse(&ValueType::TimeTz, s);
-        let utc = |s: &str| Value::TimeTz(s.to_owned());
-        assert_eq!(timetz("01:00:00+05"), utc("20:00:00Z"));
-        assert_eq!(timetz("23:30:00.5-01"), utc("00:30:00.5Z"));
-        assert_eq!(timetz("24:00:00-08"), utc("08:00:00Z"));
-        assert_eq!(timetz("24:00:00+00"), utc("00:00:00Z"));
+        let hms = |h: i64, m: i64, s: i64| h * 3600 + m * 60 + s;
+        assert_eq!(
+            timetz("12:34:56.789+05:30"),
+            timetz_value(hms(12, 34, 56), 789_000, 19_800)
+        );
+        assert_eq!(
+            timetz("12:34:56.789+05:30:15"),
+            timetz_value(hms(12, 34, 56), 789_000, 19_815)
+        );
+        assert_eq!(timetz("12:00:00+00"), timetz_value(hms(12, 0, 0), 0, 0));
+        assert_eq!(
+            timetz("12:00:00-08"),
+            timetz_value(hms(12, 0, 0), 0, -28_800)
+        );
+        assert_eq!(
+            timetz("12:00:00.000001+05"),
+            timetz_value(hms(12, 0, 0), 1, 18_000)
+        );
+        assert_eq!(
+            timetz("12:00:00.100000+00"),
+            timetz_value(hms(12, 0, 0), 100_000, 0)
+        );
+        assert_eq!(
+            timetz("23:59:59.999999-14:59"),
+            timetz_value(hms(23, 59, 59), 999_999, -(14 * 3600 + 59 * 60))
+        );
+        assert_eq!(
+            timetz("00:00:00-15:59:59"),
+            timetz_value(0, 0, -(15 * 3600 + 59 * 60 + 59))
+        );
+        // Equal instants in different zones stay different values, as in PostgreSQL.
+        assert_ne!(timetz("12:00:00+01"), timetz("11:00:00+00"));
+    }
+
+    #[test]
+    fn timetz_allows_end_of_day_and_rejects_malformed_text() {
+        let timetz = |s| parse(&ValueType::TimeTz, s);
+        assert_eq!(timetz("24:00:00-08"), timetz_value(24 * 3600, 0, -28_800));
+        assert_eq!(timetz("24:00:00+00"), timetz_value(24 * 3600, 0, 0));
         for bad in [
             "12:00:00",
             "12:00:00+16",
             "12:00:00+05:60",
+            "12:00:00+05:30:60",
             "12:00:00+5",
             "12:00:00Z",
+            "24:00:00.000001+00",
+            "12:00:00+05:30 ",
         ] {
             assert!(is_invalid(&ValueType::TimeTz, bad), "{bad:?}");
         }
@@ -1830,7 +1857,10 @@ mod tests {
         );
         assert_eq!(
             parse(&array(ValueType::TimeTz), "{12:00:00+01}"),
-            Value::Array(vec![Value::TimeTz("11:00:00Z".to_owned())])
+            Value::Array(vec![Value::TimeTz {
+                micros: 12 * MICROS_PER_HOUR,
+                offset_secs: 3600
+            }])
         );
         assert_eq!(
             parse(&array(ValueType::Interval), "{P1D,PT0S}"),
@@ -2000,15 +2030,14 @@ mod tests {
         }
 
         #[test]
-        fn timetz_is_the_utc_time_of_day(
-            local in 0..MICROS_PER_DAY,
-            offset_seconds in -(15 * 3600 + 59 * 60 + 59)..=(15 * 3600 + 59 * 60 + 59_i64),
+        fn timetz_round_trips_through_postgres_text(
+            local in 0..=MICROS_PER_DAY,
+            offset_secs in -(15 * 3600 + 59 * 60 + 59)..=(15 * 3600 + 59 * 60 + 59_i32),
         ) {
-            let printed = format!("{}{}", pg_time(local), pg_offset(offset_seconds));
-            let utc = (local - offset_seconds * MICROS_PER_SECOND).rem_euclid(MICROS_PER_DAY);
+            let printed = format!("{}{}", pg_time(local), pg_offset(offset_secs.into()));
             prop_assert_eq!(
                 parse(&ValueType::TimeTz, &printed),
-                Value::TimeTz(format!("{}Z", pg_time(utc)))
+                Value::TimeTz { micros: local, offset_secs }
             );
         }
 

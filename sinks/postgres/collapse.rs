@@ -21,6 +21,12 @@ pub enum KeyState {
     /// The deleted row: its last values when the batch saw them, else what the source sent
     /// (the key columns, the others null, under the default replica identity).
     Delete(Row),
+    /// A row moved to a new key whose unchanged TOAST values the batch never saw: upsert
+    /// `row`, taking those values from the target's row at `from`'s key (deleted after).
+    Move {
+        row: Row,
+        from: Row,
+    },
 }
 
 /// The collapsed changes of one table under one relation description.
@@ -135,21 +141,41 @@ impl Collapse {
                     .map(|before| key_of(before, &pk))
                     .filter(|old| *old != new_key && !has_unchanged(before_key(change), &pk));
                 let mut row = after.clone();
-                let earlier = old_key.as_ref().unwrap_or(&new_key);
-                if let Some(KeyState::Upsert(previous)) = plan.state_of(earlier) {
-                    fill_unchanged(&mut row, previous);
-                }
+                let origin = match plan.state_of(old_key.as_ref().unwrap_or(&new_key)) {
+                    Some(KeyState::Upsert(previous)) => {
+                        fill_unchanged(&mut row, previous);
+                        None
+                    }
+                    Some(KeyState::Move {
+                        row: previous,
+                        from,
+                    }) => {
+                        fill_unchanged(&mut row, previous);
+                        Some(from.clone())
+                    }
+                    _ => None,
+                };
+                // Values still unchanged after a key move are in the target's old row.
+                let from = origin.or_else(|| old_key.as_ref().and(change.before.clone()));
                 if let (Some(old_key), Some(before)) = (old_key, change.before.as_ref()) {
                     plan.set(old_key, KeyState::Delete(before.clone()));
                 }
-                plan.set(new_key, KeyState::Upsert(row));
+                let state = match from {
+                    Some(from) if row.contains(&Value::UnchangedToast) => {
+                        KeyState::Move { row, from }
+                    }
+                    _ => KeyState::Upsert(row),
+                };
+                plan.set(new_key, state);
             }
             Op::Delete => {
                 let before = change.before.as_ref().ok_or_else(|| missing("old"))?;
                 let key = key_of(before, &pk);
                 // The last values the batch saw, so a soft delete can keep them.
                 let row = match plan.state_of(&key) {
-                    Some(KeyState::Upsert(previous)) => previous.clone(),
+                    Some(KeyState::Upsert(previous) | KeyState::Move { row: previous, .. }) => {
+                        previous.clone()
+                    }
                     _ => before.clone(),
                 };
                 plan.set(key, KeyState::Delete(row));
@@ -305,6 +331,28 @@ mod tests {
     }
 
     #[test]
+    fn a_key_move_with_unchanged_toast_reads_the_value_from_the_old_target_row() {
+        let plans = collapse(&[
+            change(Op::Update, None, Some(row(1, None))),
+            change(
+                Op::Update,
+                Some(vec![Value::Int(1), Value::Null]),
+                Some(row(2, None)),
+            ),
+        ]);
+        assert_eq!(
+            plans[0].states(),
+            &[
+                KeyState::Delete(vec![Value::Int(1), Value::Null]),
+                KeyState::Move {
+                    row: row(2, None),
+                    from: vec![Value::Int(1), Value::Null]
+                }
+            ]
+        );
+    }
+
+    #[test]
     fn truncate_forgets_earlier_changes_of_the_table() {
         let plans = collapse(&[
             change(Op::Insert, None, Some(row(1, Some("a")))),
@@ -404,7 +452,7 @@ mod tests {
                     (6, true) if !model.contains_key(&other) => change(
                         Op::Update,
                         Some(vec![Value::Int(id), Value::Null]),
-                        Some(row(other, Some("moved"))),
+                        Some(row(other, if toast { None } else { Some("moved") })),
                     ),
                     (7..=8, true) => change(Op::Delete, Some(vec![Value::Int(id), Value::Null]), None),
                     (9, _) => change(Op::Truncate, None, None),
@@ -419,6 +467,9 @@ mod tests {
                 if plan.truncate {
                     target.clear();
                 }
+                // As the sink does: moves read the target first, deletes go last.
+                let before = target.clone();
+                let mut deletes = Vec::new();
                 for state in plan.states() {
                     match state {
                         KeyState::Upsert(r) => {
@@ -432,9 +483,20 @@ mod tests {
                         }
                         KeyState::Delete(r) => {
                             let Value::Int(id) = r[0] else { unreachable!() };
-                            target.remove(&id);
+                            deletes.push(id);
+                        }
+                        KeyState::Move { row: r, from } => {
+                            let (Value::Int(id), Value::Int(from)) = (&r[0], &from[0]) else { unreachable!() };
+                            let body = match &r[1] {
+                                Value::Text(t) => t.clone(),
+                                _ => before.get(from).cloned().unwrap_or_default(),
+                            };
+                            target.insert(*id, body);
                         }
                     }
+                }
+                for id in deletes {
+                    target.remove(&id);
                 }
             }
             prop_assert_eq!(target, model);

@@ -25,8 +25,8 @@ const MICROS_PER_DAY: i64 = 24 * MICROS_PER_HOUR;
 /// mistake cannot produce a bogus field. A value whose variant does not match `value_type`
 /// (capture keeps a value it could not read as `Value::Text`) is written as its own variant's
 /// text, so PostgreSQL reads it as it would have read the source's text. Values no PostgreSQL
-/// type holds (a `Value::Time` beyond 24:00:00, a date past 5874897 AD …) are written as text
-/// PostgreSQL rejects, never as a different value.
+/// type holds (a `Value::Time` beyond 24:00:00, a timetz offset beyond ±15:59:59, a date past
+/// 5874897 AD …) are written as text PostgreSQL rejects, never as a different value.
 ///
 /// The text depends on the value alone: each variant has one text that every type it is
 /// captured from reads exactly (float4 included, see `write_float`; an array's elements carry
@@ -94,14 +94,19 @@ fn write_text<W: fmt::Write>(w: &mut W, value: &Value) -> fmt::Result {
         Value::Bool(false) => w.write_char('f'),
         Value::Int(int) => write!(w, "{int}"),
         Value::Float(float) => write_float(w, *float),
-        Value::Numeric(text)
-        | Value::Text(text)
-        | Value::TimeTz(text)
-        | Value::Uuid(text)
-        | Value::Json(text) => w.write_str(text),
+        Value::Numeric(text) | Value::Text(text) | Value::Uuid(text) | Value::Json(text) => {
+            w.write_str(text)
+        }
         Value::Bytes(bytes) => write_bytea(w, bytes),
         Value::Date(days) => write_date(w, *days),
         Value::Time(micros) => write_time(w, *micros),
+        Value::TimeTz {
+            micros,
+            offset_secs,
+        } => {
+            write_time(w, *micros)?;
+            write_utc_offset(w, *offset_secs)
+        }
         Value::Timestamp(micros) => write_timestamp(w, *micros, ""),
         Value::TimestampTz(micros) => write_timestamp(w, *micros, "+00"),
         Value::Interval {
@@ -212,6 +217,24 @@ fn write_time<W: fmt::Write>(w: &mut W, micros: i64) -> fmt::Result {
         w.write_char('-')?;
     }
     write_clock(w, micros.unsigned_abs())
+}
+
+/// `+HH`, `+HH:MM` or `+HH:MM:SS` (`-` west of UTC), as PostgreSQL prints a UTC offset:
+/// minutes only when not whole hours, seconds only when not whole minutes. timetz's input
+/// reads it back as exactly this zone, whatever the session's `TimeZone`. An offset beyond
+/// PostgreSQL's ±15:59:59 is written as it is, which PostgreSQL rejects.
+fn write_utc_offset<W: fmt::Write>(w: &mut W, offset_secs: i32) -> fmt::Result {
+    w.write_char(if offset_secs < 0 { '-' } else { '+' })?;
+    let abs = offset_secs.unsigned_abs();
+    let (hours, minutes, seconds) = (abs / 3600, abs / 60 % 60, abs % 60);
+    write!(w, "{hours:02}")?;
+    if minutes != 0 || seconds != 0 {
+        write!(w, ":{minutes:02}")?;
+    }
+    if seconds != 0 {
+        write!(w, ":{seconds:02}")?;
+    }
+    Ok(())
 }
 
 /// `HH:MM:SS[.ffffff]` of a non-negative duration, the fraction without trailing zeros as
@@ -465,7 +488,7 @@ mod tests {
     }
 
     #[test]
-    fn bool_int_numeric_uuid_timetz_as_postgres_prints_them() {
+    fn bool_int_numeric_uuid_as_postgres_prints_them() {
         assert_eq!(field(&ValueType::Bool, &Value::Bool(true)), "t");
         assert_eq!(field(&ValueType::Bool, &Value::Bool(false)), "f");
         assert_eq!(
@@ -486,9 +509,47 @@ mod tests {
         }
         let uuid = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
         assert_eq!(field(&ValueType::Uuid, &Value::Uuid(uuid.to_owned())), uuid);
+    }
+
+    #[test]
+    fn timetz_is_its_local_time_with_its_offset_as_postgres_prints_them() {
+        let timetz = |micros, offset_secs| {
+            field(
+                &ValueType::TimeTz,
+                &Value::TimeTz {
+                    micros,
+                    offset_secs,
+                },
+            )
+        };
+        assert_eq!(timetz(11 * MICROS_PER_HOUR + 500_000, 0), "11:00:00.5+00");
         assert_eq!(
-            field(&ValueType::TimeTz, &Value::TimeTz("11:00:00.5Z".to_owned())),
-            "11:00:00.5Z"
+            timetz(MICROS_PER_DAY - 1, -(14 * 3600 + 59 * 60)),
+            "23:59:59.999999-14:59"
+        );
+        assert_eq!(timetz(12 * MICROS_PER_HOUR, 19_800), "12:00:00+05:30");
+        assert_eq!(timetz(0, 3600), "00:00:00+01");
+        assert_eq!(timetz(0, -1), "00:00:00-00:00:01");
+        assert_eq!(timetz(0, 19_815), "00:00:00+05:30:15");
+        assert_eq!(timetz(0, 3605), "00:00:00+01:00:05");
+        assert_eq!(
+            timetz(MICROS_PER_DAY, -(15 * 3600 + 59 * 60 + 59)),
+            "24:00:00-15:59:59"
+        );
+        // Not a timetz PostgreSQL holds: written so that it is rejected.
+        assert_eq!(timetz(0, 16 * 3600), "00:00:00+16");
+        assert_eq!(timetz(0, i32::MIN), "00:00:00-596523:14:08");
+        assert_eq!(timetz(-1, 0), "-00:00:00.000001+00");
+        // Array elements are written the same way, needing no quotes.
+        assert_eq!(
+            field(
+                &array(ValueType::TimeTz),
+                &Value::Array(vec![Value::TimeTz {
+                    micros: 0,
+                    offset_secs: -3600
+                }])
+            ),
+            "{00:00:00-01}"
         );
     }
 
@@ -771,6 +832,20 @@ mod tests {
             (ValueType::Interval, interval(i32::MAX, i32::MAX, i64::MAX)),
             (ValueType::Interval, interval(1, -1, -1)),
             (ValueType::Time, Value::Time(MICROS_PER_DAY)),
+            (
+                ValueType::TimeTz,
+                Value::TimeTz {
+                    micros: MICROS_PER_DAY,
+                    offset_secs: -(15 * 3600 + 59 * 60 + 59),
+                },
+            ),
+            (
+                ValueType::TimeTz,
+                Value::TimeTz {
+                    micros: MICROS_PER_DAY - 1,
+                    offset_secs: -(14 * 3600 + 59 * 60),
+                },
+            ),
             (ValueType::Float4, Value::Float(f64::from(f32::MAX))),
             (ValueType::Float8, Value::Float(f64::MIN_POSITIVE)),
             (ValueType::Bytea, Value::Bytes(b"\\\t\n".to_vec())),
@@ -856,7 +931,22 @@ mod tests {
                 })
                 .boxed()
             }
-            ValueType::TimeTz => Just(Value::TimeTz("00:00:00Z".to_owned())).boxed(),
+            ValueType::TimeTz => {
+                const MAX_OFFSET: i32 = 15 * 3600 + 59 * 60 + 59;
+                (
+                    0..=MICROS_PER_DAY,
+                    prop_oneof![
+                        -MAX_OFFSET..=MAX_OFFSET,
+                        (-15..=15_i32).prop_map(|hours| hours * 3600),
+                        (-959..=959_i32).prop_map(|minutes| minutes * 60),
+                    ],
+                )
+                    .prop_map(|(micros, offset_secs)| Value::TimeTz {
+                        micros,
+                        offset_secs,
+                    })
+                    .boxed()
+            }
             ValueType::Interval => prop_oneof![
                 (any::<i32>(), any::<i32>(), any::<i64>()),
                 (
@@ -879,8 +969,7 @@ mod tests {
         }
     }
 
-    /// Every scalar type whose values go through PostgreSQL's output as a whole (`TimeTz` is
-    /// kept in capture's own UTC notation, tested by example and against a server).
+    /// Every scalar type whose values go through PostgreSQL's output as a whole.
     fn scalar_types() -> Vec<ValueType> {
         vec![
             ValueType::Bool,
@@ -894,6 +983,7 @@ mod tests {
             ValueType::Bytea,
             ValueType::Date,
             ValueType::Time,
+            ValueType::TimeTz,
             ValueType::Timestamp,
             ValueType::TimestampTz,
             ValueType::Interval,

@@ -11,6 +11,8 @@ use super::ddl::{target_type, TargetTable};
 use crate::event::{Value, ValueType};
 
 const ROW_COLUMN: &str = "_tidemark_row";
+/// Prefix of the staging columns holding a moved row's old key.
+const FROM_COLUMN: &str = "_tidemark_from_";
 const OP_COLUMN: &str = "_tidemark_op";
 const UNCHANGED_COLUMN: &str = "_tidemark_unchanged";
 pub const DELETED_COLUMN: &str = "_tidemark_deleted";
@@ -20,6 +22,9 @@ pub struct MergeStatements {
     pub create_stage: String,
     pub copy_stage: String,
     pub truncate: Option<String>,
+    /// Rows moved to a new key, with unchanged values read from the old key's target row;
+    /// runs before `delete` removes that row.
+    pub move_rows: String,
     pub delete: String,
     pub upsert: String,
     /// None when the table has only key columns.
@@ -73,11 +78,28 @@ pub fn statements(
         .map(|(i, (_, q))| (i, q))
         .collect();
 
+    let from_columns: Vec<(String, String)> = relation
+        .columns
+        .iter()
+        .filter(|c| c.primary_key)
+        .enumerate()
+        .map(|(n, c)| (format!("{FROM_COLUMN}{n}"), target_type(c)))
+        .collect();
+    let from_match = relation
+        .columns
+        .iter()
+        .zip(&quoted)
+        .filter(|(c, _)| c.primary_key)
+        .zip(&from_columns)
+        .map(|((_, q), (from, _))| format!("o.{q} = s.{from}"))
+        .collect::<Vec<_>>()
+        .join(" AND ");
     let stage_columns = relation
         .columns
         .iter()
         .zip(&quoted)
         .map(|(c, q)| format!("{q} {}", target_type(c)))
+        .chain(from_columns.iter().map(|(name, ty)| format!("{name} {ty}")))
         .chain([
             format!("{ROW_COLUMN} int"),
             format!("{OP_COLUMN} \"char\""),
@@ -141,10 +163,41 @@ pub fn statements(
         )
     });
 
+    let moved_values = relation
+        .columns
+        .iter()
+        .zip(&quoted)
+        .enumerate()
+        .map(|(i, (c, q))| {
+            if c.primary_key {
+                format!("s.{q}")
+            } else {
+                format!("CASE WHEN {i} = ANY(s.{UNCHANGED_COLUMN}) THEN o.{q} ELSE s.{q} END")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let moved_values = if soft_delete {
+        format!("{moved_values}, false")
+    } else {
+        moved_values
+    };
+    let move_rows = format!(
+        "INSERT INTO {table} ({insert_columns}) SELECT {moved_values} FROM {stage} s \
+         JOIN {table} o ON {from_match} WHERE s.{OP_COLUMN} = 'm'{only} \
+         ON CONFLICT ({key_list}) {on_conflict}"
+    );
+    let from_list: String = from_columns
+        .iter()
+        .map(|(name, _)| format!("{name}, "))
+        .collect();
+
     MergeStatements {
+        move_rows,
         create_stage: format!("CREATE TEMP TABLE {stage} ({stage_columns}) ON COMMIT DROP"),
         copy_stage: format!(
-            "COPY {stage} ({all}, {ROW_COLUMN}, {OP_COLUMN}, {UNCHANGED_COLUMN}) FROM STDIN"
+            "COPY {stage} ({all}, {from_list}{ROW_COLUMN}, {OP_COLUMN}, {UNCHANGED_COLUMN}) \
+             FROM STDIN"
         ),
         truncate: plan.truncate.then(|| format!("TRUNCATE {table}")),
         delete,
@@ -156,19 +209,24 @@ pub fn statements(
 /// The plan's rows in COPY text format for the staging table, and how many arrived with
 /// unchanged TOAST values.
 pub fn stage_rows(plan: &TablePlan) -> (Vec<u8>, usize) {
-    let types: Vec<&ValueType> = plan
-        .relation
-        .columns
-        .iter()
-        .map(|c| &c.value_type)
-        .collect();
+    let columns = &plan.relation.columns;
+    let types: Vec<&ValueType> = columns.iter().map(|c| &c.value_type).collect();
+    let key: Vec<usize> = plan.relation.primary_key_indexes().collect();
     let int_array = ValueType::Array(Box::new(ValueType::Int4));
+    let no_origin: Vec<Value> = vec![Value::Null; key.len()];
     let mut out = Vec::new();
     let mut with_unchanged = 0;
     for (number, state) in plan.states().iter().enumerate() {
-        let (op, row) = match state {
-            KeyState::Upsert(row) => ("u", row),
-            KeyState::Delete(row) => ("d", row),
+        let (op, row, origin) = match state {
+            KeyState::Upsert(row) => ("u", row, no_origin.clone()),
+            KeyState::Delete(row) => ("d", row, no_origin.clone()),
+            KeyState::Move { row, from } => (
+                "m",
+                row,
+                key.iter()
+                    .map(|&i| from.get(i).cloned().unwrap_or(Value::Null))
+                    .collect(),
+            ),
         };
         let unchanged: Vec<Value> = row
             .iter()
@@ -186,11 +244,16 @@ pub fn stage_rows(plan: &TablePlan) -> (Vec<u8>, usize) {
         let number = Value::Int(number as i64);
         write_row(
             &mut out,
-            types.iter().copied().zip(row).chain([
-                (&ValueType::Int4, &number),
-                (&ValueType::Text, &op),
-                (&int_array, &unchanged),
-            ]),
+            types
+                .iter()
+                .copied()
+                .zip(row)
+                .chain(key.iter().map(|&i| types[i]).zip(&origin))
+                .chain([
+                    (&ValueType::Int4, &number),
+                    (&ValueType::Text, &op),
+                    (&int_array, &unchanged),
+                ]),
         );
     }
     (out, with_unchanged)

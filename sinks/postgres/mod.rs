@@ -313,12 +313,13 @@ impl PostgresSink {
                     .await
                     .map_err(ApplyError::with(format!("truncating {target}")))?;
             }
-            let statements: Vec<&str> = [Some(&sql.delete), Some(&sql.upsert)]
-                .into_iter()
-                .chain([sql.update_unchanged.as_ref().filter(|_| with_unchanged > 0)])
-                .flatten()
-                .map(String::as_str)
-                .collect();
+            let statements: Vec<&str> =
+                [Some(&sql.move_rows), Some(&sql.delete), Some(&sql.upsert)]
+                    .into_iter()
+                    .chain([sql.update_unchanged.as_ref().filter(|_| with_unchanged > 0)])
+                    .flatten()
+                    .map(String::as_str)
+                    .collect();
             let context = || format!("applying changes to {target}");
             if !isolate {
                 for statement in statements {
@@ -352,7 +353,7 @@ impl PostgresSink {
                             .await
                             .map_err(ApplyError::with(context()))?;
                         let (action, row) = match state {
-                            KeyState::Upsert(row) => ("upsert", row),
+                            KeyState::Upsert(row) | KeyState::Move { row, .. } => ("upsert", row),
                             KeyState::Delete(row) => ("delete", row),
                         };
                         reasons.push(reason.clone());
