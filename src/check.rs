@@ -49,7 +49,11 @@ pub async fn run(config: &Config) -> Vec<Check> {
         format!("{} is valid", config.path.display()),
     )];
     let SourceConfig::Postgres(source) = &config.source;
-    checks.extend(postgres::check::run(source).await);
+    let table_sinks = config
+        .sinks
+        .iter()
+        .any(|s| matches!(s.kind, SinkKind::Postgres(_)));
+    checks.extend(postgres::check::run(source, table_sinks).await);
     for sink in &config.sinks {
         let subject = format!("sink {:?}", sink.name);
         checks.push(match &sink.kind {

@@ -61,6 +61,31 @@ pub enum ValueType {
     Other,
 }
 
+impl ValueType {
+    /// Every type but arrays, for tests and tables that go over all of them.
+    pub const SCALARS: &'static [ValueType] = &[
+        ValueType::Bool,
+        ValueType::Int2,
+        ValueType::Int4,
+        ValueType::Int8,
+        ValueType::Float4,
+        ValueType::Float8,
+        ValueType::Numeric,
+        ValueType::Text,
+        ValueType::Bytea,
+        ValueType::Date,
+        ValueType::Time,
+        ValueType::TimeTz,
+        ValueType::Timestamp,
+        ValueType::TimestampTz,
+        ValueType::Interval,
+        ValueType::Uuid,
+        ValueType::Json,
+        ValueType::Jsonb,
+        ValueType::Other,
+    ];
+}
+
 /// One column value, converted from the source's representation at capture.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Value {

@@ -702,6 +702,13 @@ fn a_table_without_primary_key_is_refused_at_start_with_the_fix() {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+    let check = setup.command("check");
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(2), "{stdout}");
+    assert!(
+        stdout.contains("FAIL  primary keys: table(s) without a primary key: public.loose"),
+        "{stdout}"
+    );
     // The same table is fine for a jsonl sink.
     let jsonl = AgentSetup::jsonl(&pg.url(&db), "\"public.loose\"");
     let mut agent = jsonl.start();

@@ -7,7 +7,8 @@ use super::{check_prerequisites, SourceError};
 use crate::check::Check;
 use crate::config::PostgresSourceConfig;
 
-pub async fn run(config: &PostgresSourceConfig) -> Vec<Check> {
+/// `require_primary_keys`: a table sink is configured, so every table needs a primary key.
+pub async fn run(config: &PostgresSourceConfig, require_primary_keys: bool) -> Vec<Check> {
     let mut checks = Vec::new();
     let catalog = match Catalog::connect(&config.url).await {
         Ok(catalog) => {
@@ -43,6 +44,15 @@ pub async fn run(config: &PostgresSourceConfig) -> Vec<Check> {
                     .await
                     .map(|()| "every table has a primary key or replica identity".to_string()),
             ));
+            if require_primary_keys {
+                checks.push(outcome(
+                    "primary keys",
+                    catalog
+                        .check_primary_keys(&tables)
+                        .await
+                        .map(|()| "every table has one, as postgres sinks need".to_string()),
+                ));
+            }
         }
         Err(e) => checks.push(Check::fail("source.tables", e.to_string())),
     }

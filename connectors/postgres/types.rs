@@ -1116,27 +1116,7 @@ mod tests {
     }
 
     fn all_value_types() -> Vec<ValueType> {
-        let scalars = vec![
-            ValueType::Bool,
-            ValueType::Int2,
-            ValueType::Int4,
-            ValueType::Int8,
-            ValueType::Float4,
-            ValueType::Float8,
-            ValueType::Numeric,
-            ValueType::Text,
-            ValueType::Bytea,
-            ValueType::Date,
-            ValueType::Time,
-            ValueType::TimeTz,
-            ValueType::Timestamp,
-            ValueType::TimestampTz,
-            ValueType::Interval,
-            ValueType::Uuid,
-            ValueType::Json,
-            ValueType::Jsonb,
-            ValueType::Other,
-        ];
+        let scalars = ValueType::SCALARS.to_vec();
         let arrays: Vec<ValueType> = scalars.iter().cloned().map(array).collect();
         let mut all = scalars;
         all.extend(arrays);

@@ -971,27 +971,7 @@ mod tests {
 
     /// Every scalar type whose values go through PostgreSQL's output as a whole.
     fn scalar_types() -> Vec<ValueType> {
-        vec![
-            ValueType::Bool,
-            ValueType::Int2,
-            ValueType::Int4,
-            ValueType::Int8,
-            ValueType::Float4,
-            ValueType::Float8,
-            ValueType::Numeric,
-            ValueType::Text,
-            ValueType::Bytea,
-            ValueType::Date,
-            ValueType::Time,
-            ValueType::TimeTz,
-            ValueType::Timestamp,
-            ValueType::TimestampTz,
-            ValueType::Interval,
-            ValueType::Uuid,
-            ValueType::Json,
-            ValueType::Jsonb,
-            ValueType::Other,
-        ]
+        ValueType::SCALARS.to_vec()
     }
 
     fn typed_scalars() -> impl Strategy<Value = (ValueType, Value)> {
