@@ -194,7 +194,11 @@ pub fn statements(
 
     MergeStatements {
         move_rows,
-        create_stage: format!("CREATE TEMP TABLE {stage} ({stage_columns}) ON COMMIT DROP"),
+        // Created once per session and emptied by every commit: creating and dropping a
+        // table per batch would churn the target's catalog.
+        create_stage: format!(
+            "CREATE TEMP TABLE IF NOT EXISTS {stage} ({stage_columns}) ON COMMIT DELETE ROWS"
+        ),
         copy_stage: format!(
             "COPY {stage} ({all}, {from_list}{ROW_COLUMN}, {OP_COLUMN}, {UNCHANGED_COLUMN}) \
              FROM STDIN"

@@ -287,7 +287,13 @@ impl PostgresSink {
         let mut letters = Vec::new();
         let mut reasons = Vec::new();
         for (index, (plan, target)) in batch.plans.iter().zip(&batch.targets).enumerate() {
-            let stage = format!("_tidemark_stage_{index}");
+            // One staging table per relation description; a table truncated inside the batch
+            // has a second plan, which needs a second staging table.
+            let occurrence = batch.plans[..index]
+                .iter()
+                .filter(|p| p.relation_id == plan.relation_id)
+                .count();
+            let stage = format!("_tidemark_stage_{}_{occurrence}", plan.relation_id.0);
             let sql = merge::statements(target, plan, &stage, self.config.soft_delete, isolate);
             let (rows, with_unchanged) = merge::stage_rows(plan);
             let context = || format!("staging changes for {target}");
