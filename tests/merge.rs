@@ -792,3 +792,26 @@ fn a_target_restart_mid_stream_is_retried_and_nothing_is_lost() {
     assert!(agent.is_running());
     assert!(agent.terminate().success());
 }
+
+#[test]
+fn a_column_added_to_the_source_is_added_to_the_target_without_a_restart() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("addcol");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v text)");
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.t\"",
+        &merge_sink(&pg, &warehouse, ""),
+    );
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(&db, "INSERT INTO t VALUES (1, 'a')");
+    assert_mirrors(&pg, &db, &warehouse, &[("t", "*")]);
+    pg.psql(&db, "ALTER TABLE t ADD COLUMN amount numeric(8,2), ADD COLUMN \"Tag\" varchar(5); INSERT INTO t VALUES (2, 'b', 9.5, 'x'); UPDATE t SET amount = 1 WHERE id = 1;");
+    assert_mirrors(&pg, &db, &warehouse, &[("t", "id, v, amount, \"Tag\"")]);
+    let types = pg.psql(&warehouse, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'replica.t'::regclass AND attname IN ('amount', 'Tag') ORDER BY attname");
+    assert_eq!(types, "character varying(5)\nnumeric(8,2)");
+    assert!(agent.pid() > 0 && agent.is_running());
+    assert!(agent.terminate().success());
+}
