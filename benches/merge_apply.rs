@@ -1,0 +1,551 @@
+//! Catch-up of a pre-recorded backlog into a merge mirror, against PostgreSQL's native logical
+//! replication (CREATE PUBLICATION / CREATE SUBSCRIPTION into another database of the same
+//! cluster) on the same backlog, in one run.
+//!
+//!   cargo bench --bench merge_apply                              # ~200,000 row changes
+//!   TIDEMARK_BENCH_ROWS=1000000 cargo bench --bench merge_apply  # ~1,000,000 row changes
+//!   TIDEMARK_BENCH_REPEAT=5 cargo bench --bench merge_apply      # 5 rounds instead of 3
+//!
+//! Each round starts from the same point on every side: a fresh source database, a publication,
+//! and three slots created before the workload (the native subscription's, and those of two
+//! agents that were started once with `snapshot = "never"` and stopped). The workload (seeded,
+//! identical every round: multi-row inserts, updates of live keys, deletes, a few mixed
+//! transactions, and a marker row last) then runs while nothing consumes it, so the backlog
+//! sits in the slots' retained WAL. Then, one after the other:
+//!
+//! - native: `ALTER SUBSCRIPTION … ENABLE` until the marker row is in the target;
+//! - tidemark end to end: start the agent (merge sink) until the marker row is in its target
+//!   (capture into the offset log and merge apply run concurrently, as in production);
+//! - tidemark capture only: start the second agent, whose sink points at a port nothing
+//!   listens on, until its slot's `confirmed_flush_lsn` reaches the end of the workload
+//!   (everything is durably in the log); stop it;
+//! - tidemark merge apply alone: point that agent's sink at its real target and start it again
+//!   until the marker row is in the target (log → target only; the source has nothing new).
+//!
+//! Every target's `count(*)` and `sum(hashtext(row))` must then equal the source's. The order
+//! of native and tidemark alternates between rounds. rows/s is row changes in the backlog ÷
+//! seconds; medians, minima and maxima over the rounds and the ratios of the medians are
+//! printed. Nothing is asserted about time.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use common::agent::{eventually, Agent, AgentSetup};
+use common::PgCluster;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::runtime::Runtime;
+
+const TABLE_DDL: &str = "CREATE TABLE orders (id bigint PRIMARY KEY, customer int NOT NULL, \
+                         status text NOT NULL, amount numeric(12,2) NOT NULL, note text)";
+const PUBLICATION: &str = "bench_pub";
+/// The workload's last transaction inserts this key; once a target has it, it has everything
+/// (both sides apply whole transactions in commit order).
+const MARKER_ID: i64 = 0;
+const TIMEOUT: Duration = Duration::from_secs(3600);
+const POLL: Duration = Duration::from_millis(20);
+/// The merge sink's target schema.
+const MIRROR_SCHEMA: &str = "replica";
+
+/// The pre-recorded workload: one psql script, and what it does.
+struct Workload {
+    sql: String,
+    transactions: usize,
+    inserts: usize,
+    updates: usize,
+    deletes: usize,
+    final_rows: usize,
+}
+
+impl Workload {
+    fn changes(&self) -> usize {
+        self.inserts + self.updates + self.deletes
+    }
+}
+
+const STATUSES: &[&str] = &["paid", "packed", "shipped", "delivered", "returned"];
+
+fn note(rng: &mut StdRng) -> String {
+    if rng.gen_ratio(1, 10) {
+        return "NULL".into();
+    }
+    let len = rng.gen_range(10..90);
+    let text: String = (0..len)
+        .map(|_| {
+            let c = rng.gen_range(0..27u8);
+            if c == 26 {
+                ' '
+            } else {
+                char::from(b'a' + c)
+            }
+        })
+        .collect();
+    format!("'{text}'")
+}
+
+/// Rows per statement: three in four statements touch a handful of rows, one in four is bulk.
+fn statement_rows(rng: &mut StdRng, bulk_max: usize) -> usize {
+    if rng.gen_bool(0.75) {
+        rng.gen_range(1..=5)
+    } else {
+        rng.gen_range(20..=bulk_max)
+    }
+}
+
+/// Picks up to `n` distinct live keys.
+fn pick_keys(rng: &mut StdRng, live: &[i64], n: usize) -> Vec<i64> {
+    let mut keys: Vec<i64> = (0..n).map(|_| live[rng.gen_range(0..live.len())]).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+fn key_list(keys: &[i64]) -> String {
+    let mut out = String::new();
+    for (i, key) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write!(out, "{key}").unwrap();
+    }
+    out
+}
+
+/// About `target` row changes: ~55 % inserts, ~35 % updates of live keys, ~10 % deletes, in
+/// transactions of one to three statements, three in four of 1–5 rows, the rest of 20–200.
+/// Seeded: the same every time.
+fn workload(target: usize) -> Workload {
+    let mut rng = StdRng::seed_from_u64(0x6d65_7267);
+    let mut live: Vec<i64> = Vec::new();
+    let mut next_id: i64 = 1;
+    let mut w = Workload {
+        sql: String::new(),
+        transactions: 0,
+        inserts: 0,
+        updates: 0,
+        deletes: 0,
+        final_rows: 0,
+    };
+    while w.changes() + 1 < target {
+        let statements = if rng.gen_ratio(1, 5) {
+            rng.gen_range(2..=3)
+        } else {
+            1
+        };
+        w.sql.push_str("BEGIN;\n");
+        for _ in 0..statements {
+            let roll: f64 = rng.gen();
+            if live.len() < 1000 || roll < 0.55 {
+                let n = statement_rows(&mut rng, 200);
+                w.sql.push_str("INSERT INTO orders VALUES ");
+                for i in 0..n {
+                    let note = note(&mut rng);
+                    write!(
+                        w.sql,
+                        "{}({next_id},{},'new',{}.{:02},{note})",
+                        if i == 0 { "" } else { "," },
+                        rng.gen_range(1..50_000),
+                        rng.gen_range(1..5_000),
+                        rng.gen_range(0..100)
+                    )
+                    .unwrap();
+                    live.push(next_id);
+                    next_id += 1;
+                }
+                w.sql.push_str(";\n");
+                w.inserts += n;
+            } else if roll < 0.90 {
+                let n = statement_rows(&mut rng, 200);
+                let keys = pick_keys(&mut rng, &live, n);
+                let status = STATUSES[rng.gen_range(0..STATUSES.len())];
+                let set_note = if rng.gen_bool(0.3) {
+                    format!(", note = {}", note(&mut rng))
+                } else {
+                    String::new()
+                };
+                writeln!(
+                    w.sql,
+                    "UPDATE orders SET status = '{status}', amount = amount + {}.{:02}{set_note} \
+                     WHERE id IN ({});",
+                    rng.gen_range(0..20),
+                    rng.gen_range(0..100),
+                    key_list(&keys)
+                )
+                .unwrap();
+                w.updates += keys.len();
+            } else {
+                let n = statement_rows(&mut rng, 60);
+                let keys = pick_keys(&mut rng, &live, n);
+                writeln!(
+                    w.sql,
+                    "DELETE FROM orders WHERE id IN ({});",
+                    key_list(&keys)
+                )
+                .unwrap();
+                live.retain(|k| keys.binary_search(k).is_err());
+                w.deletes += keys.len();
+            }
+        }
+        w.sql.push_str("COMMIT;\n");
+        w.transactions += 1;
+    }
+    writeln!(
+        w.sql,
+        "INSERT INTO orders VALUES ({MARKER_ID}, 0, 'end', 0, 'end of the workload');"
+    )
+    .unwrap();
+    w.transactions += 1;
+    w.inserts += 1;
+    w.final_rows = live.len() + 1;
+    w
+}
+
+/// `count:sum(hashtext(row))` of a table, over the columns in a fixed order.
+fn checksum_sql(table: &str) -> String {
+    format!(
+        "SELECT count(*)::text || ':' || coalesce(sum(hashtext(row(id, customer, status, amount, \
+         note)::text)), 0)::text FROM {table}"
+    )
+}
+
+/// One persistent connection per database, for cheap polling.
+struct Probe<'a> {
+    rt: &'a Runtime,
+    client: tokio_postgres::Client,
+}
+
+impl<'a> Probe<'a> {
+    fn new(rt: &'a Runtime, pg: &PgCluster, db: &str) -> Probe<'a> {
+        Probe {
+            rt,
+            client: rt.block_on(pg.connect(db)),
+        }
+    }
+
+    /// The first column of the first row as text; None when the query fails or has no row.
+    fn text(&self, sql: &str) -> Option<String> {
+        self.rt
+            .block_on(self.client.query_opt(sql, &[]))
+            .ok()
+            .flatten()
+            .and_then(|row| row.get::<_, Option<String>>(0))
+    }
+
+    /// Polls until `sql` returns a row whose text is "true"; the time since `started`.
+    fn wait_true(&self, sql: &str, started: Instant, what: &str) -> Duration {
+        loop {
+            if self.text(sql).as_deref() == Some("true") {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < TIMEOUT,
+                "{what}: not done within {TIMEOUT:?}"
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    fn wait_marker(&self, table: &str, started: Instant, what: &str) -> Duration {
+        self.wait_true(
+            &format!("SELECT (count(*) > 0)::text FROM {table} WHERE id = {MARKER_ID}"),
+            started,
+            what,
+        )
+    }
+
+    /// The target's checksum must equal the source's (it already should: the marker is there).
+    fn check_mirrors(&self, table: &str, want: &str, what: &str) {
+        let mut got = None;
+        let same = eventually(Duration::from_secs(30), || {
+            got = self.text(&checksum_sql(table));
+            got.as_deref() == Some(want)
+        });
+        assert!(same, "{what}: target {got:?} differs from source {want:?}");
+    }
+}
+
+fn agent_config(name: &str, source_url: &str, sink_url: &str) -> String {
+    format!(
+        "[agent]\nname = \"{name}\"\ndata_dir = \"data\"\nhealth_addr = \"127.0.0.1:{}\"\n\n\
+         [source]\ntype = \"postgres\"\nurl = \"{source_url}\"\ntables = [\"public.orders\"]\n\
+         publication = \"{PUBLICATION}\"\nsnapshot = \"never\"\n\n\
+         [[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{sink_url}\"\n\
+         schema = \"{MIRROR_SCHEMA}\"\nmode = \"merge\"\n",
+        common::agent::free_port()
+    )
+}
+
+/// An agent whose config is ours (name, slot, shared publication, merge sink).
+fn agent_setup(name: &str, source_url: &str, sink_url: &str) -> AgentSetup {
+    let setup = AgentSetup::jsonl(source_url, "\"public.orders\"");
+    std::fs::write(&setup.config, agent_config(name, source_url, sink_url)).expect("config");
+    setup
+}
+
+/// Starts the agent, waits until it streams (its slot exists), and stops it.
+fn create_slot_with(setup: &AgentSetup) {
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    stop(agent);
+}
+
+fn stop(agent: Agent) {
+    // A sink that never reached its target makes the agent exit non-zero; the log is flushed
+    // and the slot confirmed either way.
+    let _ = agent.terminate();
+}
+
+#[derive(Default)]
+struct Figures {
+    native: Vec<f64>,
+    end_to_end: Vec<f64>,
+    capture: Vec<f64>,
+    apply: Vec<f64>,
+}
+
+fn run_round(
+    pg: &PgCluster,
+    rt: &Runtime,
+    w: &Workload,
+    round: usize,
+    figures: &mut Figures,
+) -> String {
+    let src = pg.fresh_database("src");
+    let native_db = pg.fresh_database("native");
+    let e2e_db = pg.fresh_database("e2e");
+    let apply_db = pg.fresh_database("apply");
+    pg.psql(
+        &src,
+        &format!("{TABLE_DDL}; CREATE PUBLICATION {PUBLICATION} FOR TABLE orders;"),
+    );
+    pg.psql(&native_db, TABLE_DDL);
+
+    // Every slot exists before the workload.
+    let native = format!("native_r{round}");
+    pg.psql(
+        &src,
+        &format!("SELECT pg_create_logical_replication_slot('{native}', 'pgoutput')"),
+    );
+    pg.psql(
+        &native_db,
+        &format!(
+            "CREATE SUBSCRIPTION {native} CONNECTION 'host=127.0.0.1 port={} user=postgres \
+             dbname={src}' PUBLICATION {PUBLICATION} WITH (create_slot = false, \
+             slot_name = '{native}', copy_data = false, enabled = false)",
+            pg.port()
+        ),
+    );
+    let source_url = pg.url(&src);
+    let e2e = agent_setup(&format!("e2e_r{round}"), &source_url, &pg.url(&e2e_db));
+    create_slot_with(&e2e);
+    let nowhere = format!(
+        "postgres://postgres@127.0.0.1:{}/nowhere",
+        common::agent::free_port()
+    );
+    let apply_name = format!("apply_r{round}");
+    let apply = agent_setup(&apply_name, &source_url, &nowhere);
+    create_slot_with(&apply);
+
+    let started = Instant::now();
+    pg.psql(&src, &w.sql);
+    let recorded = started.elapsed();
+    let end_lsn = pg.psql(&src, "SELECT pg_current_wal_insert_lsn()");
+    let count = pg.psql(&src, "SELECT count(*) FROM orders");
+    assert_eq!(count, w.final_rows.to_string(), "the workload's final rows");
+    let want = pg.psql(&src, &checksum_sql("orders"));
+    // Quiet the source so its autovacuum does not land in a measurement.
+    pg.psql(&src, "VACUUM ANALYZE orders; CHECKPOINT;");
+    let backlog = pg.psql(
+        &src,
+        &format!(
+            "SELECT pg_size_pretty(pg_wal_lsn_diff('{end_lsn}', restart_lsn)) \
+             FROM pg_replication_slots WHERE slot_name = '{native}'"
+        ),
+    );
+
+    let native_probe = Probe::new(rt, pg, &native_db);
+    let e2e_probe = Probe::new(rt, pg, &e2e_db);
+    let apply_probe = Probe::new(rt, pg, &apply_db);
+    let src_probe = Probe::new(rt, pg, &src);
+    let mirror_table = format!("{MIRROR_SCHEMA}.orders");
+
+    let measure_native = |figures: &mut Figures| {
+        let started = Instant::now();
+        pg.psql(&native_db, &format!("ALTER SUBSCRIPTION {native} ENABLE"));
+        let took = native_probe.wait_marker("public.orders", started, "native");
+        native_probe.check_mirrors("public.orders", &want, "native");
+        pg.psql(
+            &native_db,
+            &format!("ALTER SUBSCRIPTION {native} DISABLE; DROP SUBSCRIPTION {native};"),
+        );
+        figures.native.push(took.as_secs_f64());
+    };
+    let measure_tidemark = |figures: &mut Figures| {
+        let started = Instant::now();
+        let agent = e2e.start();
+        let took = e2e_probe.wait_marker(&mirror_table, started, "tidemark end to end");
+        e2e_probe.check_mirrors(&mirror_table, &want, "tidemark end to end");
+        stop(agent);
+        figures.end_to_end.push(took.as_secs_f64());
+
+        let started = Instant::now();
+        let agent = apply.start();
+        let took = src_probe.wait_true(
+            &format!(
+                "SELECT (confirmed_flush_lsn >= '{end_lsn}')::text FROM pg_replication_slots \
+                 WHERE slot_name = 'tidemark_{apply_name}'"
+            ),
+            started,
+            "tidemark capture",
+        );
+        stop(agent);
+        figures.capture.push(took.as_secs_f64());
+
+        std::fs::write(
+            &apply.config,
+            agent_config(&apply_name, &source_url, &pg.url(&apply_db)),
+        )
+        .expect("config");
+        let started = Instant::now();
+        let agent = apply.start();
+        let took = apply_probe.wait_marker(&mirror_table, started, "tidemark merge apply");
+        apply_probe.check_mirrors(&mirror_table, &want, "tidemark merge apply");
+        stop(agent);
+        figures.apply.push(took.as_secs_f64());
+    };
+    if round % 2 == 1 {
+        measure_native(figures);
+        measure_tidemark(figures);
+    } else {
+        measure_tidemark(figures);
+        measure_native(figures);
+    }
+
+    drop((native_probe, e2e_probe, apply_probe, src_probe));
+    pg.psql(
+        &src,
+        &format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name IN ('tidemark_e2e_r{round}', 'tidemark_{apply_name}')"
+        ),
+    );
+    for db in [&src, &native_db, &e2e_db, &apply_db] {
+        pg.psql("postgres", &format!("DROP DATABASE {db} WITH (FORCE)"));
+    }
+    let rows = w.changes() as f64;
+    let last = |v: &[f64]| rows / v.last().copied().unwrap_or(f64::NAN);
+    format!(
+        "round {round} ({} first): workload recorded in {:.1} s, backlog {backlog} of WAL; \
+         native {:.0} rows/s, tidemark end to end {:.0}, capture {:.0}, merge apply {:.0}",
+        if round % 2 == 1 { "native" } else { "tidemark" },
+        recorded.as_secs_f64(),
+        last(&figures.native),
+        last(&figures.end_to_end),
+        last(&figures.capture),
+        last(&figures.apply),
+    )
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// rows/s for each run: median, min, max.
+fn rates(changes: usize, seconds: &[f64]) -> (f64, f64, f64) {
+    let rates: Vec<f64> = seconds.iter().map(|s| changes as f64 / s).collect();
+    let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = rates.iter().copied().fold(0.0, f64::max);
+    (median(rates), min, max)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test`/`nextest` build and list benches too, and a
+    // benchmark is not a test.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let target: usize = std::env::var("TIDEMARK_BENCH_ROWS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(200_000);
+    let rounds: usize = std::env::var("TIDEMARK_BENCH_REPEAT")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    let w = workload(target);
+    // One worker thread drives the probes' connections, also between polls.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    // The launcher starts a subscription's apply worker at most once per
+    // wal_retrieve_retry_interval (5 s by default): without this, a round's ENABLE can wait
+    // seconds behind the previous round's worker start, which is not apply speed.
+    let pg = PgCluster::start_with(&[("wal_retrieve_retry_interval", "100ms")]);
+    let version = pg.psql("postgres", "SHOW server_version");
+    println!(
+        "workload: {} row changes ({} inserts, {} updates, {} deletes) in {} transactions; \
+         {} rows at the end",
+        w.changes(),
+        w.inserts,
+        w.updates,
+        w.deletes,
+        w.transactions,
+        w.final_rows
+    );
+    println!(
+        "  1-3 statements a transaction, 3/4 of them of 1-5 rows, 1/4 of 20-200; \
+         PostgreSQL {version}"
+    );
+    let mut figures = Figures::default();
+    for round in 1..=rounds {
+        let line = run_round(&pg, &rt, &w, round, &mut figures);
+        println!("{line}");
+    }
+
+    let changes = w.changes();
+    let seconds = |v: &[f64]| median(v.to_vec());
+    println!();
+    println!(
+        "{:<38} {:>9} {:>10} {:>10} {:>10}",
+        "catch-up of the backlog", "median s", "rows/s", "min", "max"
+    );
+    let rows = [
+        ("native logical replication", &figures.native),
+        ("tidemark end to end (capture + merge)", &figures.end_to_end),
+        ("tidemark capture only (slot → log)", &figures.capture),
+        ("tidemark merge apply alone (log → db)", &figures.apply),
+    ];
+    for (name, v) in rows {
+        let (med, min, max) = rates(changes, v);
+        println!(
+            "{name:<38} {:>9.2} {med:>10.0} {min:>10.0} {max:>10.0}",
+            seconds(v)
+        );
+    }
+    let native = rates(changes, &figures.native).0;
+    let end_to_end = rates(changes, &figures.end_to_end).0;
+    let apply = rates(changes, &figures.apply).0;
+    println!();
+    println!(
+        "tidemark end to end / native:      {:.2}×   (goal ≥ 2.0×, DESIGN)",
+        end_to_end / native
+    );
+    println!(
+        "tidemark merge apply / native:     {:.2}×   (goal ≥ 3×, DESIGN and issue 4)",
+        apply / native
+    );
+}
