@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # tidemark quickstart: a throwaway PostgreSQL cluster with a small shop schema, the agent
-# capturing it into a JSONL sink, some changes, and the Debezium envelopes that came out.
+# capturing it into a JSONL sink and a merge mirror, some changes, the Debezium envelopes that
+# came out and the mirrored tables.
 #
 #   bash examples/quickstart.sh
 #
@@ -35,7 +36,7 @@ printf "listen_addresses = '127.0.0.1'\nport = %s\nunix_socket_directories = '%s
   "${as_pg[@]}" tee -a "$W/data/postgresql.conf" >/dev/null
 "${as_pg[@]}" "$bindir/pg_ctl" -D "$W/data" -l "$W/pg.log" -w start >/dev/null
 sql() { psql -X -h 127.0.0.1 -p "$PORT" -U postgres -v ON_ERROR_STOP=1 -qAt -d shop "$@"; }
-psql -X -h 127.0.0.1 -p "$PORT" -U postgres -qAt -d postgres -c "CREATE DATABASE shop"
+psql -X -h 127.0.0.1 -p "$PORT" -U postgres -qAt -d postgres -c "CREATE DATABASE shop" -c "CREATE DATABASE warehouse"
 sql <<'SQL'
 CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL, email text);
 CREATE TABLE orders (id int PRIMARY KEY, customer_id int REFERENCES customers,
@@ -58,6 +59,13 @@ snapshot = "never"
 name = "events"
 type = "jsonl"
 path = "events"
+
+[[sink]]
+name = "mirror"
+type = "postgres"
+url = "postgres://postgres@127.0.0.1:$PORT/warehouse"
+schema = "replica"
+mode = "merge"
 TOML
 
 echo "==> tidemark check"
@@ -96,6 +104,9 @@ for line in sys.stdin:
     e = json.loads(line)
     print(json.dumps({k: e[k] for k in ("op", "before", "after")}), " # table", e["source"]["table"], "tx", e["transaction"]["id"])
 '
+echo "==> the merge sink's mirror in the warehouse database (replica.customers, replica.orders):"
+psql -X -h 127.0.0.1 -p "$PORT" -U postgres -q -d warehouse \
+  -c "SELECT * FROM replica.customers ORDER BY id" -c "SELECT count(*) AS orders FROM replica.orders"
 echo "==> stopping (SIGTERM)"
 kill -TERM "$AGENT"; wait "$AGENT"; AGENT=
 echo "done"

@@ -13,6 +13,7 @@ mod document;
 mod interpolate;
 mod schema;
 mod sink;
+mod ssl;
 mod suggest;
 #[cfg(test)]
 mod testing;
@@ -26,7 +27,8 @@ use std::time::Duration;
 
 use check::Checker;
 
-pub use url::{ConnectionUrl, InvalidUrl, PgConfig, RootCert, SslMode, TlsSettings};
+pub use ssl::{RootCert, SslMode, TlsSettings};
+pub use url::{ConnectionUrl, InvalidUrl, PgConfig};
 
 /// A validated configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]
