@@ -71,15 +71,13 @@ pub fn create_schema(schema: &str) -> String {
     format!("CREATE SCHEMA IF NOT EXISTS {}", escape_identifier(schema))
 }
 
-/// The target table with the source's columns and primary key, plus `extra` columns the sink
-/// mode adds (e.g. `_tidemark_deleted boolean NOT NULL DEFAULT false`).
-pub fn create_table(table: &TargetTable, relation: &Relation, extra: &[&str]) -> String {
+/// The target table with the source's columns and primary key.
+pub fn create_table(table: &TargetTable, relation: &Relation) -> String {
     let mut parts: Vec<String> = relation
         .columns
         .iter()
         .map(|c| format!("{} {}", escape_identifier(&c.name), target_type(c)))
         .collect();
-    parts.extend(extra.iter().map(|e| e.to_string()));
     let key: Vec<String> = relation
         .columns
         .iter()
@@ -159,14 +157,10 @@ mod tests {
             name: "Order Lines".into(),
         };
         assert_eq!(
-            create_table(
-                &table,
-                &relation,
-                &["_tidemark_deleted boolean NOT NULL DEFAULT false"]
-            ),
+            create_table(&table, &relation),
             "CREATE TABLE IF NOT EXISTS \"re\"\"plica\".\"Order Lines\" (\"Id\" integer, \
              \"line\" integer, \"amount\" numeric(12,2), \"mood\" text, \"moods\" text[], \
-             _tidemark_deleted boolean NOT NULL DEFAULT false, PRIMARY KEY (\"Id\", \"line\"))"
+             PRIMARY KEY (\"Id\", \"line\"))"
         );
     }
 }

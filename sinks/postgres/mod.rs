@@ -106,14 +106,9 @@ impl PostgresSink {
         }
         let target = self.target_of(relation);
         let client = self.client()?;
-        let extra: &[&str] = if self.config.soft_delete {
-            &["_tidemark_deleted boolean NOT NULL DEFAULT false"]
-        } else {
-            &[]
-        };
         let mut sql = vec![
             ddl::create_schema(&target.schema),
-            ddl::create_table(&target, relation, extra),
+            ddl::create_table(&target, relation),
         ];
         sql.extend(relation.columns.iter().map(|c| ddl::add_column(&target, c)));
         if self.config.soft_delete {
