@@ -2,6 +2,7 @@
 //! escapes, `NULL` elements and an optional bounds prefix; each element is parsed as the
 //! array's element type.
 
+use super::cursor::Cursor;
 use super::{excerpt, parse_text, TypeError};
 use crate::event::{Value, ValueType};
 
@@ -28,8 +29,7 @@ pub(super) fn parse_array(
         return Ok(Value::Text(text.to_owned()));
     }
     let literal = ArrayLiteral {
-        bytes: text.as_bytes(),
-        pos: 0,
+        cursor: Cursor::new(text),
         element,
         elements: 0,
     };
@@ -58,8 +58,7 @@ pub(super) fn parse_array(
 /// inside quotes; an unquoted `NULL` is the null value. Like `array_in`, it also accepts white
 /// space around elements and backslash escapes in unquoted elements.
 struct ArrayLiteral<'a> {
-    bytes: &'a [u8],
-    pos: usize,
+    cursor: Cursor<'a>,
     element: &'a ValueType,
     /// Elements read so far, for error messages.
     elements: usize,
@@ -68,15 +67,15 @@ struct ArrayLiteral<'a> {
 impl ArrayLiteral<'_> {
     fn parse(mut self) -> Result<Vec<Value>, ArrayFault> {
         self.skip_space();
-        if self.peek() == Some(b'[') {
+        if self.cursor.peek() == Some(b'[') {
             self.skip_bounds()?;
         }
-        if !self.eat(b'{') {
+        if !self.cursor.eat(b'{') {
             return Err(ArrayFault::Syntax("does not start with {"));
         }
         let values = self.items(1)?;
         self.skip_space();
-        if self.pos < self.bytes.len() {
+        if !self.cursor.is_done() {
             return Err(ArrayFault::Syntax("unexpected text after the closing }"));
         }
         Ok(values)
@@ -85,9 +84,9 @@ impl ArrayLiteral<'_> {
     /// Skips `[lower:upper]…=`, which `array_out` writes when a lower bound is not 1.
     fn skip_bounds(&mut self) -> Result<(), ArrayFault> {
         const SHAPE: &str = "malformed dimension bounds, expected [lower:upper]=";
-        while self.eat(b'[') {
+        while self.cursor.eat(b'[') {
             loop {
-                match self.next() {
+                match self.cursor.next() {
                     Some(b']') => break,
                     Some(b'0'..=b'9' | b'-' | b'+' | b':') => {}
                     _ => return Err(ArrayFault::Syntax(SHAPE)),
@@ -95,7 +94,7 @@ impl ArrayLiteral<'_> {
             }
         }
         self.skip_space();
-        if !self.eat(b'=') {
+        if !self.cursor.eat(b'=') {
             return Err(ArrayFault::Syntax(SHAPE));
         }
         self.skip_space();
@@ -109,13 +108,13 @@ impl ArrayLiteral<'_> {
         }
         let mut values = Vec::new();
         self.skip_space();
-        if self.eat(b'}') {
+        if self.cursor.eat(b'}') {
             return Ok(values);
         }
         let mut sub_arrays = None;
         loop {
             self.skip_space();
-            let is_sub_array = self.eat(b'{');
+            let is_sub_array = self.cursor.eat(b'{');
             if *sub_arrays.get_or_insert(is_sub_array) != is_sub_array {
                 return Err(ArrayFault::Syntax(
                     "mixes sub-arrays and elements in one dimension",
@@ -127,7 +126,7 @@ impl ArrayLiteral<'_> {
                 self.element()?
             });
             self.skip_space();
-            match self.next() {
+            match self.cursor.next() {
                 Some(b',') => {}
                 Some(b'}') => return Ok(values),
                 Some(_) => return Err(ArrayFault::Syntax("expected , or } after an element")),
@@ -139,11 +138,11 @@ impl ArrayLiteral<'_> {
     fn element(&mut self) -> Result<Value, ArrayFault> {
         self.elements += 1;
         let mut raw = Vec::new();
-        if self.eat(b'"') {
+        if self.cursor.eat(b'"') {
             loop {
-                match self.next() {
+                match self.cursor.next() {
                     Some(b'"') => break,
-                    Some(b'\\') => match self.next() {
+                    Some(b'\\') => match self.cursor.next() {
                         Some(byte) => raw.push(byte),
                         None => return Err(ArrayFault::Syntax("ends inside a quoted element")),
                     },
@@ -157,14 +156,14 @@ impl ArrayLiteral<'_> {
             // space of an unquoted element is not part of it.
             let mut kept = 0;
             loop {
-                match self.peek() {
+                match self.cursor.peek() {
                     Some(b',' | b'}') => break,
                     Some(b'"' | b'{') => {
                         return Err(ArrayFault::Syntax("unquoted element contains \" or {"))
                     }
                     Some(b'\\') => {
-                        self.pos += 1;
-                        match self.next() {
+                        self.cursor.pos += 1;
+                        match self.cursor.next() {
                             Some(byte) => raw.push(byte),
                             None => return Err(ArrayFault::Syntax("ends after a backslash")),
                         }
@@ -172,7 +171,7 @@ impl ArrayLiteral<'_> {
                         kept = raw.len();
                     }
                     Some(byte) => {
-                        self.pos += 1;
+                        self.cursor.pos += 1;
                         raw.push(byte);
                         if !is_array_space(byte) {
                             kept = raw.len();
@@ -198,27 +197,9 @@ impl ArrayLiteral<'_> {
         })
     }
 
-    fn peek(&self) -> Option<u8> {
-        self.bytes.get(self.pos).copied()
-    }
-
-    fn next(&mut self) -> Option<u8> {
-        let byte = self.peek()?;
-        self.pos += 1;
-        Some(byte)
-    }
-
-    fn eat(&mut self, byte: u8) -> bool {
-        let matched = self.peek() == Some(byte);
-        if matched {
-            self.pos += 1;
-        }
-        matched
-    }
-
     fn skip_space(&mut self) {
-        while self.peek().is_some_and(is_array_space) {
-            self.pos += 1;
+        while self.cursor.peek().is_some_and(is_array_space) {
+            self.cursor.pos += 1;
         }
     }
 }

@@ -2,6 +2,7 @@
 //! `IntervalStyle=iso_8601` and `TimeZone=UTC`, and the proleptic Gregorian calendar
 //! arithmetic that turns them into days or microseconds since 1970-01-01.
 
+use super::cursor::Cursor;
 use super::Fault;
 
 const MICROS_PER_SECOND: i64 = 1_000_000;
@@ -296,88 +297,6 @@ fn utc_offset_seconds(cursor: &mut Cursor<'_>) -> Result<i32, Fault> {
     }
     // Two digits each, so the cast is lossless.
     Ok(sign * (hours * 3600 + minutes * 60 + seconds) as i32)
-}
-
-/// A read position in ASCII-structured text. It moves byte by byte but only ever stops at
-/// ASCII bytes it recognised, so it never splits a character.
-struct Cursor<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Cursor<'a> {
-    fn new(text: &'a str) -> Self {
-        Cursor {
-            bytes: text.as_bytes(),
-            pos: 0,
-        }
-    }
-
-    fn peek(&self) -> Option<u8> {
-        self.bytes.get(self.pos).copied()
-    }
-
-    fn next(&mut self) -> Option<u8> {
-        let byte = self.peek()?;
-        self.pos += 1;
-        Some(byte)
-    }
-
-    fn eat(&mut self, byte: u8) -> bool {
-        let matched = self.peek() == Some(byte);
-        if matched {
-            self.pos += 1;
-        }
-        matched
-    }
-
-    fn eat_str(&mut self, text: &str) -> bool {
-        let matched = self
-            .bytes
-            .get(self.pos..)
-            .is_some_and(|rest| rest.starts_with(text.as_bytes()));
-        if matched {
-            self.pos += text.len();
-        }
-        matched
-    }
-
-    fn expect(&mut self, byte: u8, reason: &'static str) -> Result<(), Fault> {
-        if self.eat(byte) {
-            Ok(())
-        } else {
-            Err(Fault::Invalid(reason))
-        }
-    }
-
-    fn is_done(&self) -> bool {
-        self.pos >= self.bytes.len()
-    }
-
-    fn finish(&self) -> Result<(), Fault> {
-        if self.is_done() {
-            Ok(())
-        } else {
-            Err(Fault::Invalid("unexpected text at the end"))
-        }
-    }
-
-    /// `min` to `max` (at most 19) ASCII digits → (value, number of digits).
-    fn digits(&mut self, min: usize, max: usize) -> Option<(u64, usize)> {
-        let start = self.pos;
-        let mut value = 0_u64;
-        while self.pos - start < max {
-            match self.peek() {
-                Some(digit @ b'0'..=b'9') => {
-                    value = value * 10 + u64::from(digit - b'0');
-                    self.pos += 1;
-                }
-                _ => break,
-            }
-        }
-        let count = self.pos - start;
-        (count >= min).then_some((value, count))
-    }
 }
 
 #[cfg(test)]

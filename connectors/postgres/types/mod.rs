@@ -12,6 +12,7 @@
 //! calendar arithmetic) and `array` (array literals).
 
 mod array;
+mod cursor;
 mod datetime;
 mod scalar;
 #[cfg(test)]
