@@ -55,6 +55,8 @@ pub enum LogError {
     Corrupt { seq: u64, reason: String },
     #[error("relation {0:?} is missing from the offset log")]
     MissingRelation(RelationId),
+    #[error("offset log background task failed: {0}")]
+    Background(String),
 }
 
 /// The position of the last committed transaction that is durable in the log.
@@ -237,6 +239,14 @@ impl OffsetLog {
             });
         }
         Ok(out)
+    }
+
+    /// Sequence number of the oldest record the log still holds.
+    pub fn first_seq(&self) -> Result<Option<u64>, LogError> {
+        self.entries
+            .first()?
+            .map(|(key, _)| key_seq(&key))
+            .transpose()
     }
 
     /// Waits until the durable position passes `after`.

@@ -19,6 +19,8 @@ use crate::sinks::{AnySink, SinkError};
 
 const TRIM_INTERVAL: Duration = Duration::from_secs(5);
 const TRIM_MAX_RECORDS: usize = 5_000;
+/// How many applied records may wait for trimming while a sink is still behind.
+const TRIM_DEFER_RECORDS: u64 = 500_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -147,22 +149,38 @@ async fn run_sink(
     let mut applied = open_sink(&config, &mut sink, &stop).await?;
     tracing::info!(sink = %config.name, from = applied, "sink started");
     let mut policy = RetryPolicy::new();
+    // The next batch, read from the log while the current one is applied.
+    let mut ahead: Option<tokio::task::JoinHandle<Result<Vec<LogEntry>, LogError>>> = None;
     loop {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => return Ok(()),
-            _ = log.wait_beyond(applied) => {}
-        }
-        if !config.batch_max_wait.is_zero() {
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = tokio::time::sleep(config.batch_max_wait) => {}
+        let batch = match ahead.take() {
+            Some(read) => read
+                .await
+                .map_err(|e| LogError::Background(e.to_string()))??,
+            None => {
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = log.wait_beyond(applied) => {}
+                }
+                if !config.batch_max_wait.is_zero() {
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::time::sleep(config.batch_max_wait) => {}
+                    }
+                }
+                read_batch(&log, applied, config.batch_max_rows)?
             }
-        }
-        let batch = cut_at_last_commit(log.read(applied, config.batch_max_rows)?);
+        };
         let Some(last) = batch.last().map(|e| e.seq) else {
             continue;
         };
+        if log.durable().seq > last {
+            let log = Arc::clone(&log);
+            let max = config.batch_max_rows;
+            ahead = Some(tokio::task::spawn_blocking(move || {
+                read_batch(&log, last, max)
+            }));
+        }
         loop {
             match sink.apply(&batch).await {
                 Ok(()) => break,
@@ -213,16 +231,17 @@ async fn open_sink(
     }
 }
 
-/// Drops the records after the batch's last Commit, unless it has none (one transaction
-/// larger than the batch, applied in chunks).
-fn cut_at_last_commit(mut batch: Vec<LogEntry>) -> Vec<LogEntry> {
+/// Up to `max` durable records after `after`, ending at the last Commit among them, unless
+/// there is none (one transaction larger than a batch, applied in chunks).
+fn read_batch(log: &OffsetLog, after: u64, max: usize) -> Result<Vec<LogEntry>, LogError> {
+    let mut batch = log.read(after, max)?;
     if let Some(end) = batch
         .iter()
         .rposition(|e| matches!(e.record, crate::event::Record::Commit(_)))
     {
         batch.truncate(end + 1);
     }
-    batch
+    Ok(batch)
 }
 
 async fn run_trimmer(
@@ -235,6 +254,17 @@ async fn run_trimmer(
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(TRIM_INTERVAL) => {}
+        }
+        // Removing a record costs about what logging it did: while the sinks work through a
+        // backlog it would compete with them, so it waits until they have caught up or the
+        // part of the log they are done with is large.
+        let mut slowest = log.durable().seq;
+        for name in &names {
+            slowest = slowest.min(log.cursor(name)?.map_or(0, |c| c.seq));
+        }
+        let done_with = slowest.saturating_sub(log.first_seq()?.unwrap_or(slowest));
+        if slowest < log.durable().seq && done_with < TRIM_DEFER_RECORDS {
+            continue;
         }
         // Bounded passes keep the memory of a large trim small; loop until caught up.
         loop {
