@@ -126,8 +126,9 @@ impl ReplicationConnection {
             ("application_name", "tidemark"),
             ("client_encoding", "UTF8"),
         ];
+        // Ours last: a later -c wins, and the type conversion depends on these.
         let options = match config.get_options() {
-            Some(extra) => format!("{SESSION_OPTIONS} {extra}"),
+            Some(extra) => format!("{extra} {SESSION_OPTIONS}"),
             None => SESSION_OPTIONS.to_string(),
         };
         params.push(("options", &options));
