@@ -480,3 +480,39 @@ fn a_dropped_slot_stops_the_agent_instead_of_resuming_silently() {
     let slots = pg.psql(&db, "SELECT count(*) FROM pg_replication_slots");
     assert_eq!(slots, "0", "a new slot was created silently");
 }
+
+#[test]
+fn options_in_the_url_cannot_change_the_value_format_capture_reads() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("options");
+    pg.psql(
+        &db,
+        "CREATE TABLE t (id int PRIMARY KEY, at timestamptz, span interval, day date)",
+    );
+    let url = format!(
+        "{}?options=-c%20DateStyle%3DSQL%2CDMY%20-c%20IntervalStyle%3Dpostgres_verbose%20-c%20TimeZone%3DAsia%2FKathmandu",
+        pg.url(&db)
+    );
+    let setup = AgentSetup::jsonl(&url, "\"public.t\"");
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(
+        &db,
+        "INSERT INTO t VALUES (1, '2024-01-05 12:34:56.5+00', '1 day 2 hours', '2024-01-05')",
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || setup.envelopes().len() == 1),
+        "{}",
+        agent.log()
+    );
+    let after = &setup.envelopes()[0]["after"];
+    assert_eq!(after["at"], "2024-01-05T12:34:56.5Z");
+    assert_eq!(after["span"], 93_600_000_000i64);
+    assert_eq!(after["day"], 19_727);
+    assert!(
+        !agent.log().contains("value kept as text"),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.terminate().success());
+}
