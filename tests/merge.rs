@@ -50,6 +50,20 @@ fn merge_sink(pg: &PgCluster, warehouse: &str, extra: &str) -> String {
     )
 }
 
+/// Starts an agent with a merge sink into `warehouse` and waits until it streams.
+fn start_merge(
+    pg: &PgCluster,
+    db: &str,
+    warehouse: &str,
+    tables: &str,
+    extra: &str,
+) -> (AgentSetup, common::agent::Agent) {
+    let setup = AgentSetup::with_sinks(&pg.url(db), tables, &merge_sink(pg, warehouse, extra));
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    (setup, agent)
+}
+
 /// Waits until every listed table's dump in the target equals the source's.
 fn assert_mirrors(pg: &PgCluster, source: &str, target: &str, tables: &[(&str, &str)]) {
     for (table, columns) in tables {
@@ -76,13 +90,7 @@ fn merge_target_mirrors_every_kind_of_change() {
            ratio double precision, flag boolean, u uuid, at time);
          CREATE TABLE pairs (a int, b text, v int, PRIMARY KEY (a, b));",
     );
-    let setup = AgentSetup::with_sinks(
-        &pg.url(&db),
-        "\"public.*\"",
-        &merge_sink(&pg, &warehouse, ""),
-    );
-    let mut agent = setup.start();
-    agent.wait_streaming();
+    let (_setup, agent) = start_merge(&pg, &db, &warehouse, "\"public.*\"", "");
     pg.psql(
         &db,
         "INSERT INTO \"Items\" VALUES
@@ -126,13 +134,7 @@ fn unchanged_toast_column_keeps_the_target_value() {
         "CREATE TABLE docs (id int PRIMARY KEY, rev int, body text);
          ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;",
     );
-    let setup = AgentSetup::with_sinks(
-        &pg.url(&db),
-        "\"public.docs\"",
-        &merge_sink(&pg, &warehouse, ""),
-    );
-    let mut agent = setup.start();
-    agent.wait_streaming();
+    let (_setup, agent) = start_merge(&pg, &db, &warehouse, "\"public.docs\"", "");
     pg.psql(
         &db,
         "INSERT INTO docs VALUES (1, 0, repeat('abcdefgh', 100000)), (2, 0, 'short')",
@@ -161,13 +163,7 @@ fn soft_delete_keeps_the_row_and_a_reinsert_clears_the_flag() {
     let db = pg.fresh_database("soft");
     let warehouse = pg.fresh_database("warehouse");
     pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v text)");
-    let setup = AgentSetup::with_sinks(
-        &pg.url(&db),
-        "\"public.t\"",
-        &merge_sink(&pg, &warehouse, "soft_delete = true\n"),
-    );
-    let mut agent = setup.start();
-    agent.wait_streaming();
+    let (_setup, agent) = start_merge(&pg, &db, &warehouse, "\"public.t\"", "soft_delete = true\n");
     pg.psql(
         &db,
         "INSERT INTO t VALUES (1, 'a'), (2, 'b'); DELETE FROM t WHERE id = 1;",
@@ -197,13 +193,7 @@ fn checkpoint_is_written_with_the_batch_and_resumed_from() {
     let db = pg.fresh_database("ckpt");
     let warehouse = pg.fresh_database("warehouse");
     pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v int)");
-    let setup = AgentSetup::with_sinks(
-        &pg.url(&db),
-        "\"public.t\"",
-        &merge_sink(&pg, &warehouse, ""),
-    );
-    let mut agent = setup.start();
-    agent.wait_streaming();
+    let (setup, agent) = start_merge(&pg, &db, &warehouse, "\"public.t\"", "");
     pg.psql(
         &db,
         "INSERT INTO t SELECT g, g FROM generate_series(1, 100) g",
@@ -407,13 +397,7 @@ fn a_row_the_target_refuses_is_dead_lettered_and_the_rest_applied() {
     let db = pg.fresh_database("dlq");
     let warehouse = pg.fresh_database("warehouse");
     pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v int)");
-    let setup = AgentSetup::with_sinks(
-        &pg.url(&db),
-        "\"public.t\"",
-        &merge_sink(&pg, &warehouse, ""),
-    );
-    let mut agent = setup.start();
-    agent.wait_streaming();
+    let (setup, mut agent) = start_merge(&pg, &db, &warehouse, "\"public.t\"", "");
     pg.psql(&db, "INSERT INTO t VALUES (1, 1)");
     assert_mirrors(&pg, &db, &warehouse, &[("t", "*")]);
     // A constraint the target has and the source has not.
@@ -621,13 +605,7 @@ fn a_target_table_dropped_while_running_is_created_again() {
     let db = pg.fresh_database("dropped");
     let warehouse = pg.fresh_database("warehouse");
     pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v text)");
-    let setup = AgentSetup::with_sinks(
-        &pg.url(&db),
-        "\"public.t\"",
-        &merge_sink(&pg, &warehouse, ""),
-    );
-    let mut agent = setup.start();
-    agent.wait_streaming();
+    let (_setup, mut agent) = start_merge(&pg, &db, &warehouse, "\"public.t\"", "");
     pg.psql(&db, "INSERT INTO t VALUES (1, 'a')");
     assert_mirrors(&pg, &db, &warehouse, &[("t", "*")]);
     pg.psql(&warehouse, "DROP TABLE replica.t");
@@ -667,13 +645,7 @@ fn replica_identity_full_tables_mirror_too() {
         &db,
         "CREATE TABLE t (id int PRIMARY KEY, v text); ALTER TABLE t REPLICA IDENTITY FULL;",
     );
-    let setup = AgentSetup::with_sinks(
-        &pg.url(&db),
-        "\"public.t\"",
-        &merge_sink(&pg, &warehouse, ""),
-    );
-    let mut agent = setup.start();
-    agent.wait_streaming();
+    let (_setup, agent) = start_merge(&pg, &db, &warehouse, "\"public.t\"", "");
     pg.psql(&db, "INSERT INTO t VALUES (1, 'a'), (2, 'b'); UPDATE t SET v = 'z' WHERE id = 1; UPDATE t SET id = 3 WHERE id = 2; DELETE FROM t WHERE id = 1;");
     pg.psql(&db, "INSERT INTO t VALUES (4, 'x')");
     assert_mirrors(&pg, &db, &warehouse, &[("t", "*")]);
@@ -731,13 +703,7 @@ fn every_type_of_the_readme_table_arrives_unchanged() {
            u uuid, j json, jb jsonb, ia int[], ta text[][], tsa timestamptz[], e color, ea color[],
            p positive, m money, pt point, inet inet);",
     );
-    let setup = AgentSetup::with_sinks(
-        &pg.url(&db),
-        "\"public.kinds\"",
-        &merge_sink(&pg, &warehouse, ""),
-    );
-    let mut agent = setup.start();
-    agent.wait_streaming();
+    let (_setup, agent) = start_merge(&pg, &db, &warehouse, "\"public.kinds\"", "");
     pg.psql(
         &db,
         r#"INSERT INTO kinds VALUES
@@ -799,13 +765,7 @@ fn a_column_added_to_the_source_is_added_to_the_target_without_a_restart() {
     let db = pg.fresh_database("addcol");
     let warehouse = pg.fresh_database("warehouse");
     pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v text)");
-    let setup = AgentSetup::with_sinks(
-        &pg.url(&db),
-        "\"public.t\"",
-        &merge_sink(&pg, &warehouse, ""),
-    );
-    let mut agent = setup.start();
-    agent.wait_streaming();
+    let (_setup, mut agent) = start_merge(&pg, &db, &warehouse, "\"public.t\"", "");
     pg.psql(&db, "INSERT INTO t VALUES (1, 'a')");
     assert_mirrors(&pg, &db, &warehouse, &[("t", "*")]);
     pg.psql(&db, "ALTER TABLE t ADD COLUMN amount numeric(8,2), ADD COLUMN \"Tag\" varchar(5); INSERT INTO t VALUES (2, 'b', 9.5, 'x'); UPDATE t SET amount = 1 WHERE id = 1;");

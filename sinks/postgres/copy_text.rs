@@ -10,6 +10,7 @@
 
 use std::fmt;
 
+use crate::connectors::postgres::types::is_array_space;
 use crate::event::{Value, ValueType};
 
 const MICROS_PER_SECOND: i64 = 1_000_000;
@@ -192,7 +193,7 @@ fn write_calendar_date<W: fmt::Write>(w: &mut W, days: i64) -> Result<&'static s
 
 /// Astronomical year, month and day of a day counted from 1970-01-01 (Howard Hinnant's
 /// `civil_from_days`); exact for any `days` an `i64` of microseconds can reach.
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
+pub(crate) fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let shifted = days + 719_468;
     let era = shifted.div_euclid(146_097);
     let day_of_era = shifted - era * 146_097;
@@ -353,7 +354,7 @@ fn write_array<W: fmt::Write>(w: &mut W, items: &[Value], scratch: &mut String) 
 /// One element, quoted when it is empty, reads as `NULL` in any case, or contains a
 /// character `array_in` treats specially (`{ } , " \` or white space); inside quotes `"` and
 /// `\` are backslash-escaped.
-fn write_array_element<W: fmt::Write>(w: &mut W, text: &str) -> fmt::Result {
+pub(crate) fn write_array_element<W: fmt::Write>(w: &mut W, text: &str) -> fmt::Result {
     let needs_quotes = text.is_empty()
         || text.eq_ignore_ascii_case("NULL")
         || text
@@ -375,11 +376,6 @@ fn write_array_element<W: fmt::Write>(w: &mut W, text: &str) -> fmt::Result {
     }
     w.write_str(rest)?;
     w.write_char('"')
-}
-
-/// White space as `array_in` and `array_out` see it (`scanner_isspace`).
-fn is_array_space(byte: u8) -> bool {
-    matches!(byte, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
 }
 
 #[cfg(test)]

@@ -205,7 +205,7 @@ impl ArrayLiteral<'_> {
 }
 
 /// White space as `array_in` and `array_out` see it (`scanner_isspace`).
-fn is_array_space(byte: u8) -> bool {
+pub fn is_array_space(byte: u8) -> bool {
     matches!(byte, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
 }
 
@@ -217,27 +217,15 @@ mod tests {
 
     use proptest::prelude::*;
 
-    /// One element as `array_out` writes it.
+    use crate::sinks::postgres::copy_text::write_array_element;
+
+    /// One element as `array_out` writes it (the merge sink's encoder writes the same form).
     fn pg_array_element(element: Option<&str>) -> String {
-        let Some(element) = element else {
-            return "NULL".to_owned();
-        };
-        let needs_quotes = element.is_empty()
-            || element.eq_ignore_ascii_case("NULL")
-            || element
-                .bytes()
-                .any(|b| matches!(b, b'"' | b'\\' | b'{' | b'}' | b',') || is_array_space(b));
-        if !needs_quotes {
-            return element.to_owned();
+        let mut out = String::new();
+        match element {
+            Some(element) => write_array_element(&mut out, element).unwrap(),
+            None => out.push_str("NULL"),
         }
-        let mut out = String::from("\"");
-        for c in element.chars() {
-            if c == '"' || c == '\\' {
-                out.push('\\');
-            }
-            out.push(c);
-        }
-        out.push('"');
         out
     }
 

@@ -303,7 +303,9 @@ fn utc_offset_seconds(cursor: &mut Cursor<'_>) -> Result<i32, Fault> {
 mod tests {
     use super::super::test_support::*;
     use super::*;
+    // The encoder's calendar math, independent of `days_from_civil` under test.
     use crate::event::{Value, ValueType};
+    use crate::sinks::postgres::copy_text::civil_from_days;
 
     use chrono::Datelike;
     use proptest::prelude::*;
@@ -313,22 +315,6 @@ mod tests {
     /// PostgreSQL's earliest and latest dates as days since 1970.
     const PG_MIN_DATE: i32 = -2_440_588;
     const PG_MAX_DATE: i32 = 2_145_042_905;
-
-    /// Inverse of `days_from_civil`, written independently of it (Howard Hinnant's
-    /// `civil_from_days`): astronomical year, month, day.
-    fn civil_from_days(days: i64) -> (i64, i64, i64) {
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let day_of_era = z - era * 146_097;
-        let year_of_era =
-            (day_of_era - day_of_era / 1460 + day_of_era / 36524 - day_of_era / 146_096) / 365;
-        let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-        let mp = (5 * day_of_year + 2) / 153;
-        let day = day_of_year - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = year_of_era + era * 400 + i64::from(month <= 2);
-        (year, month, day)
-    }
 
     /// A date as PostgreSQL prints it with DateStyle=ISO: the year padded to 4 digits and
     /// the era as a ` BC` suffix, returned separately because it goes last.

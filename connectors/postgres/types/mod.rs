@@ -20,6 +20,7 @@ mod test_support;
 
 use crate::event::{Value, ValueType};
 
+pub use array::is_array_space;
 use array::parse_array;
 use datetime::{parse_date, parse_interval, parse_time, parse_timestamp, parse_timetz};
 use scalar::{is_numeric_text, is_uuid_text, parse_bytea, parse_integer};
