@@ -181,25 +181,25 @@ async fn run_sink(
                 read_batch(&log, last, max)
             }));
         }
-        loop {
-            match sink.apply(&batch).await {
-                Ok(()) => break,
-                Err(e) if e.is_transient() => {
-                    let delay = policy.next_delay();
-                    tracing::warn!(sink = %config.name, error = %e, retry_in = ?delay, "batch failed; retrying");
-                    tokio::select! {
-                        _ = stop.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    // The failed attempt may have left part of the batch: start over from the
-                    // checkpoint, which the sink's open() restores.
-                    applied = open_sink(&config, &mut sink, &stop).await?;
-                    if applied >= last {
-                        break;
-                    }
+        match sink.apply(&batch).await {
+            Ok(()) => {}
+            Err(e) if e.is_transient() => {
+                let delay = policy.next_delay();
+                tracing::warn!(sink = %config.name, error = %e, retry_in = ?delay, "batch failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                Err(e) => return Err(e.into()),
+                // The failed attempt may have left part of the batch, and the sink may hold
+                // records of earlier batches: start over from the checkpoint, which the
+                // sink's open() restores.
+                if let Some(read) = ahead.take() {
+                    read.abort();
+                }
+                applied = open_sink(&config, &mut sink, &stop).await?;
+                continue;
             }
+            Err(e) => return Err(e.into()),
         }
         policy.reset();
         tracing::debug!(sink = %config.name, records = batch.len(), through = last, "batch applied");

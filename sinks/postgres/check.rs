@@ -7,13 +7,11 @@ use crate::tls;
 
 pub async fn run(name: &str, config: &PostgresSinkConfig) -> Check {
     let subject = format!("sink {name:?}");
-    if config.mode != SinkMode::Merge {
+    if config.mode == SinkMode::Append {
         return Check::fail(
             subject,
-            format!(
-                "mode {:?} is not built yet; use mode = \"merge\"",
-                config.mode
-            ),
+            "mode \"append\" is not built yet for a postgres sink; use mode = \"merge\" or \
+             \"scd2\", or a jsonl sink for a stream of envelopes",
         );
     }
     let (client, connection) = match tls::connect(&config.url.pg_config()).await {

@@ -217,12 +217,12 @@ fn has_unchanged(row: &[Value], pk: &[usize]) -> bool {
 }
 
 /// The primary key's values, encoded so equal keys are equal bytes.
-fn key_of(row: &[Value], pk: &[usize]) -> Vec<u8> {
+pub(crate) fn key_of(row: &[Value], pk: &[usize]) -> Vec<u8> {
     let key: Vec<&Value> = pk.iter().filter_map(|&i| row.get(i)).collect();
     postcard::to_allocvec(&key).unwrap_or_default()
 }
 
-fn fill_unchanged(row: &mut Row, previous: &Row) {
+pub(crate) fn fill_unchanged(row: &mut Row, previous: &Row) {
     for (value, earlier) in row.iter_mut().zip(previous) {
         if *value == Value::UnchangedToast {
             *value = earlier.clone();

@@ -1,13 +1,17 @@
 //! PostgreSQL table sinks. `mode = "merge"` keeps a live mirror of each source table: each
-//! batch is collapsed to the last state per key, loaded into staging tables and applied with
-//! set-based statements, and the checkpoint row (the last log record applied) is written in
-//! the same target transaction, so replaying any suffix of the log changes nothing twice.
+//! batch is collapsed to the last state per key. `mode = "scd2"` keeps every committed version
+//! of each row: each batch becomes one event per key and transaction. Either way the batch is
+//! loaded into staging tables and applied with set-based statements, and the checkpoint row
+//! (the last log record applied) is written in the same target transaction, so replaying any
+//! suffix of the log changes nothing twice.
 
 pub mod check;
 pub mod collapse;
 pub mod copy_text;
 pub mod ddl;
+pub mod history;
 pub mod merge;
+pub mod scd2;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -18,12 +22,13 @@ use bytes::Bytes;
 use futures_util::SinkExt;
 use tokio_postgres::Client;
 
-use self::collapse::{Collapse, KeyState, TablePlan};
+use self::collapse::{Collapse, CollapseError, KeyState, TablePlan};
 use self::ddl::TargetTable;
+use self::history::{History, HistoryPlan};
 use super::{Sink, SinkError};
 use crate::config::{PostgresSinkConfig, SinkMode};
 use crate::dead_letter::{self, DeadLetterQueue};
-use crate::event::{Lsn, Record, Relation, RelationId};
+use crate::event::{Lsn, Record, Relation, RelationId, Row};
 use crate::log::{LogEntry, OffsetLog, SinkCursor};
 use crate::retry::is_transient;
 use crate::tls::ConnectError;
@@ -38,6 +43,9 @@ pub struct PostgresSink {
     /// Source `schema.table` → target, from `[[sink.table]]`.
     renames: HashMap<String, TargetTable>,
     dead_letters: DeadLetterQueue,
+    /// SCD2: the records of a transaction whose commit has not arrived yet (it is larger than
+    /// a batch); a version is the committed state, so it waits for the rest.
+    open_transaction: Vec<LogEntry>,
 }
 
 impl PostgresSink {
@@ -47,10 +55,10 @@ impl PostgresSink {
         log: Arc<OffsetLog>,
         data_dir: &Path,
     ) -> Result<PostgresSink, SinkError> {
-        if config.mode != SinkMode::Merge {
+        if config.mode == SinkMode::Append {
             return Err(SinkError::Unsupported(format!(
-                "sink {name:?}: mode {:?} is not built yet; use mode = \"merge\"",
-                config.mode
+                "sink {name:?}: mode \"append\" is not built yet for a postgres sink; use \
+                 mode = \"merge\" or \"scd2\", or a jsonl sink for a stream of envelopes"
             )));
         }
         let renames = config
@@ -75,6 +83,7 @@ impl PostgresSink {
             prepared: HashSet::new(),
             renames,
             dead_letters: DeadLetterQueue::new(data_dir, name),
+            open_transaction: Vec::new(),
         })
     }
 
@@ -106,12 +115,13 @@ impl PostgresSink {
         }
         let target = self.target_of(relation);
         let client = self.client()?;
-        let mut sql = vec![
-            ddl::create_schema(&target.schema),
-            ddl::create_table(&target, relation),
-        ];
+        let mut sql = vec![ddl::create_schema(&target.schema)];
+        match self.config.mode {
+            SinkMode::Scd2 => sql.extend(scd2::create_table(&target, relation, self.layout())),
+            _ => sql.push(ddl::create_table(&target, relation)),
+        }
         sql.extend(relation.columns.iter().map(|c| ddl::add_column(&target, c)));
-        if self.config.soft_delete {
+        if self.config.soft_delete && self.config.mode == SinkMode::Merge {
             sql.push(format!(
                 "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} boolean NOT NULL DEFAULT false",
                 target.quoted(),
@@ -125,6 +135,108 @@ impl PostgresSink {
         self.prepared.insert(id);
         Ok(())
     }
+
+    fn layout(&self) -> scd2::Layout {
+        scd2::Layout {
+            naming: self.config.columns,
+            tombstones: self.config.history_deletes,
+        }
+    }
+
+    /// The whole transactions to apply now: SCD2 holds back a transaction whose commit is not
+    /// in the batch yet and prepends it to the next one.
+    fn whole_transactions<'a>(
+        &mut self,
+        entries: &'a [LogEntry],
+    ) -> Option<std::borrow::Cow<'a, [LogEntry]>> {
+        let is_commit = |e: &LogEntry| matches!(e.record, Record::Commit(_));
+        if self.config.mode != SinkMode::Scd2
+            || (self.open_transaction.is_empty() && entries.last().is_some_and(is_commit))
+        {
+            return Some(std::borrow::Cow::Borrowed(entries));
+        }
+        self.open_transaction.extend_from_slice(entries);
+        let end = self.open_transaction.iter().rposition(is_commit)?;
+        let rest = self.open_transaction.split_off(end + 1);
+        Some(std::borrow::Cow::Owned(std::mem::replace(
+            &mut self.open_transaction,
+            rest,
+        )))
+    }
+
+    /// Plans the batch: creates missing target tables, then turns the records into one
+    /// piece of work per table and relation description.
+    async fn plan(&mut self, entries: &[LogEntry]) -> Result<(Vec<TableWork>, Lsn), SinkError> {
+        let mut planner = match self.config.mode {
+            SinkMode::Scd2 => Planner::History(History::new(self.config.history_deletes)),
+            _ => Planner::Merge(Collapse::default()),
+        };
+        let mut source_lsn = Lsn(0);
+        for entry in entries {
+            match &entry.record {
+                Record::Change(change) => {
+                    let relation = self.log.relation(change.relation)?;
+                    self.prepare(change.relation, &relation).await?;
+                    let added = match &mut planner {
+                        Planner::Merge(collapse) => {
+                            collapse.add(change.relation, &relation, change)
+                        }
+                        Planner::History(history) => {
+                            history.add(change.relation, &relation, change)
+                        }
+                    };
+                    added.map_err(|e: CollapseError| SinkError::Inconsistent {
+                        sink: self.name.clone(),
+                        message: e.to_string(),
+                    })?;
+                    source_lsn = source_lsn.max(change.lsn);
+                }
+                Record::Commit(commit) => {
+                    source_lsn = source_lsn.max(commit.commit_lsn);
+                    if let Planner::History(history) = &mut planner {
+                        history.commit();
+                    }
+                }
+                Record::Begin(begin) => {
+                    if let Planner::History(history) = &mut planner {
+                        history.begin(begin);
+                    }
+                }
+            }
+        }
+        let mut seen: HashMap<RelationId, usize> = HashMap::new();
+        let mut stage_of = |relation_id: RelationId| {
+            let occurrence = seen.entry(relation_id).or_default();
+            *occurrence += 1;
+            stage_name(relation_id, *occurrence - 1)
+        };
+        let work = match planner {
+            Planner::Merge(collapse) => collapse
+                .finish()
+                .into_iter()
+                .map(|plan| {
+                    let target = self.target_of(&plan.relation);
+                    let stage = stage_of(plan.relation_id);
+                    TableWork::merge(target, &stage, plan, self.config.soft_delete)
+                })
+                .collect(),
+            Planner::History(history) => history
+                .finish()
+                .into_iter()
+                .map(|plan| {
+                    let target = self.target_of(&plan.relation);
+                    let stage = stage_of(plan.relation_id);
+                    TableWork::history(target, &stage, plan, self.layout())
+                })
+                .collect(),
+        };
+        Ok((work, source_lsn))
+    }
+}
+
+enum Planner {
+    Merge(Collapse),
+    History(History),
 }
 
 impl Sink for PostgresSink {
@@ -166,36 +278,20 @@ impl Sink for PostgresSink {
             .map_err(self.error("reading the checkpoint".into()))?;
         self.client = Some(client);
         self.prepared.clear();
+        self.open_transaction.clear();
         Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
     }
 
     async fn apply(&mut self, entries: &[LogEntry]) -> Result<(), SinkError> {
+        let Some(entries) = self.whole_transactions(entries) else {
+            return Ok(());
+        };
         let Some(last) = entries.last() else {
             return Ok(());
         };
-        let mut collapse = Collapse::default();
-        let mut source_lsn = Lsn(0);
-        for entry in entries {
-            match &entry.record {
-                Record::Change(change) => {
-                    let relation = self.log.relation(change.relation)?;
-                    self.prepare(change.relation, &relation).await?;
-                    collapse
-                        .add(change.relation, &relation, change)
-                        .map_err(|e| SinkError::Inconsistent {
-                            sink: self.name.clone(),
-                            message: e.to_string(),
-                        })?;
-                    source_lsn = source_lsn.max(change.lsn);
-                }
-                Record::Commit(commit) => source_lsn = source_lsn.max(commit.commit_lsn),
-                Record::Begin(_) => {}
-            }
-        }
-        let plans = collapse.finish();
+        let (tables, source_lsn) = self.plan(&entries).await?;
         let batch = Batch {
-            targets: plans.iter().map(|p| self.target_of(&p.relation)).collect(),
-            plans,
+            tables,
             log_position: last.seq,
             source_lsn,
         };
@@ -210,8 +306,8 @@ impl Sink for PostgresSink {
                  are not in it until the table is re-snapshotted)"
             );
             self.prepared.clear();
-            for plan in &batch.plans {
-                self.prepare(plan.relation_id, &plan.relation).await?;
+            for table in &batch.tables {
+                self.prepare(table.relation_id, &table.relation).await?;
             }
             result = self.apply_batch(&batch, false).await;
         }
@@ -250,12 +346,126 @@ impl Sink for PostgresSink {
     }
 }
 
-/// A collapsed batch ready to apply.
+/// A planned batch ready to apply.
 struct Batch {
-    plans: Vec<TablePlan>,
-    targets: Vec<TargetTable>,
+    tables: Vec<TableWork>,
     log_position: u64,
     source_lsn: Lsn,
+}
+
+/// One table's part of a batch: rows for a staging table and the statements that apply them.
+struct TableWork {
+    relation_id: RelationId,
+    relation: Arc<Relation>,
+    target: TargetTable,
+    create_stage: String,
+    copy_stage: String,
+    rows: Bytes,
+    truncate: Option<String>,
+    /// Apply every staged row, in order.
+    statements: Vec<String>,
+    /// Apply the staged row numbered `$1`, in order.
+    row_statements: Vec<String>,
+    plan: Plan,
+}
+
+enum Plan {
+    Merge(TablePlan),
+    History(HistoryPlan),
+}
+
+impl TableWork {
+    fn merge(target: TargetTable, stage: &str, plan: TablePlan, soft_delete: bool) -> TableWork {
+        let (rows, with_unchanged) = merge::stage_rows(&plan);
+        let sql = |one_row| {
+            let sql = merge::statements(&target, &plan, stage, soft_delete, one_row);
+            let statements = [Some(sql.move_rows), Some(sql.delete), Some(sql.upsert)]
+                .into_iter()
+                .chain([sql.update_unchanged.filter(|_| with_unchanged > 0)])
+                .flatten()
+                .collect();
+            (sql.create_stage, sql.copy_stage, sql.truncate, statements)
+        };
+        let (create_stage, copy_stage, truncate, statements) = sql(false);
+        let row_statements = sql(true).3;
+        TableWork {
+            relation_id: plan.relation_id,
+            relation: Arc::clone(&plan.relation),
+            target,
+            create_stage,
+            copy_stage,
+            rows: Bytes::from(rows),
+            truncate,
+            statements,
+            row_statements,
+            plan: Plan::Merge(plan),
+        }
+    }
+
+    fn history(
+        target: TargetTable,
+        stage: &str,
+        plan: HistoryPlan,
+        layout: scd2::Layout,
+    ) -> TableWork {
+        let (rows, carried) = scd2::stage_rows(&plan);
+        let sql = |one_row| {
+            let sql = scd2::statements(&target, &plan, stage, layout, one_row);
+            let statements = [sql.insert_carried]
+                .into_iter()
+                .filter(|_| carried > 0)
+                .chain([sql.insert, sql.close])
+                .collect();
+            (sql.create_stage, sql.copy_stage, sql.truncate, statements)
+        };
+        let (create_stage, copy_stage, truncate, statements) = sql(false);
+        let row_statements = sql(true).3;
+        TableWork {
+            relation_id: plan.relation_id,
+            relation: Arc::clone(&plan.relation),
+            target,
+            create_stage,
+            copy_stage,
+            rows: Bytes::from(rows),
+            truncate,
+            statements,
+            row_statements,
+            plan: Plan::History(plan),
+        }
+    }
+
+    fn staged_rows(&self) -> usize {
+        match &self.plan {
+            Plan::Merge(plan) => plan.states().len(),
+            Plan::History(plan) => plan.events.len(),
+        }
+    }
+
+    /// What the dead-letter queue records for staged row `number`.
+    fn letter(&self, number: usize) -> (&'static str, &Row) {
+        match &self.plan {
+            Plan::Merge(plan) => match &plan.states()[number] {
+                KeyState::Upsert(row) | KeyState::Move { row, .. } => ("upsert", row),
+                KeyState::Delete(row) => ("delete", row),
+            },
+            Plan::History(plan) => {
+                let event = &plan.events[number];
+                let action = if event.kind.is_version() {
+                    "version"
+                } else {
+                    "close"
+                };
+                (action, &event.row)
+            }
+        }
+    }
+}
+
+/// The staging table of the `occurrence`th plan of a relation description in a batch: a
+/// table truncated inside the batch has a second plan, and staging tables are emptied only
+/// at the commit.
+fn stage_name(relation_id: RelationId, occurrence: usize) -> String {
+    format!("_tidemark_stage_{}_{occurrence}", relation_id.0)
 }
 
 impl PostgresSink {
@@ -281,65 +491,55 @@ impl PostgresSink {
             .map_err(ApplyError::at("starting a transaction"))?;
         let mut letters = Vec::new();
         let mut reasons = Vec::new();
-        for (index, (plan, target)) in batch.plans.iter().zip(&batch.targets).enumerate() {
-            // One staging table per relation description; a table truncated inside the batch
-            // has a second plan, which needs a second staging table.
-            let occurrence = batch.plans[..index]
-                .iter()
-                .filter(|p| p.relation_id == plan.relation_id)
-                .count();
-            let stage = format!("_tidemark_stage_{}_{occurrence}", plan.relation_id.0);
-            let sql = merge::statements(target, plan, &stage, self.config.soft_delete, isolate);
-            let (rows, with_unchanged) = merge::stage_rows(plan);
+        for table in &batch.tables {
+            let target = &table.target;
+            let statements = if isolate {
+                &table.row_statements
+            } else {
+                &table.statements
+            };
             let context = || format!("staging changes for {target}");
             transaction
-                .batch_execute(&sql.create_stage)
+                .batch_execute(&table.create_stage)
                 .await
                 .map_err(ApplyError::with(context()))?;
             let copy = transaction
-                .copy_in(&sql.copy_stage)
+                .copy_in(&table.copy_stage)
                 .await
                 .map_err(ApplyError::with(context()))?;
             let mut copy = pin!(copy);
-            copy.send(Bytes::from(rows))
+            copy.send(table.rows.clone())
                 .await
                 .map_err(ApplyError::with(context()))?;
             copy.as_mut()
                 .finish()
                 .await
                 .map_err(ApplyError::with(context()))?;
-            if let Some(truncate) = &sql.truncate {
+            if let Some(truncate) = &table.truncate {
                 transaction
                     .batch_execute(truncate)
                     .await
                     .map_err(ApplyError::with(format!("truncating {target}")))?;
             }
-            let statements: Vec<&str> =
-                [Some(&sql.move_rows), Some(&sql.delete), Some(&sql.upsert)]
-                    .into_iter()
-                    .chain([sql.update_unchanged.as_ref().filter(|_| with_unchanged > 0)])
-                    .flatten()
-                    .map(String::as_str)
-                    .collect();
             let context = || format!("applying changes to {target}");
             if !isolate {
                 for statement in statements {
                     transaction
-                        .execute(statement, &[])
+                        .execute(statement.as_str(), &[])
                         .await
                         .map_err(ApplyError::with(context()))?;
                 }
                 continue;
             }
-            for (number, state) in plan.states().iter().enumerate() {
-                let number = number as i32;
+            for number in 0..table.staged_rows() {
                 let savepoint = transaction
                     .savepoint(format!("row_{number}"))
                     .await
                     .map_err(ApplyError::with(context()))?;
                 let mut refused = None;
-                for statement in &statements {
-                    if let Err(e) = savepoint.execute(*statement, &[&number]).await {
+                let param = number as i32;
+                for statement in statements {
+                    if let Err(e) = savepoint.execute(statement.as_str(), &[&param]).await {
                         if !is_data_error(&e) {
                             return Err(ApplyError::with(context())(e));
                         }
@@ -353,14 +553,11 @@ impl PostgresSink {
                             .rollback()
                             .await
                             .map_err(ApplyError::with(context()))?;
-                        let (action, row) = match state {
-                            KeyState::Upsert(row) | KeyState::Move { row, .. } => ("upsert", row),
-                            KeyState::Delete(row) => ("delete", row),
-                        };
+                        let (action, row) = table.letter(number);
                         reasons.push(reason.clone());
                         letters.push(dead_letter::letter(
                             &self.name,
-                            &plan.relation,
+                            &table.relation,
                             action,
                             row,
                             batch.log_position,

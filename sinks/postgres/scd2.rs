@@ -1,0 +1,377 @@
+//! The SCD2 target: its table layout (tidemark's or dbt's column names) and the set-based
+//! statements that apply one history plan. The plan's events are COPYed into a temporary
+//! staging table; then one statement inserts the versions whose unchanged TOAST values come
+//! from the target's current version, one inserts the complete versions, and one closes the
+//! versions the batch supersedes. Every statement is replay-safe: versions are unique on
+//! (key, `_tidemark_lsn`) and a version is only closed by an event that follows it.
+
+use postgres_protocol::escape::escape_identifier;
+
+use super::copy_text::write_row;
+use super::ddl::{target_type, TargetTable};
+use super::history::{HistoryPlan, KeyEvent};
+use crate::config::ColumnNaming;
+use crate::event::{Relation, Value, ValueType};
+
+const ROW_COLUMN: &str = "_tidemark_row";
+/// Prefix of the staging columns holding the key whose current version supplies unchanged
+/// TOAST values, when it is not the row's own key.
+const FROM_COLUMN: &str = "_tidemark_from_";
+const OP_COLUMN: &str = "_tidemark_op";
+const LSN_COLUMN: &str = "_tidemark_lsn";
+const PREVIOUS_COLUMN: &str = "_tidemark_previous";
+const AT_COLUMN: &str = "_tidemark_at";
+const VALID_TO_COLUMN: &str = "_tidemark_valid_to";
+const UNCHANGED_COLUMN: &str = "_tidemark_unchanged";
+
+/// How versions are recorded: the validity columns' names and whether deletes are versions.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    pub naming: ColumnNaming,
+    pub tombstones: bool,
+}
+
+impl Layout {
+    /// The columns a history table has beyond the source's, with their types.
+    fn columns(self) -> Vec<(&'static str, &'static str)> {
+        let mut columns = match self.naming {
+            ColumnNaming::Tidemark => vec![
+                ("valid_from", "timestamptz NOT NULL"),
+                ("valid_to", "timestamptz"),
+                ("is_current", "boolean NOT NULL"),
+            ],
+            ColumnNaming::Dbt => vec![
+                ("dbt_scd_id", "text NOT NULL"),
+                ("dbt_updated_at", "timestamptz NOT NULL"),
+                ("dbt_valid_from", "timestamptz NOT NULL"),
+                ("dbt_valid_to", "timestamptz"),
+            ],
+        };
+        if self.naming == ColumnNaming::Dbt && self.tombstones {
+            columns.push(("dbt_is_deleted", "text NOT NULL"));
+        }
+        columns.extend([
+            (OP_COLUMN, "text NOT NULL"),
+            (LSN_COLUMN, "pg_lsn NOT NULL"),
+        ]);
+        columns
+    }
+
+    /// Whether a version is current; `prefix` qualifies the column (`"t."`, or none).
+    fn is_current(self, prefix: &str) -> String {
+        match self.naming {
+            ColumnNaming::Tidemark => format!("{prefix}is_current"),
+            ColumnNaming::Dbt => format!("{prefix}dbt_valid_to IS NULL"),
+        }
+    }
+
+    /// `SET` of a version closed at `at`.
+    fn close(self, at: &str) -> String {
+        match self.naming {
+            ColumnNaming::Tidemark => format!("valid_to = {at}, is_current = false"),
+            ColumnNaming::Dbt => format!("dbt_valid_to = {at}"),
+        }
+    }
+
+    /// The values of the layout's columns for the staged event `s`.
+    fn values(self, relation: &Relation) -> String {
+        let mut values = match self.naming {
+            ColumnNaming::Tidemark => vec![
+                format!("s.{AT_COLUMN}"),
+                format!("s.{VALID_TO_COLUMN}"),
+                format!("s.{VALID_TO_COLUMN} IS NULL"),
+            ],
+            ColumnNaming::Dbt => {
+                // Stable across replays: the key and the version's commit LSN.
+                let key: Vec<String> = relation
+                    .columns
+                    .iter()
+                    .filter(|c| c.primary_key)
+                    .map(|c| format!("s.{}::text", escape_identifier(&c.name)))
+                    .chain([format!("s.{LSN_COLUMN}::text")])
+                    .collect();
+                vec![
+                    format!("md5(concat_ws('|', {}))", key.join(", ")),
+                    format!("s.{AT_COLUMN}"),
+                    format!("s.{AT_COLUMN}"),
+                    format!("s.{VALID_TO_COLUMN}"),
+                ]
+            }
+        };
+        if self.naming == ColumnNaming::Dbt && self.tombstones {
+            values.push(format!(
+                "CASE WHEN s.{OP_COLUMN} = 'd' THEN 'True' ELSE 'False' END"
+            ));
+        }
+        values.extend([format!("s.{OP_COLUMN}"), format!("s.{LSN_COLUMN}")]);
+        values.join(", ")
+    }
+}
+
+/// The history table of `relation`: its columns, the layout's, unique on (key, commit LSN),
+/// and an index on the key of current versions.
+pub fn create_table(table: &TargetTable, relation: &Relation, layout: Layout) -> Vec<String> {
+    let quoted = table.quoted();
+    let columns: Vec<String> = relation
+        .columns
+        .iter()
+        .map(|c| format!("{} {}", escape_identifier(&c.name), target_type(c)))
+        .chain(
+            layout
+                .columns()
+                .into_iter()
+                .map(|(name, ty)| format!("{name} {ty}")),
+        )
+        .collect();
+    let key = key_list(relation);
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {quoted} ({}, PRIMARY KEY ({key}, {LSN_COLUMN}))",
+            columns.join(", ")
+        ),
+        format!(
+            "CREATE INDEX IF NOT EXISTS {} ON {quoted} ({key}) WHERE {}",
+            escape_identifier(&format!("{}_current", table.name)),
+            layout.is_current("")
+        ),
+    ]
+}
+
+fn key_list(relation: &Relation) -> String {
+    relation
+        .columns
+        .iter()
+        .filter(|c| c.primary_key)
+        .map(|c| escape_identifier(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The SQL for one plan, in the order it runs.
+pub struct HistoryStatements {
+    pub create_stage: String,
+    pub copy_stage: String,
+    /// Closes every version current before the plan's truncate.
+    pub truncate: Option<String>,
+    /// Versions with unchanged TOAST values, read from the current version they supersede.
+    pub insert_carried: String,
+    pub insert: String,
+    pub close: String,
+}
+
+/// With `one_row`, each statement applies only the staged event whose number is `$1`, so a
+/// batch the target refuses can be applied event by event to find the events it refuses.
+pub fn statements(
+    target: &TargetTable,
+    plan: &HistoryPlan,
+    stage: &str,
+    layout: Layout,
+    one_row: bool,
+) -> HistoryStatements {
+    let only = if one_row {
+        format!(" AND s.{ROW_COLUMN} = $1")
+    } else {
+        String::new()
+    };
+    let relation = &plan.relation;
+    let stage = escape_identifier(stage);
+    let table = target.quoted();
+    let quoted: Vec<String> = relation
+        .columns
+        .iter()
+        .map(|c| escape_identifier(&c.name))
+        .collect();
+    let keys: Vec<(usize, &String)> = relation
+        .columns
+        .iter()
+        .zip(&quoted)
+        .filter(|(c, _)| c.primary_key)
+        .map(|(_, q)| q)
+        .enumerate()
+        .collect();
+    let key_match = |alias: &str| {
+        keys.iter()
+            .map(|(_, q)| format!("{alias}.{q} = s.{q}"))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let carried_match = keys
+        .iter()
+        .map(|(n, q)| format!("p.{q} = coalesce(s.{FROM_COLUMN}{n}, s.{q})"))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let from_columns: Vec<String> = relation
+        .columns
+        .iter()
+        .filter(|c| c.primary_key)
+        .enumerate()
+        .map(|(n, c)| format!("{FROM_COLUMN}{n} {}", target_type(c)))
+        .collect();
+    let stage_columns: Vec<String> = relation
+        .columns
+        .iter()
+        .zip(&quoted)
+        .map(|(c, q)| format!("{q} {}", target_type(c)))
+        .chain(from_columns)
+        .chain([
+            format!("{ROW_COLUMN} int"),
+            format!("{OP_COLUMN} text"),
+            format!("{LSN_COLUMN} pg_lsn"),
+            format!("{PREVIOUS_COLUMN} pg_lsn"),
+            format!("{AT_COLUMN} timestamptz"),
+            format!("{VALID_TO_COLUMN} timestamptz"),
+            format!("{UNCHANGED_COLUMN} int[]"),
+        ])
+        .collect();
+    let from_list: String = keys
+        .iter()
+        .map(|(n, _)| format!("{FROM_COLUMN}{n}, "))
+        .collect();
+    let all = quoted.join(", ");
+    let layout_names: Vec<&str> = layout.columns().iter().map(|(name, _)| *name).collect();
+    let insert_columns = format!("{all}, {}", layout_names.join(", "));
+    let layout_values = layout.values(relation);
+    let conflict = format!(
+        "ON CONFLICT ({}, {LSN_COLUMN}) DO NOTHING",
+        key_list(relation)
+    );
+
+    let plain_values = quoted
+        .iter()
+        .map(|q| format!("s.{q}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let insert = format!(
+        "INSERT INTO {table} ({insert_columns}) SELECT {plain_values}, {layout_values} \
+         FROM {stage} s WHERE s.{OP_COLUMN} <> 'x' AND s.{UNCHANGED_COLUMN} IS NULL{only} \
+         {conflict}"
+    );
+    let carried_values = relation
+        .columns
+        .iter()
+        .zip(&quoted)
+        .enumerate()
+        .map(|(i, (c, q))| {
+            if c.primary_key {
+                format!("s.{q}")
+            } else {
+                format!("CASE WHEN {i} = ANY(s.{UNCHANGED_COLUMN}) THEN p.{q} ELSE s.{q} END")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let insert_carried = format!(
+        "INSERT INTO {table} ({insert_columns}) SELECT {carried_values}, {layout_values} \
+         FROM {stage} s LEFT JOIN {table} p ON {carried_match} AND {} \
+           AND p.{LSN_COLUMN} < s.{LSN_COLUMN} \
+         WHERE s.{OP_COLUMN} <> 'x' AND s.{UNCHANGED_COLUMN} IS NOT NULL{only} {conflict}",
+        layout.is_current("p.")
+    );
+    // The event that ends a current version is the first one after it; row by row, the
+    // events run in order, so the first to run is that one.
+    let follows = if one_row {
+        String::new()
+    } else {
+        format!(" AND (s.{PREVIOUS_COLUMN} IS NULL OR s.{PREVIOUS_COLUMN} <= t.{LSN_COLUMN})")
+    };
+    let close = format!(
+        "UPDATE {table} t SET {} FROM {stage} s WHERE {} AND {} \
+         AND t.{LSN_COLUMN} < s.{LSN_COLUMN}{follows}{only}",
+        layout.close(&format!("s.{AT_COLUMN}")),
+        key_match("t"),
+        layout.is_current("t."),
+    );
+    let truncate = plan.truncate.map(|(lsn, at)| {
+        format!(
+            "UPDATE {table} t SET {} WHERE {} AND t.{LSN_COLUMN} < '{lsn}'::pg_lsn",
+            layout.close(&format!(
+                "'epoch'::timestamptz + {at} * interval '1 microsecond'"
+            )),
+            layout.is_current("t."),
+        )
+    });
+
+    HistoryStatements {
+        create_stage: format!(
+            "CREATE TEMP TABLE IF NOT EXISTS {stage} ({}) ON COMMIT DELETE ROWS",
+            stage_columns.join(", ")
+        ),
+        copy_stage: format!(
+            "COPY {stage} ({all}, {from_list}{ROW_COLUMN}, {OP_COLUMN}, {LSN_COLUMN}, \
+             {PREVIOUS_COLUMN}, {AT_COLUMN}, {VALID_TO_COLUMN}, {UNCHANGED_COLUMN}) FROM STDIN"
+        ),
+        truncate,
+        insert_carried,
+        insert,
+        close,
+    }
+}
+
+/// The plan's events in COPY text format for the staging table, and how many versions have
+/// unchanged TOAST values for the target to supply.
+pub fn stage_rows(plan: &HistoryPlan) -> (Vec<u8>, usize) {
+    let columns = &plan.relation.columns;
+    let types: Vec<&ValueType> = columns.iter().map(|c| &c.value_type).collect();
+    let key: Vec<usize> = plan.relation.primary_key_indexes().collect();
+    let int_array = ValueType::Array(Box::new(ValueType::Int4));
+    let mut out = Vec::new();
+    let mut carried = 0;
+    for (number, event) in plan.events.iter().enumerate() {
+        let KeyEvent {
+            kind,
+            row,
+            carry_from,
+            lsn,
+            at,
+            previous,
+            valid_to,
+        } = event;
+        let from: Vec<Value> = key
+            .iter()
+            .map(|&i| {
+                carry_from
+                    .as_ref()
+                    .and_then(|from| from.get(i).cloned())
+                    .unwrap_or(Value::Null)
+            })
+            .collect();
+        let unchanged: Vec<Value> = row
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v == Value::UnchangedToast)
+            .map(|(i, _)| Value::Int(i as i64))
+            .collect();
+        let unchanged = if unchanged.is_empty() || !kind.is_version() {
+            Value::Null
+        } else {
+            carried += 1;
+            Value::Array(unchanged)
+        };
+        let text = |v: String| Value::Text(v);
+        let fields = [
+            (&ValueType::Int4, Value::Int(number as i64)),
+            (&ValueType::Text, text(kind.code().into())),
+            (&ValueType::Text, text(lsn.to_string())),
+            (
+                &ValueType::Text,
+                previous.map_or(Value::Null, |p| text(p.to_string())),
+            ),
+            (&ValueType::TimestampTz, Value::TimestampTz(*at)),
+            (
+                &ValueType::TimestampTz,
+                valid_to.map_or(Value::Null, Value::TimestampTz),
+            ),
+            (&int_array, unchanged),
+        ];
+        write_row(
+            &mut out,
+            types
+                .iter()
+                .copied()
+                .zip(row)
+                .chain(key.iter().map(|&i| types[i]).zip(&from))
+                .chain(fields.iter().map(|(t, v)| (*t, v))),
+        );
+    }
+    (out, carried)
+}
