@@ -20,9 +20,13 @@
 //!   listens on, until its slot's `confirmed_flush_lsn` reaches the end of the workload
 //!   (everything is durably in the log); stop it;
 //! - tidemark merge apply alone: point that agent's sink at its real target and start it again
-//!   until the marker row is in the target (log → target only; the source has nothing new).
+//!   until the marker row is in the target (log → target only; the source has nothing new);
+//! - tidemark scd2 apply alone: the same from a copy of that agent's log (taken after the
+//!   capture), with an SCD2 sink into a fifth database, until the marker's version is there.
+//!   Merge and SCD2 apply alternate in order between rounds.
 //!
-//! Every target's `count(*)` and `sum(hashtext(row))` must then equal the source's. The order
+//! Every target's `count(*)` and `sum(hashtext(row))` (the SCD2 target's current versions)
+//! must then equal the source's. The order
 //! of native and tidemark alternates between rounds. rows/s is row changes in the backlog ÷
 //! seconds; medians, minima and maxima over the rounds and the ratios of the medians are
 //! printed. Nothing is asserted about time.
@@ -51,6 +55,8 @@ const TIMEOUT: Duration = Duration::from_secs(3600);
 const POLL: Duration = Duration::from_millis(20);
 /// The merge sink's target schema.
 const MIRROR_SCHEMA: &str = "replica";
+/// The SCD2 sink's target schema.
+const HISTORY_SCHEMA: &str = "history";
 
 /// The pre-recorded workload: one psql script, and what it does.
 struct Workload {
@@ -269,21 +275,31 @@ impl<'a> Probe<'a> {
     }
 }
 
-fn agent_config(name: &str, source_url: &str, sink_url: &str) -> String {
+/// The agent's config with one postgres sink, `mode` merge or scd2.
+fn agent_config(name: &str, source_url: &str, sink_url: &str, mode: &str) -> String {
+    let schema = if mode == "scd2" {
+        HISTORY_SCHEMA
+    } else {
+        MIRROR_SCHEMA
+    };
     format!(
         "[agent]\nname = \"{name}\"\ndata_dir = \"data\"\nhealth_addr = \"127.0.0.1:{}\"\n\n\
          [source]\ntype = \"postgres\"\nurl = \"{source_url}\"\ntables = [\"public.orders\"]\n\
          publication = \"{PUBLICATION}\"\nsnapshot = \"never\"\n\n\
-         [[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{sink_url}\"\n\
-         schema = \"{MIRROR_SCHEMA}\"\nmode = \"merge\"\n",
+         [[sink]]\nname = \"{mode}\"\ntype = \"postgres\"\nurl = \"{sink_url}\"\n\
+         schema = \"{schema}\"\nmode = \"{mode}\"\n",
         common::agent::free_port()
     )
 }
 
-/// An agent whose config is ours (name, slot, shared publication, merge sink).
-fn agent_setup(name: &str, source_url: &str, sink_url: &str) -> AgentSetup {
+/// An agent whose config is ours (name, slot, shared publication, one postgres sink).
+fn agent_setup(name: &str, source_url: &str, sink_url: &str, mode: &str) -> AgentSetup {
     let setup = AgentSetup::jsonl(source_url, "\"public.orders\"");
-    std::fs::write(&setup.config, agent_config(name, source_url, sink_url)).expect("config");
+    std::fs::write(
+        &setup.config,
+        agent_config(name, source_url, sink_url, mode),
+    )
+    .expect("config");
     setup
 }
 
@@ -306,6 +322,9 @@ struct Figures {
     end_to_end: Vec<f64>,
     capture: Vec<f64>,
     apply: Vec<f64>,
+    scd2: Vec<f64>,
+    /// Versions in the SCD2 target after a round (the same every round).
+    versions: usize,
 }
 
 fn run_round(
@@ -319,6 +338,7 @@ fn run_round(
     let native_db = pg.fresh_database("native");
     let e2e_db = pg.fresh_database("e2e");
     let apply_db = pg.fresh_database("apply");
+    let history_db = pg.fresh_database("history");
     pg.psql(
         &src,
         &format!("{TABLE_DDL}; CREATE PUBLICATION {PUBLICATION} FOR TABLE orders;"),
@@ -341,14 +361,19 @@ fn run_round(
         ),
     );
     let source_url = pg.url(&src);
-    let e2e = agent_setup(&format!("e2e_r{round}"), &source_url, &pg.url(&e2e_db));
+    let e2e = agent_setup(
+        &format!("e2e_r{round}"),
+        &source_url,
+        &pg.url(&e2e_db),
+        "merge",
+    );
     create_slot_with(&e2e);
     let nowhere = format!(
         "postgres://postgres@127.0.0.1:{}/nowhere",
         common::agent::free_port()
     );
     let apply_name = format!("apply_r{round}");
-    let apply = agent_setup(&apply_name, &source_url, &nowhere);
+    let apply = agent_setup(&apply_name, &source_url, &nowhere, "merge");
     create_slot_with(&apply);
 
     let started = Instant::now();
@@ -371,8 +396,13 @@ fn run_round(
     let native_probe = Probe::new(rt, pg, &native_db);
     let e2e_probe = Probe::new(rt, pg, &e2e_db);
     let apply_probe = Probe::new(rt, pg, &apply_db);
+    let history_probe = Probe::new(rt, pg, &history_db);
     let src_probe = Probe::new(rt, pg, &src);
     let mirror_table = format!("{MIRROR_SCHEMA}.orders");
+    let history_table = format!("{HISTORY_SCHEMA}.orders");
+    let current_versions = format!(
+        "(SELECT id, customer, status, amount, note FROM {history_table} WHERE is_current) AS v"
+    );
 
     let measure_native = |figures: &mut Figures| {
         let started = Instant::now();
@@ -406,17 +436,48 @@ fn run_round(
         stop(agent);
         figures.capture.push(took.as_secs_f64());
 
+        // The SCD2 agent reads a copy of the captured log, so both sinks apply the same
+        // records from the same starting point.
+        let history = agent_setup(&apply_name, &source_url, &pg.url(&history_db), "scd2");
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(apply.data_dir())
+            .arg(history.data_dir())
+            .status()
+            .expect("cp");
+        assert!(copied.success(), "copying the log");
         std::fs::write(
             &apply.config,
-            agent_config(&apply_name, &source_url, &pg.url(&apply_db)),
+            agent_config(&apply_name, &source_url, &pg.url(&apply_db), "merge"),
         )
         .expect("config");
-        let started = Instant::now();
-        let agent = apply.start();
-        let took = apply_probe.wait_marker(&mirror_table, started, "tidemark merge apply");
-        apply_probe.check_mirrors(&mirror_table, &want, "tidemark merge apply");
-        stop(agent);
-        figures.apply.push(took.as_secs_f64());
+        let measure_merge = |figures: &mut Figures| {
+            let started = Instant::now();
+            let agent = apply.start();
+            let took = apply_probe.wait_marker(&mirror_table, started, "tidemark merge apply");
+            apply_probe.check_mirrors(&mirror_table, &want, "tidemark merge apply");
+            stop(agent);
+            figures.apply.push(took.as_secs_f64());
+        };
+        let measure_scd2 = |figures: &mut Figures| {
+            let started = Instant::now();
+            let agent = history.start();
+            let took = history_probe.wait_marker(&history_table, started, "tidemark scd2 apply");
+            history_probe.check_mirrors(&current_versions, &want, "tidemark scd2 apply");
+            stop(agent);
+            figures.scd2.push(took.as_secs_f64());
+            figures.versions = history_probe
+                .text(&format!("SELECT count(*)::text FROM {history_table}"))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+        };
+        if round % 2 == 1 {
+            measure_merge(figures);
+            measure_scd2(figures);
+        } else {
+            measure_scd2(figures);
+            measure_merge(figures);
+        }
     };
     if round % 2 == 1 {
         measure_native(figures);
@@ -426,7 +487,13 @@ fn run_round(
         measure_native(figures);
     }
 
-    drop((native_probe, e2e_probe, apply_probe, src_probe));
+    drop((
+        native_probe,
+        e2e_probe,
+        apply_probe,
+        history_probe,
+        src_probe,
+    ));
     pg.psql(
         &src,
         &format!(
@@ -434,20 +501,22 @@ fn run_round(
              WHERE slot_name IN ('tidemark_e2e_r{round}', 'tidemark_{apply_name}')"
         ),
     );
-    for db in [&src, &native_db, &e2e_db, &apply_db] {
+    for db in [&src, &native_db, &e2e_db, &apply_db, &history_db] {
         pg.psql("postgres", &format!("DROP DATABASE {db} WITH (FORCE)"));
     }
     let rows = w.changes() as f64;
     let last = |v: &[f64]| rows / v.last().copied().unwrap_or(f64::NAN);
     format!(
         "round {round} ({} first): workload recorded in {:.1} s, backlog {backlog} of WAL; \
-         native {:.0} rows/s, tidemark end to end {:.0}, capture {:.0}, merge apply {:.0}",
+         native {:.0} rows/s, tidemark end to end {:.0}, capture {:.0}, merge apply {:.0}, \
+         scd2 apply {:.0}",
         if round % 2 == 1 { "native" } else { "tidemark" },
         recorded.as_secs_f64(),
         last(&figures.native),
         last(&figures.end_to_end),
         last(&figures.capture),
         last(&figures.apply),
+        last(&figures.scd2),
     )
 }
 
@@ -528,6 +597,7 @@ fn main() {
         ("tidemark end to end (capture + merge)", &figures.end_to_end),
         ("tidemark capture only (slot → log)", &figures.capture),
         ("tidemark merge apply alone (log → db)", &figures.apply),
+        ("tidemark scd2 apply alone (log → db)", &figures.scd2),
     ];
     for (name, v) in rows {
         let (med, min, max) = rates(changes, v);
@@ -539,6 +609,7 @@ fn main() {
     let native = rates(changes, &figures.native).0;
     let end_to_end = rates(changes, &figures.end_to_end).0;
     let apply = rates(changes, &figures.apply).0;
+    let scd2 = rates(changes, &figures.scd2).0;
     println!();
     println!(
         "tidemark end to end / native:      {:.2}×   (goal ≥ 2.0×, DESIGN)",
@@ -547,5 +618,12 @@ fn main() {
     println!(
         "tidemark merge apply / native:     {:.2}×   (goal ≥ 3×, DESIGN and issue 4)",
         apply / native
+    );
+    println!(
+        "tidemark scd2 apply / merge apply: {:.2}×   (goal ≥ 0.7×, DESIGN); {} versions, \
+         {:.0} versions/s",
+        scd2 / apply,
+        figures.versions,
+        figures.versions as f64 / median(figures.scd2.clone())
     );
 }

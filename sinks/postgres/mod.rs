@@ -117,7 +117,7 @@ impl PostgresSink {
         let client = self.client()?;
         let mut sql = vec![ddl::create_schema(&target.schema)];
         match self.config.mode {
-            SinkMode::Scd2 => sql.extend(scd2::create_table(&target, relation, self.layout())),
+            SinkMode::Scd2 => sql.push(scd2::create_table(&target, relation, self.layout())),
             _ => sql.push(ddl::create_table(&target, relation)),
         }
         sql.extend(relation.columns.iter().map(|c| ddl::add_column(&target, c)));

@@ -8,7 +8,7 @@
 use postgres_protocol::escape::escape_identifier;
 
 use super::copy_text::write_row;
-use super::ddl::{target_type, TargetTable};
+use super::ddl::{target_type, TargetTable, FILLFACTOR};
 use super::history::{HistoryPlan, KeyEvent};
 use crate::config::ColumnNaming;
 use crate::event::{Relation, Value, ValueType};
@@ -108,10 +108,11 @@ impl Layout {
     }
 }
 
-/// The history table of `relation`: its columns, the layout's, unique on (key, commit LSN),
-/// and an index on the key of current versions.
-pub fn create_table(table: &TargetTable, relation: &Relation, layout: Layout) -> Vec<String> {
-    let quoted = table.quoted();
+/// The history table of `relation`: its columns and the layout's, with the primary key
+/// (key, commit LSN). That index finds a key's versions in commit order, which is all "the
+/// current version of K" and "the version of K at time T" need; an index on current versions
+/// only would make closing a version a non-HOT update and cost about half the apply rate.
+pub fn create_table(table: &TargetTable, relation: &Relation, layout: Layout) -> String {
     let columns: Vec<String> = relation
         .columns
         .iter()
@@ -123,18 +124,13 @@ pub fn create_table(table: &TargetTable, relation: &Relation, layout: Layout) ->
                 .map(|(name, ty)| format!("{name} {ty}")),
         )
         .collect();
-    let key = key_list(relation);
-    vec![
-        format!(
-            "CREATE TABLE IF NOT EXISTS {quoted} ({}, PRIMARY KEY ({key}, {LSN_COLUMN}))",
-            columns.join(", ")
-        ),
-        format!(
-            "CREATE INDEX IF NOT EXISTS {} ON {quoted} ({key}) WHERE {}",
-            escape_identifier(&format!("{}_current", table.name)),
-            layout.is_current("")
-        ),
-    ]
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}, {LSN_COLUMN})) \
+         WITH (fillfactor = {FILLFACTOR})",
+        table.quoted(),
+        columns.join(", "),
+        key_list(relation)
+    )
 }
 
 fn key_list(relation: &Relation) -> String {
