@@ -11,8 +11,8 @@
 //! one. A truncate ends every current version of the table. Each version's `valid_to` is the
 //! commit time of the key's next event in the batch (None: still current when the batch
 //! ends). An unchanged TOAST value is taken from the key's previous version in the batch;
-//! when the batch has none it stays `UnchangedToast` and the target's current version (of the
-//! key, or of the key the row moved from: `carry_from`) supplies it.
+//! when the batch does not know it, it stays `UnchangedToast` and the target's latest earlier
+//! version (of the key, or of the key the row moved from: `carry_from`) supplies it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,15 +49,23 @@ impl EventKind {
     }
 }
 
+/// The version that holds a moved row's unchanged TOAST values: the latest version of the
+/// key `from` (a row holding its key columns) committed before `before`, the move's commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Carry {
+    pub from: Row,
+    pub before: Lsn,
+}
+
 /// One key's event in one committed transaction.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyEvent {
     pub kind: EventKind,
     /// The row as committed (a tombstone: its last values; a close: its key).
     pub row: Row,
-    /// The old key's row when `row` moved from another key and still has unchanged TOAST
-    /// values: the target's current version of that key supplies them.
-    pub carry_from: Option<Row>,
+    /// Where the target finds the unchanged TOAST values of a row that moved from another
+    /// key (None: the key's own latest version before this one).
+    pub carry_from: Option<Carry>,
     /// Commit LSN and time of the transaction.
     pub lsn: Lsn,
     pub at: i64,
@@ -86,7 +94,7 @@ struct Pending {
     existed_before: bool,
     present: bool,
     row: Row,
-    carry_from: Option<Row>,
+    carry_from: Option<Carry>,
 }
 
 /// Builds the plans of a batch of whole transactions, applied in order.
@@ -171,7 +179,12 @@ impl History {
                 }
                 if let Some((old_key, before)) = moved_from {
                     // Values still unchanged are in the old key's version, not the new key's.
-                    carry_from = carry_from.or_else(|| Some(before.clone()));
+                    carry_from = carry_from.or_else(|| {
+                        self.transaction.map(|begin| Carry {
+                            from: before.clone(),
+                            before: begin.commit_lsn,
+                        })
+                    });
                     let (last, last_carry) = self.last_values(&old_key, before, relation);
                     let old = self.touch(old_key, relation_id, relation, true);
                     old.present = false;
@@ -279,7 +292,7 @@ impl History {
 
     /// The key's state before the change being read: from this transaction, else from its
     /// last version in the batch. None when the batch does not know it.
-    fn previous_state(&self, key: &(u32, Vec<u8>)) -> (Option<Row>, Option<Row>) {
+    fn previous_state(&self, key: &(u32, Vec<u8>)) -> (Option<Row>, Option<Carry>) {
         if let Some(&i) = self.pending_index.get(key) {
             let pending = &self.pending[i].1;
             return (Some(pending.row.clone()), pending.carry_from.clone());
@@ -306,7 +319,7 @@ impl History {
         key: &(u32, Vec<u8>),
         before: &Row,
         relation: &Relation,
-    ) -> (Row, Option<Row>) {
+    ) -> (Row, Option<Carry>) {
         match self.previous_state(key) {
             (Some(row), carry_from) => (row, carry_from),
             (None, _) => (
@@ -431,7 +444,7 @@ mod tests {
         for (n, changes) in transactions.iter().enumerate() {
             history.begin(&begin(first + n as u64));
             for c in changes {
-                history.add(RelationId(1), &rel, c).unwrap();
+                history.add(c.relation, &rel, c).unwrap();
             }
             history.commit();
         }
@@ -508,7 +521,13 @@ mod tests {
         let events = &plans[0].events;
         assert_eq!(events[0].kind, EventKind::Closed);
         assert_eq!(events[1].kind, EventKind::Created);
-        assert_eq!(events[1].carry_from, Some(vec![Value::Int(1), Value::Null]));
+        assert_eq!(
+            events[1].carry_from,
+            Some(Carry {
+                from: vec![Value::Int(1), Value::Null],
+                before: Lsn(100)
+            })
+        );
     }
 
     #[test]
@@ -567,7 +586,8 @@ mod tests {
                 target.get(&key).and_then(|versions| {
                     versions
                         .values()
-                        .find(|v| v.to.is_none() && v.lsn < before)
+                        .filter(|v| v.lsn < before)
+                        .last()
                         .map(|v| v.body.clone())
                 })
             };
@@ -577,10 +597,13 @@ mod tests {
                     .iter()
                     .filter(|e| e.row.contains(&Value::UnchangedToast) == carried)
                 {
-                    let source = event.carry_from.as_ref().map_or(id(&event.row), id);
+                    let (source, before) = event
+                        .carry_from
+                        .as_ref()
+                        .map_or((id(&event.row), event.lsn), |c| (id(&c.from), c.before));
                     let body = match &event.row[1] {
                         Value::UnchangedToast => {
-                            current(target, source, event.lsn).unwrap_or(Value::Null)
+                            current(target, source, before).unwrap_or(Value::Null)
                         }
                         body => body.clone(),
                     };
@@ -638,6 +661,8 @@ mod tests {
         let mut source: BTreeMap<i64, String> = BTreeMap::new();
         let mut expected: BTreeMap<i64, usize> = BTreeMap::new();
         let mut truncated = false;
+        // The log gives a table a new description id after a restart or an ALTER.
+        let mut description = 1;
         let mut transactions = Vec::new();
         for (n, intents) in workload.iter().enumerate() {
             let mut changes = Vec::new();
@@ -672,7 +697,11 @@ mod tests {
                         source.insert(other, if flag { old } else { body });
                         touched.insert(other);
                     }
-                    (4, _) if flag && key == 0 => {
+                    (4, _) if !flag => {
+                        description += 1;
+                        continue;
+                    }
+                    (4, _) if key == 0 => {
                         changes.push(change(Op::Truncate, None, None));
                         truncated = true;
                         touched.clear();
@@ -687,6 +716,9 @@ mod tests {
                 if source.contains_key(&key) {
                     *expected.entry(key).or_default() += 1;
                 }
+            }
+            for c in &mut changes {
+                c.relation = RelationId(description);
             }
             transactions.push(changes);
         }

@@ -1,7 +1,7 @@
 //! The SCD2 target: its table layout (tidemark's or dbt's column names) and the set-based
 //! statements that apply one history plan. The plan's events are COPYed into a temporary
 //! staging table; then one statement inserts the versions whose unchanged TOAST values come
-//! from the target's current version, one inserts the complete versions, and one closes the
+//! from the version they supersede, one inserts the complete versions, and one closes the
 //! versions the batch supersedes. Every statement is replay-safe: versions are unique on
 //! (key, `_tidemark_lsn`) and a version is only closed by an event that follows it.
 
@@ -17,6 +17,8 @@ const ROW_COLUMN: &str = "_tidemark_row";
 /// Prefix of the staging columns holding the key whose current version supplies unchanged
 /// TOAST values, when it is not the row's own key.
 const FROM_COLUMN: &str = "_tidemark_from_";
+/// The commit LSN before which that key's latest version holds the values.
+const FROM_LSN_COLUMN: &str = "_tidemark_from_lsn";
 const OP_COLUMN: &str = "_tidemark_op";
 const LSN_COLUMN: &str = "_tidemark_lsn";
 const PREVIOUS_COLUMN: &str = "_tidemark_previous";
@@ -149,7 +151,7 @@ pub struct HistoryStatements {
     pub copy_stage: String,
     /// Closes every version current before the plan's truncate.
     pub truncate: Option<String>,
-    /// Versions with unchanged TOAST values, read from the current version they supersede.
+    /// Versions with unchanged TOAST values, read from the version they supersede.
     pub insert_carried: String,
     pub insert: String,
     pub close: String,
@@ -210,6 +212,7 @@ pub fn statements(
         .map(|(c, q)| format!("{q} {}", target_type(c)))
         .chain(from_columns)
         .chain([
+            format!("{FROM_LSN_COLUMN} pg_lsn"),
             format!("{ROW_COLUMN} int"),
             format!("{OP_COLUMN} text"),
             format!("{LSN_COLUMN} pg_lsn"),
@@ -256,12 +259,15 @@ pub fn statements(
         })
         .collect::<Vec<_>>()
         .join(", ");
+    // The values come from the key's latest version before this one: the version it
+    // supersedes, wherever in the batch or before it that was written (not "the current
+    // version": an earlier plan of the batch may have written and closed it already).
     let insert_carried = format!(
         "INSERT INTO {table} ({insert_columns}) SELECT {carried_values}, {layout_values} \
-         FROM {stage} s LEFT JOIN {table} p ON {carried_match} AND {} \
-           AND p.{LSN_COLUMN} < s.{LSN_COLUMN} \
-         WHERE s.{OP_COLUMN} <> 'x' AND s.{UNCHANGED_COLUMN} IS NOT NULL{only} {conflict}",
-        layout.is_current("p.")
+         FROM {stage} s LEFT JOIN LATERAL (SELECT * FROM {table} p WHERE {carried_match} \
+           AND p.{LSN_COLUMN} < coalesce(s.{FROM_LSN_COLUMN}, s.{LSN_COLUMN}) \
+           ORDER BY p.{LSN_COLUMN} DESC LIMIT 1) p ON true \
+         WHERE s.{OP_COLUMN} <> 'x' AND s.{UNCHANGED_COLUMN} IS NOT NULL{only} {conflict}"
     );
     // The event that ends a current version is the first one after it; row by row, the
     // events run in order, so the first to run is that one.
@@ -293,7 +299,7 @@ pub fn statements(
             stage_columns.join(", ")
         ),
         copy_stage: format!(
-            "COPY {stage} ({all}, {from_list}{ROW_COLUMN}, {OP_COLUMN}, {LSN_COLUMN}, \
+            "COPY {stage} ({all}, {from_list}{FROM_LSN_COLUMN}, {ROW_COLUMN}, {OP_COLUMN}, {LSN_COLUMN}, \
              {PREVIOUS_COLUMN}, {AT_COLUMN}, {VALID_TO_COLUMN}, {UNCHANGED_COLUMN}) FROM STDIN"
         ),
         truncate,
@@ -327,7 +333,7 @@ pub fn stage_rows(plan: &HistoryPlan) -> (Vec<u8>, usize) {
             .map(|&i| {
                 carry_from
                     .as_ref()
-                    .and_then(|from| from.get(i).cloned())
+                    .and_then(|carry| carry.from.get(i).cloned())
                     .unwrap_or(Value::Null)
             })
             .collect();
@@ -345,6 +351,12 @@ pub fn stage_rows(plan: &HistoryPlan) -> (Vec<u8>, usize) {
         };
         let text = |v: String| Value::Text(v);
         let fields = [
+            (
+                &ValueType::Text,
+                carry_from
+                    .as_ref()
+                    .map_or(Value::Null, |carry| text(carry.before.to_string())),
+            ),
             (&ValueType::Int4, Value::Int(number as i64)),
             (&ValueType::Text, text(kind.code().into())),
             (&ValueType::Text, text(lsn.to_string())),
