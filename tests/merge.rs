@@ -9,39 +9,6 @@ use std::time::Duration;
 use common::agent::{eventually, AgentSetup};
 use common::PgCluster;
 
-/// Runs SQL through the cluster's psql; None when it fails (e.g. the table is not there yet).
-fn try_psql(pg: &PgCluster, db: &str, sql: &str) -> Option<String> {
-    let output = std::process::Command::new(pg.bindir().join("psql"))
-        .args([
-            "-X",
-            "-qAt",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-        ])
-        .args(["-p", &pg.port().to_string(), "-d", db, "-c", sql])
-        .output()
-        .ok()?;
-    output.status.success().then(|| {
-        String::from_utf8_lossy(&output.stdout)
-            .trim_end()
-            .to_string()
-    })
-}
-
-/// Sorted text dump of a table, for row-for-row comparison; empty when it cannot be read.
-fn dump(pg: &PgCluster, db: &str, table: &str, columns: &str) -> String {
-    try_psql(
-        pg,
-        db,
-        &format!("COPY (SELECT {columns} FROM {table} ORDER BY 1, 2) TO STDOUT"),
-    )
-    .unwrap_or_default()
-}
-
 fn merge_sink(pg: &PgCluster, warehouse: &str, extra: &str) -> String {
     format!(
         "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n\
@@ -67,10 +34,10 @@ fn start_merge(
 /// Waits until every listed table's dump in the target equals the source's.
 fn assert_mirrors(pg: &PgCluster, source: &str, target: &str, tables: &[(&str, &str)]) {
     for (table, columns) in tables {
-        let want = dump(pg, source, &format!("public.\"{table}\""), columns);
+        let want = pg.dump(source, &format!("public.\"{table}\""), columns);
         let mut got = String::new();
         let same = eventually(Duration::from_secs(60), || {
-            got = dump(pg, target, &format!("replica.\"{table}\""), columns);
+            got = pg.dump(target, &format!("replica.\"{table}\""), columns);
             got == want
         });
         assert!(same, "{table} differs\nsource:\n{want}\ntarget:\n{got}");
@@ -169,7 +136,7 @@ fn soft_delete_keeps_the_row_and_a_reinsert_clears_the_flag() {
         "INSERT INTO t VALUES (1, 'a'), (2, 'b'); DELETE FROM t WHERE id = 1;",
     );
     let flags = || {
-        try_psql(&pg, &warehouse, "SELECT string_agg(id || ':' || v || ':' || _tidemark_deleted, ' ' ORDER BY id) FROM replica.t")
+        pg.try_psql(&warehouse, "SELECT string_agg(id || ':' || v || ':' || _tidemark_deleted, ' ' ORDER BY id) FROM replica.t")
             .unwrap_or_default()
     };
     assert!(
@@ -240,9 +207,9 @@ fn a_target_that_is_down_at_start_catches_up_when_it_returns() {
         agent.log()
     );
     target.start_again();
-    let want = dump(&source, &db, "public.t", "*");
+    let want = source.dump(&db, "public.t", "*");
     let arrived = eventually(Duration::from_secs(60), || {
-        dump(&target, &warehouse, "replica.t", "*") == want
+        target.dump(&warehouse, "replica.t", "*") == want
     });
     assert!(arrived, "{}", agent.log());
     assert!(agent.terminate().success());
@@ -410,8 +377,7 @@ fn a_row_the_target_refuses_is_dead_lettered_and_the_rest_applied() {
         "INSERT INTO t VALUES (2, 5), (3, 500), (4, 7); UPDATE t SET v = 2 WHERE id = 1;",
     );
     let rows = || {
-        try_psql(
-            &pg,
+        pg.try_psql(
             &warehouse,
             "SELECT string_agg(id || ':' || v, ' ' ORDER BY id) FROM replica.t",
         )
@@ -583,9 +549,8 @@ fn several_sinks_apply_side_by_side_from_their_own_cursors() {
     agent.wait_streaming();
     pg.psql(&db, "INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 300) g; DELETE FROM t WHERE id % 3 = 0;");
     assert_mirrors(&pg, &db, &warehouse, &[("t", "*")]);
-    let want = dump(&pg, &db, "public.t", "*");
-    assert!(eventually(Duration::from_secs(30), || dump(
-        &pg,
+    let want = pg.dump(&db, "public.t", "*");
+    assert!(eventually(Duration::from_secs(30), || pg.dump(
         &warehouse,
         "second.renamed",
         "*"
@@ -614,8 +579,7 @@ fn a_target_table_dropped_while_running_is_created_again() {
         "INSERT INTO t VALUES (2, 'b'); UPDATE t SET v = 'c' WHERE id = 2;",
     );
     let rows = || {
-        try_psql(
-            &pg,
+        pg.try_psql(
             &warehouse,
             "SELECT string_agg(id || ':' || v, ' ') FROM replica.t",
         )
@@ -744,10 +708,9 @@ fn a_target_restart_mid_stream_is_retried_and_nothing_is_lost() {
             &format!("UPDATE t SET v = v + 10 WHERE id % 7 = {round}"),
         );
     }
-    let want = dump(&source, &db, "public.t", "*");
+    let want = source.dump(&db, "public.t", "*");
     assert!(
-        eventually(Duration::from_secs(60), || dump(
-            &target,
+        eventually(Duration::from_secs(60), || target.dump(
             &warehouse,
             "replica.t",
             "*"

@@ -19,39 +19,6 @@ use common::PgCluster;
 /// How long a sink may take to apply what was committed before it is declared stuck.
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Runs SQL through the cluster's psql; None when it fails (e.g. the table is not there yet).
-fn try_psql(pg: &PgCluster, db: &str, sql: &str) -> Option<String> {
-    let output = std::process::Command::new(pg.bindir().join("psql"))
-        .args([
-            "-X",
-            "-qAt",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-        ])
-        .args(["-p", &pg.port().to_string(), "-d", db, "-c", sql])
-        .output()
-        .ok()?;
-    output.status.success().then(|| {
-        String::from_utf8_lossy(&output.stdout)
-            .trim_end()
-            .to_string()
-    })
-}
-
-/// Sorted text dump of a table, for row-for-row comparison; empty when it cannot be read.
-fn dump(pg: &PgCluster, db: &str, table: &str, columns: &str) -> String {
-    try_psql(
-        pg,
-        db,
-        &format!("COPY (SELECT {columns} FROM {table} ORDER BY 1, 2) TO STDOUT"),
-    )
-    .unwrap_or_default()
-}
-
 /// A cluster whose commit times can be read back with `pg_xact_commit_timestamp`.
 fn cluster() -> PgCluster {
     PgCluster::start_with(&[("track_commit_timestamp", "on")])
@@ -84,6 +51,34 @@ fn start_agent(pg: &PgCluster, db: &str, tables: &str, sinks: &str) -> (AgentSet
     let mut agent = setup.start();
     agent.wait_streaming();
     (setup, agent)
+}
+
+/// A cluster, a source database holding the tables of `schema_sql`, a warehouse, and an agent
+/// capturing `public.*` into one SCD2 sink `history` (schema `history`, plus `extra`).
+struct Scenario {
+    pg: PgCluster,
+    db: String,
+    wh: String,
+    setup: AgentSetup,
+    agent: Agent,
+}
+
+fn start_history(schema_sql: &str, extra: &str) -> Scenario {
+    let pg = cluster();
+    let (db, wh) = databases(&pg, schema_sql);
+    let (setup, agent) = start_agent(
+        &pg,
+        &db,
+        "\"public.*\"",
+        &scd2_sink(&pg, &wh, "history", "history", extra),
+    );
+    Scenario {
+        pg,
+        db,
+        wh,
+        setup,
+        agent,
+    }
 }
 
 /// `expr` (a timestamptz) as microseconds since the Unix epoch, in SQL.
@@ -137,7 +132,7 @@ fn sync(
     );
     let query = format!("SELECT count(*) FROM {schema}.tick WHERE n = {n}");
     let arrived = eventually(wait, || {
-        try_psql(target, warehouse, &query).as_deref() == Some("1")
+        target.try_psql(warehouse, &query).as_deref() == Some("1")
     });
     assert!(
         arrived,
@@ -155,8 +150,7 @@ fn wait_logged(source: &PgCluster, db: &str, agent: &Agent) {
          WHERE slot_name = 'tidemark_test'"
     );
     assert!(
-        eventually(WAIT, || try_psql(source, db, &query).as_deref()
-            == Some("t")),
+        eventually(WAIT, || source.try_psql(db, &query).as_deref() == Some("t")),
         "the slot was not confirmed up to {lsn}\n{}",
         agent.log()
     );
@@ -469,13 +463,8 @@ fn assert_current_is_source(
     columns: &str,
     current: &str,
 ) {
-    let want = dump(pg, db, source, columns);
-    let got = dump(
-        pg,
-        warehouse,
-        &format!("{history} WHERE {current}"),
-        columns,
-    );
+    let want = pg.dump(db, source, columns);
+    let got = pg.dump(warehouse, &format!("{history} WHERE {current}"), columns);
     assert_eq!(
         got, want,
         "current versions of {history} (left) differ from {source} (right)"
@@ -520,16 +509,15 @@ fn primary_key_of(pg: &PgCluster, warehouse: &str, table: &str) -> String {
 
 #[test]
 fn each_committed_transaction_is_one_version_of_each_key_it_changed() {
-    let pg = cluster();
-    let (db, wh) = databases(
-        &pg,
+    let Scenario {
+        pg,
+        db,
+        wh,
+        setup: _setup,
+        agent,
+    } = start_history(
         "CREATE TABLE t (id int PRIMARY KEY, v text, body text);",
-    );
-    let (_setup, agent) = start_agent(
-        &pg,
-        &db,
-        "\"public.*\"",
-        &scd2_sink(&pg, &wh, "history", "history", ""),
+        "",
     );
     let big = |seed: &str| {
         format!("(SELECT string_agg(md5((g {seed})::text), '') FROM generate_series(1, 20000) g)")
@@ -624,14 +612,13 @@ fn each_committed_transaction_is_one_version_of_each_key_it_changed() {
 
 #[test]
 fn a_deleted_key_is_closed_and_a_reinsert_opens_a_new_version() {
-    let pg = cluster();
-    let (db, wh) = databases(&pg, "CREATE TABLE t (id int PRIMARY KEY, v text);");
-    let (_setup, agent) = start_agent(
-        &pg,
-        &db,
-        "\"public.*\"",
-        &scd2_sink(&pg, &wh, "history", "history", ""),
-    );
+    let Scenario {
+        pg,
+        db,
+        wh,
+        setup: _setup,
+        agent,
+    } = start_history("CREATE TABLE t (id int PRIMARY KEY, v text);", "");
     let t1 = commit(&pg, &db, "T1", "INSERT INTO t VALUES (1, 'a'), (2, 'b')");
     let t2 = commit(&pg, &db, "T2", "DELETE FROM t WHERE id = 1");
     let t3 = commit(&pg, &db, "T3", "INSERT INTO t VALUES (1, 'a2')");
@@ -688,14 +675,13 @@ fn a_deleted_key_is_closed_and_a_reinsert_opens_a_new_version() {
 
 #[test]
 fn a_primary_key_update_closes_the_old_key_and_creates_the_new_one() {
-    let pg = cluster();
-    let (db, wh) = databases(&pg, "CREATE TABLE t (id int PRIMARY KEY, v text);");
-    let (_setup, agent) = start_agent(
-        &pg,
-        &db,
-        "\"public.*\"",
-        &scd2_sink(&pg, &wh, "history", "history", ""),
-    );
+    let Scenario {
+        pg,
+        db,
+        wh,
+        setup: _setup,
+        agent,
+    } = start_history("CREATE TABLE t (id int PRIMARY KEY, v text);", "");
     let t1 = commit(&pg, &db, "T1", "INSERT INTO t VALUES (1, 'a'), (2, 'b')");
     let t2 = commit(&pg, &db, "T2", "UPDATE t SET id = 9 WHERE id = 1");
     // 2 -> 10 -> 11 in one transaction: key 10 never has a committed version.
@@ -753,16 +739,15 @@ fn a_primary_key_update_closes_the_old_key_and_creates_the_new_one() {
 
 #[test]
 fn a_truncate_closes_every_current_version() {
-    let pg = cluster();
-    let (db, wh) = databases(
-        &pg,
+    let Scenario {
+        pg,
+        db,
+        wh,
+        setup: _setup,
+        agent,
+    } = start_history(
         "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE u (id int PRIMARY KEY, v text);",
-    );
-    let (_setup, agent) = start_agent(
-        &pg,
-        &db,
-        "\"public.*\"",
-        &scd2_sink(&pg, &wh, "history", "history", ""),
+        "",
     );
     let t1 = commit(
         &pg,
@@ -828,13 +813,15 @@ fn a_truncate_closes_every_current_version() {
 
 #[test]
 fn history_deletes_add_a_current_tombstone_that_a_reinsert_closes() {
-    let pg = cluster();
-    let (db, wh) = databases(&pg, "CREATE TABLE t (id int PRIMARY KEY, v text);");
-    let (_setup, agent) = start_agent(
-        &pg,
-        &db,
-        "\"public.*\"",
-        &scd2_sink(&pg, &wh, "history", "history", "history_deletes = true"),
+    let Scenario {
+        pg,
+        db,
+        wh,
+        setup: _setup,
+        agent,
+    } = start_history(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);",
+        "history_deletes = true",
     );
     let t1 = commit(
         &pg,
@@ -1073,8 +1060,8 @@ fn unchanged_toast_is_carried_when_one_batch_spans_a_restart_or_an_added_column(
     );
     let columns = "id, rev, md5(body), note";
     assert_eq!(
-        dump(&target, &wh, "history.docs WHERE is_current", columns),
-        dump(&source, &db, "public.docs", columns)
+        target.dump(&wh, "history.docs WHERE is_current", columns),
+        source.dump(&db, "public.docs", columns)
     );
     assert!(agent.terminate().success());
 }
@@ -1339,16 +1326,15 @@ fn merge_scd2_and_jsonl_sinks_apply_side_by_side() {
     pg.psql(&db, "DELETE FROM t WHERE id % 3 = 0");
     pg.psql(&db, "UPDATE t SET v = v || '!' WHERE id % 5 = 0");
     // 300 inserts, 100 deletes, 40 updates (multiples of 5 but not of 3).
-    let want = dump(&pg, &db, "public.t", "*");
+    let want = pg.dump(&db, "public.t", "*");
     let mut mirror = String::new();
     let same = eventually(WAIT, || {
-        mirror = dump(&pg, &wh, "replica.t", "*");
+        mirror = pg.dump(&wh, "replica.t", "*");
         mirror == want
     });
     assert!(same, "mirror differs\nsource:\n{want}\nmirror:\n{mirror}");
     let counts = || {
-        try_psql(
-            &pg,
+        pg.try_psql(
             &wh,
             "SELECT count(*), count(*) FILTER (WHERE is_current) FROM history.t",
         )
@@ -1396,8 +1382,7 @@ fn merge_scd2_and_jsonl_sinks_apply_side_by_side() {
         "JSONL envelopes by op"
     );
     let positions = || {
-        try_psql(
-            &pg,
+        pg.try_psql(
             &wh,
             "SELECT (SELECT log_position FROM replica._tidemark_checkpoint) \
              = (SELECT log_position FROM history._tidemark_checkpoint)",

@@ -231,12 +231,13 @@ pub(crate) fn fill_unchanged(row: &mut Row, previous: &Row) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::event::{Column, Lsn, ValueType};
     use proptest::prelude::*;
 
-    fn relation(oid: u32) -> Arc<Relation> {
+    /// A table `t{oid}` (id text primary key, body text).
+    pub(crate) fn relation(oid: u32) -> Arc<Relation> {
         let column = |name: &str, pk: bool| Column {
             name: name.into(),
             type_oid: 25,
@@ -254,14 +255,15 @@ mod tests {
         })
     }
 
-    fn row(id: i64, body: Option<&str>) -> Row {
+    /// A row of [`relation`]; a body of None is an unchanged TOAST value.
+    pub(crate) fn row(id: i64, body: Option<&str>) -> Row {
         vec![
             Value::Int(id),
             body.map_or(Value::UnchangedToast, |b| Value::Text(b.into())),
         ]
     }
 
-    fn change(op: Op, before: Option<Row>, after: Option<Row>) -> ChangeEvent {
+    pub(crate) fn change(op: Op, before: Option<Row>, after: Option<Row>) -> ChangeEvent {
         ChangeEvent {
             relation: RelationId(1),
             lsn: Lsn(0),

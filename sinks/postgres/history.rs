@@ -390,44 +390,9 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Column, ValueType};
+    use crate::sinks::postgres::collapse::tests::{change, relation, row};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
-
-    fn relation() -> Arc<Relation> {
-        let column = |name: &str, pk: bool| Column {
-            name: name.into(),
-            type_oid: 25,
-            type_modifier: -1,
-            type_name: "text".into(),
-            value_type: ValueType::Text,
-            primary_key: pk,
-            replica_identity: pk,
-        };
-        Arc::new(Relation {
-            oid: 7,
-            schema: "public".into(),
-            table: "t".into(),
-            columns: vec![column("id", true), column("body", false)],
-        })
-    }
-
-    fn row(id: i64, body: Option<&str>) -> Row {
-        vec![
-            Value::Int(id),
-            body.map_or(Value::UnchangedToast, |b| Value::Text(b.into())),
-        ]
-    }
-
-    fn change(op: Op, before: Option<Row>, after: Option<Row>) -> ChangeEvent {
-        ChangeEvent {
-            relation: RelationId(1),
-            lsn: Lsn(0),
-            op,
-            before,
-            after,
-        }
-    }
 
     fn begin(n: u64) -> TxBegin {
         TxBegin {
@@ -439,7 +404,7 @@ mod tests {
 
     /// Plans `transactions` (numbered from `first`) as one batch.
     fn plan(first: u64, transactions: &[Vec<ChangeEvent>], tombstones: bool) -> Vec<HistoryPlan> {
-        let rel = relation();
+        let rel = relation(7);
         let mut history = History::new(tombstones);
         for (n, changes) in transactions.iter().enumerate() {
             history.begin(&begin(first + n as u64));
@@ -582,13 +547,13 @@ mod tests {
             }
             let versions: Vec<&KeyEvent> =
                 plan.events.iter().filter(|e| e.kind.is_version()).collect();
-            let current = |target: &Target, key: i64, before: Lsn| {
+            // The key's latest version before `before`.
+            let latest = |target: &Target, key: i64, before: Lsn| {
                 target.get(&key).and_then(|versions| {
                     versions
-                        .values()
-                        .filter(|v| v.lsn < before)
-                        .last()
-                        .map(|v| v.body.clone())
+                        .range(..before)
+                        .next_back()
+                        .map(|(_, v)| v.body.clone())
                 })
             };
             let mut inserts = Vec::new();
@@ -603,7 +568,7 @@ mod tests {
                         .map_or((id(&event.row), event.lsn), |c| (id(&c.from), c.before));
                     let body = match &event.row[1] {
                         Value::UnchangedToast => {
-                            current(target, source, before).unwrap_or(Value::Null)
+                            latest(target, source, before).unwrap_or(Value::Null)
                         }
                         body => body.clone(),
                     };

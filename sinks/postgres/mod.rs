@@ -12,6 +12,7 @@ pub mod ddl;
 pub mod history;
 pub mod merge;
 pub mod scd2;
+pub mod staging;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -25,6 +26,7 @@ use tokio_postgres::Client;
 use self::collapse::{Collapse, CollapseError, KeyState, TablePlan};
 use self::ddl::TargetTable;
 use self::history::{History, HistoryPlan};
+use self::staging::PlanSql;
 use super::{Sink, SinkError};
 use crate::config::{PostgresSinkConfig, SinkMode};
 use crate::dead_letter::{self, DeadLetterQueue};
@@ -376,30 +378,10 @@ enum Plan {
 
 impl TableWork {
     fn merge(target: TargetTable, stage: &str, plan: TablePlan, soft_delete: bool) -> TableWork {
-        let (rows, with_unchanged) = merge::stage_rows(&plan);
-        let sql = |one_row| {
-            let sql = merge::statements(&target, &plan, stage, soft_delete, one_row);
-            let statements = [Some(sql.move_rows), Some(sql.delete), Some(sql.upsert)]
-                .into_iter()
-                .chain([sql.update_unchanged.filter(|_| with_unchanged > 0)])
-                .flatten()
-                .collect();
-            (sql.create_stage, sql.copy_stage, sql.truncate, statements)
-        };
-        let (create_stage, copy_stage, truncate, statements) = sql(false);
-        let row_statements = sql(true).3;
-        TableWork {
-            relation_id: plan.relation_id,
-            relation: Arc::clone(&plan.relation),
-            target,
-            create_stage,
-            copy_stage,
-            rows: Bytes::from(rows),
-            truncate,
-            statements,
-            row_statements,
-            plan: Plan::Merge(plan),
-        }
+        let sql = |one_row| merge::statements(&target, &plan, stage, soft_delete, one_row);
+        let (all_rows, one_row) = (sql(false), sql(true));
+        let rows = merge::stage_rows(&plan);
+        TableWork::new(target, all_rows, one_row, rows, Plan::Merge(plan))
     }
 
     fn history(
@@ -408,29 +390,34 @@ impl TableWork {
         plan: HistoryPlan,
         layout: scd2::Layout,
     ) -> TableWork {
-        let (rows, carried) = scd2::stage_rows(&plan);
-        let sql = |one_row| {
-            let sql = scd2::statements(&target, &plan, stage, layout, one_row);
-            let statements = [sql.insert_carried]
-                .into_iter()
-                .filter(|_| carried > 0)
-                .chain([sql.insert, sql.close])
-                .collect();
-            (sql.create_stage, sql.copy_stage, sql.truncate, statements)
+        let sql = |one_row| scd2::statements(&target, &plan, stage, layout, one_row);
+        let (all_rows, one_row) = (sql(false), sql(true));
+        let rows = scd2::stage_rows(&plan);
+        TableWork::new(target, all_rows, one_row, rows, Plan::History(plan))
+    }
+
+    fn new(
+        target: TargetTable,
+        sql: PlanSql,
+        one_row: PlanSql,
+        rows: Vec<u8>,
+        plan: Plan,
+    ) -> TableWork {
+        let (relation_id, relation) = match &plan {
+            Plan::Merge(plan) => (plan.relation_id, Arc::clone(&plan.relation)),
+            Plan::History(plan) => (plan.relation_id, Arc::clone(&plan.relation)),
         };
-        let (create_stage, copy_stage, truncate, statements) = sql(false);
-        let row_statements = sql(true).3;
         TableWork {
-            relation_id: plan.relation_id,
-            relation: Arc::clone(&plan.relation),
+            relation_id,
+            relation,
             target,
-            create_stage,
-            copy_stage,
+            create_stage: sql.create_stage,
+            copy_stage: sql.copy_stage,
             rows: Bytes::from(rows),
-            truncate,
-            statements,
-            row_statements,
-            plan: Plan::History(plan),
+            truncate: sql.truncate,
+            statements: sql.statements,
+            row_statements: one_row.statements,
+            plan,
         }
     }
 

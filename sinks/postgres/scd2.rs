@@ -7,24 +7,35 @@
 
 use postgres_protocol::escape::escape_identifier;
 
-use super::copy_text::write_row;
 use super::ddl::{target_type, TargetTable, FILLFACTOR};
 use super::history::{HistoryPlan, KeyEvent};
+use super::staging::{
+    stage_row, unchanged_columns, Names, PlanSql, FROM_COLUMN, OP_COLUMN, ROW_COLUMN,
+    UNCHANGED_COLUMN,
+};
 use crate::config::ColumnNaming;
 use crate::event::{Relation, Value, ValueType};
 
-const ROW_COLUMN: &str = "_tidemark_row";
-/// Prefix of the staging columns holding the key whose current version supplies unchanged
-/// TOAST values, when it is not the row's own key.
-const FROM_COLUMN: &str = "_tidemark_from_";
-/// The commit LSN before which that key's latest version holds the values.
+// The staging table's other-row key columns hold the key whose latest version before
+// `FROM_LSN_COLUMN` supplies unchanged TOAST values, when it is not the row's own key.
 const FROM_LSN_COLUMN: &str = "_tidemark_from_lsn";
-const OP_COLUMN: &str = "_tidemark_op";
 const LSN_COLUMN: &str = "_tidemark_lsn";
+/// Commit LSN of the key's previous event in the batch.
 const PREVIOUS_COLUMN: &str = "_tidemark_previous";
 const AT_COLUMN: &str = "_tidemark_at";
 const VALID_TO_COLUMN: &str = "_tidemark_valid_to";
-const UNCHANGED_COLUMN: &str = "_tidemark_unchanged";
+
+/// The staging columns after the source's and the other row's key.
+const STAGE_COLUMNS: [(&str, &str); 8] = [
+    (FROM_LSN_COLUMN, "pg_lsn"),
+    (ROW_COLUMN, "int"),
+    (OP_COLUMN, "text"),
+    (LSN_COLUMN, "pg_lsn"),
+    (PREVIOUS_COLUMN, "pg_lsn"),
+    (AT_COLUMN, "timestamptz"),
+    (VALID_TO_COLUMN, "timestamptz"),
+    (UNCHANGED_COLUMN, "int[]"),
+];
 
 /// How versions are recorded: the validity columns' names and whether deletes are versions.
 #[derive(Debug, Clone, Copy)]
@@ -145,120 +156,48 @@ fn key_list(relation: &Relation) -> String {
         .join(", ")
 }
 
-/// The SQL for one plan, in the order it runs.
-pub struct HistoryStatements {
-    pub create_stage: String,
-    pub copy_stage: String,
-    /// Closes every version current before the plan's truncate.
-    pub truncate: Option<String>,
-    /// Versions with unchanged TOAST values, read from the version they supersede.
-    pub insert_carried: String,
-    pub insert: String,
-    pub close: String,
-}
-
-/// With `one_row`, each statement applies only the staged event whose number is `$1`, so a
-/// batch the target refuses can be applied event by event to find the events it refuses.
+/// The SQL for one plan: closing the versions current before its truncate, inserting the
+/// versions whose unchanged TOAST values come from the version they supersede, inserting the
+/// complete versions, and closing the versions the plan's events supersede.
 pub fn statements(
     target: &TargetTable,
     plan: &HistoryPlan,
     stage: &str,
     layout: Layout,
     one_row: bool,
-) -> HistoryStatements {
-    let only = if one_row {
-        format!(" AND s.{ROW_COLUMN} = $1")
-    } else {
-        String::new()
-    };
+) -> PlanSql {
+    let names = Names::new(target, &plan.relation, stage, one_row);
+    let Names {
+        table, stage, only, ..
+    } = &names;
     let relation = &plan.relation;
-    let stage = escape_identifier(stage);
-    let table = target.quoted();
-    let quoted: Vec<String> = relation
-        .columns
-        .iter()
-        .map(|c| escape_identifier(&c.name))
-        .collect();
-    let keys: Vec<(usize, &String)> = relation
-        .columns
-        .iter()
-        .zip(&quoted)
-        .filter(|(c, _)| c.primary_key)
-        .map(|(_, q)| q)
-        .enumerate()
-        .collect();
-    let key_match = |alias: &str| {
-        keys.iter()
-            .map(|(_, q)| format!("{alias}.{q} = s.{q}"))
+    let all = names.all();
+    let insert_columns = format!(
+        "{all}, {}",
+        layout
+            .columns()
+            .iter()
+            .map(|(name, _)| *name)
             .collect::<Vec<_>>()
-            .join(" AND ")
-    };
-    let carried_match = keys
-        .iter()
-        .map(|(n, q)| format!("p.{q} = coalesce(s.{FROM_COLUMN}{n}, s.{q})"))
-        .collect::<Vec<_>>()
-        .join(" AND ");
-    let from_columns: Vec<String> = relation
-        .columns
-        .iter()
-        .filter(|c| c.primary_key)
-        .enumerate()
-        .map(|(n, c)| format!("{FROM_COLUMN}{n} {}", target_type(c)))
-        .collect();
-    let stage_columns: Vec<String> = relation
-        .columns
-        .iter()
-        .zip(&quoted)
-        .map(|(c, q)| format!("{q} {}", target_type(c)))
-        .chain(from_columns)
-        .chain([
-            format!("{FROM_LSN_COLUMN} pg_lsn"),
-            format!("{ROW_COLUMN} int"),
-            format!("{OP_COLUMN} text"),
-            format!("{LSN_COLUMN} pg_lsn"),
-            format!("{PREVIOUS_COLUMN} pg_lsn"),
-            format!("{AT_COLUMN} timestamptz"),
-            format!("{VALID_TO_COLUMN} timestamptz"),
-            format!("{UNCHANGED_COLUMN} int[]"),
-        ])
-        .collect();
-    let from_list: String = keys
-        .iter()
-        .map(|(n, _)| format!("{FROM_COLUMN}{n}, "))
-        .collect();
-    let all = quoted.join(", ");
-    let layout_names: Vec<&str> = layout.columns().iter().map(|(name, _)| *name).collect();
-    let insert_columns = format!("{all}, {}", layout_names.join(", "));
+            .join(", ")
+    );
     let layout_values = layout.values(relation);
     let conflict = format!(
         "ON CONFLICT ({}, {LSN_COLUMN}) DO NOTHING",
-        key_list(relation)
+        names.key_list()
     );
 
-    let plain_values = quoted
-        .iter()
-        .map(|q| format!("s.{q}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let plain_values = names.values(|_, q| format!("s.{q}"));
     let insert = format!(
         "INSERT INTO {table} ({insert_columns}) SELECT {plain_values}, {layout_values} \
          FROM {stage} s WHERE s.{OP_COLUMN} <> 'x' AND s.{UNCHANGED_COLUMN} IS NULL{only} \
          {conflict}"
     );
-    let carried_values = relation
-        .columns
-        .iter()
-        .zip(&quoted)
-        .enumerate()
-        .map(|(i, (c, q))| {
-            if c.primary_key {
-                format!("s.{q}")
-            } else {
-                format!("CASE WHEN {i} = ANY(s.{UNCHANGED_COLUMN}) THEN p.{q} ELSE s.{q} END")
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let carried_values = names.values(|i, q| {
+        format!("CASE WHEN {i} = ANY(s.{UNCHANGED_COLUMN}) THEN p.{q} ELSE s.{q} END")
+    });
+    let carried_match =
+        names.key_match_with("p", |n, q| format!("coalesce(s.{FROM_COLUMN}{n}, s.{q})"));
     // The values come from the key's latest version before this one: the version it
     // supersedes, wherever in the batch or before it that was written (not "the current
     // version": an earlier plan of the batch may have written and closed it already).
@@ -280,7 +219,7 @@ pub fn statements(
         "UPDATE {table} t SET {} FROM {stage} s WHERE {} AND {} \
          AND t.{LSN_COLUMN} < s.{LSN_COLUMN}{follows}{only}",
         layout.close(&format!("s.{AT_COLUMN}")),
-        key_match("t"),
+        names.key_match("t"),
         layout.is_current("t."),
     );
     let truncate = plan.truncate.map(|(lsn, at)| {
@@ -293,31 +232,27 @@ pub fn statements(
         )
     });
 
-    HistoryStatements {
-        create_stage: format!(
-            "CREATE TEMP TABLE IF NOT EXISTS {stage} ({}) ON COMMIT DELETE ROWS",
-            stage_columns.join(", ")
-        ),
-        copy_stage: format!(
-            "COPY {stage} ({all}, {from_list}{FROM_LSN_COLUMN}, {ROW_COLUMN}, {OP_COLUMN}, {LSN_COLUMN}, \
-             {PREVIOUS_COLUMN}, {AT_COLUMN}, {VALID_TO_COLUMN}, {UNCHANGED_COLUMN}) FROM STDIN"
-        ),
+    let carried = plan
+        .events
+        .iter()
+        .any(|e| e.kind.is_version() && e.row.contains(&Value::UnchangedToast));
+    PlanSql {
+        create_stage: names.create_stage(&STAGE_COLUMNS),
+        copy_stage: names.copy_stage(&STAGE_COLUMNS),
         truncate,
-        insert_carried,
-        insert,
-        close,
+        statements: [insert_carried]
+            .into_iter()
+            .filter(|_| carried)
+            .chain([insert, close])
+            .collect(),
     }
 }
 
-/// The plan's events in COPY text format for the staging table, and how many versions have
-/// unchanged TOAST values for the target to supply.
-pub fn stage_rows(plan: &HistoryPlan) -> (Vec<u8>, usize) {
-    let columns = &plan.relation.columns;
-    let types: Vec<&ValueType> = columns.iter().map(|c| &c.value_type).collect();
-    let key: Vec<usize> = plan.relation.primary_key_indexes().collect();
+/// The plan's events in COPY text format for the staging table.
+pub fn stage_rows(plan: &HistoryPlan) -> Vec<u8> {
     let int_array = ValueType::Array(Box::new(ValueType::Int4));
+    let text = |v: String| Value::Text(v);
     let mut out = Vec::new();
-    let mut carried = 0;
     for (number, event) in plan.events.iter().enumerate() {
         let KeyEvent {
             kind,
@@ -328,58 +263,38 @@ pub fn stage_rows(plan: &HistoryPlan) -> (Vec<u8>, usize) {
             previous,
             valid_to,
         } = event;
-        let from: Vec<Value> = key
-            .iter()
-            .map(|&i| {
-                carry_from
-                    .as_ref()
-                    .and_then(|carry| carry.from.get(i).cloned())
-                    .unwrap_or(Value::Null)
-            })
-            .collect();
-        let unchanged: Vec<Value> = row
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| **v == Value::UnchangedToast)
-            .map(|(i, _)| Value::Int(i as i64))
-            .collect();
-        let unchanged = if unchanged.is_empty() || !kind.is_version() {
-            Value::Null
+        let unchanged = if kind.is_version() {
+            unchanged_columns(row)
         } else {
-            carried += 1;
-            Value::Array(unchanged)
+            Value::Null
         };
-        let text = |v: String| Value::Text(v);
-        let fields = [
-            (
-                &ValueType::Text,
-                carry_from
-                    .as_ref()
-                    .map_or(Value::Null, |carry| text(carry.before.to_string())),
-            ),
-            (&ValueType::Int4, Value::Int(number as i64)),
-            (&ValueType::Text, text(kind.code().into())),
-            (&ValueType::Text, text(lsn.to_string())),
-            (
-                &ValueType::Text,
-                previous.map_or(Value::Null, |p| text(p.to_string())),
-            ),
-            (&ValueType::TimestampTz, Value::TimestampTz(*at)),
-            (
-                &ValueType::TimestampTz,
-                valid_to.map_or(Value::Null, Value::TimestampTz),
-            ),
-            (&int_array, unchanged),
-        ];
-        write_row(
+        stage_row(
             &mut out,
-            types
-                .iter()
-                .copied()
-                .zip(row)
-                .chain(key.iter().map(|&i| types[i]).zip(&from))
-                .chain(fields.iter().map(|(t, v)| (*t, v))),
+            &plan.relation,
+            row,
+            carry_from.as_ref().map(|carry| &carry.from),
+            &[
+                (
+                    &ValueType::Text,
+                    carry_from
+                        .as_ref()
+                        .map_or(Value::Null, |carry| text(carry.before.to_string())),
+                ),
+                (&ValueType::Int4, Value::Int(number as i64)),
+                (&ValueType::Text, text(kind.code().into())),
+                (&ValueType::Text, text(lsn.to_string())),
+                (
+                    &ValueType::Text,
+                    previous.map_or(Value::Null, |p| text(p.to_string())),
+                ),
+                (&ValueType::TimestampTz, Value::TimestampTz(*at)),
+                (
+                    &ValueType::TimestampTz,
+                    valid_to.map_or(Value::Null, Value::TimestampTz),
+                ),
+                (&int_array, unchanged),
+            ],
         );
     }
-    (out, carried)
+    out
 }

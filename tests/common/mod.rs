@@ -223,6 +223,27 @@ impl PgCluster {
     /// output without the final newline: rows on lines, columns separated by `|`. Panics
     /// with psql's stderr when a statement fails.
     pub fn psql(&self, db: &str, sql: &str) -> String {
+        self.run_psql(db, sql).unwrap_or_else(|error| {
+            panic!("psql against database {db:?} failed: {error}\n--- sql ---\n{sql}")
+        })
+    }
+
+    /// [`PgCluster::psql`], None when a statement fails (e.g. the table is not there yet).
+    pub fn try_psql(&self, db: &str, sql: &str) -> Option<String> {
+        self.run_psql(db, sql).ok()
+    }
+
+    /// Sorted text dump of a table, for row-for-row comparison; empty when it cannot be read.
+    pub fn dump(&self, db: &str, table: &str, columns: &str) -> String {
+        self.try_psql(
+            db,
+            &format!("COPY (SELECT {columns} FROM {table} ORDER BY 1, 2) TO STDOUT"),
+        )
+        .unwrap_or_default()
+    }
+
+    /// psql's output, or its exit status and stderr.
+    fn run_psql(&self, db: &str, sql: &str) -> Result<String, String> {
         let mut cmd = Command::new(self.bindir.join("psql"));
         clear_pg_env(&mut cmd);
         cmd.current_dir(self.dir.path())
@@ -250,14 +271,14 @@ impl PgCluster {
             .unwrap_or_else(|e| panic!("waiting for psql: {e}"));
         let _ = writer.join();
         if !output.status.success() {
-            panic!(
-                "psql against database {db:?} failed ({}):\n{}\n--- sql ---\n{sql}",
+            return Err(format!(
+                "{}:\n{}",
                 output.status,
                 String::from_utf8_lossy(&output.stderr).trim_end()
-            );
+            ));
         }
         let stdout = String::from_utf8_lossy(&output.stdout);
-        stdout.strip_suffix('\n').unwrap_or(&stdout).to_string()
+        Ok(stdout.strip_suffix('\n').unwrap_or(&stdout).to_string())
     }
 
     /// Creates database `name` (quoted, so any name works).
