@@ -6,7 +6,7 @@
 use super::collapse::{KeyState, TablePlan};
 use super::ddl::TargetTable;
 use super::staging::{
-    stage_row, unchanged_columns, Names, PlanSql, FROM_COLUMN, OP_COLUMN, ROW_COLUMN,
+    stage_row, unchanged_columns, Names, Pass, PlanSql, FROM_COLUMN, OP_COLUMN, ROW_COLUMN,
     UNCHANGED_COLUMN,
 };
 use crate::event::{Value, ValueType};
@@ -22,15 +22,16 @@ const STAGE_COLUMNS: [(&str, &str); 3] = [
 
 /// The SQL for one plan: moves (rows moved to a new key, with unchanged values read from
 /// the old key's target row; before the delete removes that row), deletes, upserts of
-/// complete rows, and updates of rows with unchanged TOAST values.
+/// complete rows, and updates of rows with unchanged TOAST values. Every pass is the same but
+/// for `Pass::OneRow`'s filter: upserts and deletes by key are replay-safe as they are.
 pub fn statements(
     target: &TargetTable,
     plan: &TablePlan,
     stage: &str,
     soft_delete: bool,
-    one_row: bool,
+    pass: Pass,
 ) -> PlanSql {
-    let names = Names::new(target, &plan.relation, stage, one_row);
+    let names = Names::new(target, &plan.relation, stage, pass);
     let Names {
         table, stage, only, ..
     } = &names;

@@ -26,7 +26,7 @@ use tokio_postgres::Client;
 use self::collapse::{Collapse, CollapseError, KeyState, TablePlan};
 use self::ddl::TargetTable;
 use self::history::{History, HistoryPlan};
-use self::staging::PlanSql;
+use self::staging::{Pass, PlanSql};
 use super::{Sink, SinkError};
 use crate::config::{PostgresSinkConfig, SinkMode};
 use crate::dead_letter::{self, DeadLetterQueue};
@@ -297,7 +297,7 @@ impl Sink for PostgresSink {
             log_position: last.seq,
             source_lsn,
         };
-        let mut result = self.apply_batch(&batch, false).await;
+        let mut result = self.apply_batch(&batch, Pass::Fresh).await;
         if matches!(&result, Err(e) if e.is_missing_target()) {
             // Someone dropped a target table or column: create it again and go on. Rows it
             // held before are gone from the mirror until the table is re-snapshotted.
@@ -311,7 +311,17 @@ impl Sink for PostgresSink {
             for table in &batch.tables {
                 self.prepare(table.relation_id, &table.relation).await?;
             }
-            result = self.apply_batch(&batch, false).await;
+            result = self.apply_batch(&batch, Pass::Fresh).await;
+        }
+        if matches!(&result, Err(e) if e.is_unique_violation()) {
+            // The target holds part of the batch already (its checkpoint was older than its
+            // rows, or another sink writes the same tables): apply it again, skipping what
+            // is there.
+            tracing::info!(
+                sink = %self.name,
+                "the target holds part of the batch already; applying it as a replay"
+            );
+            result = self.apply_batch(&batch, Pass::Replay).await;
         }
         let rejected = match result {
             Err(e) if e.is_data_error() => {
@@ -320,7 +330,7 @@ impl Sink for PostgresSink {
                     error = %e,
                     "the target refused the batch; applying it row by row to dead-letter the refused rows"
                 );
-                self.apply_batch(&batch, true).await
+                self.apply_batch(&batch, Pass::OneRow).await
             }
             result => result,
         }
@@ -364,10 +374,10 @@ struct TableWork {
     copy_stage: String,
     rows: Bytes,
     truncate: Option<String>,
-    /// Apply every staged row, in order.
-    statements: Vec<String>,
-    /// Apply the staged row numbered `$1`, in order.
-    row_statements: Vec<String>,
+    /// The statements of each pass, in order.
+    fresh: Vec<String>,
+    replay: Vec<String>,
+    one_row: Vec<String>,
     plan: Plan,
 }
 
@@ -378,10 +388,10 @@ enum Plan {
 
 impl TableWork {
     fn merge(target: TargetTable, stage: &str, plan: TablePlan, soft_delete: bool) -> TableWork {
-        let sql = |one_row| merge::statements(&target, &plan, stage, soft_delete, one_row);
-        let (all_rows, one_row) = (sql(false), sql(true));
+        let sql = |pass| merge::statements(&target, &plan, stage, soft_delete, pass);
+        let passes = [sql(Pass::Fresh), sql(Pass::Replay), sql(Pass::OneRow)];
         let rows = merge::stage_rows(&plan);
-        TableWork::new(target, all_rows, one_row, rows, Plan::Merge(plan))
+        TableWork::new(target, passes, rows, Plan::Merge(plan))
     }
 
     fn history(
@@ -390,34 +400,39 @@ impl TableWork {
         plan: HistoryPlan,
         layout: scd2::Layout,
     ) -> TableWork {
-        let sql = |one_row| scd2::statements(&target, &plan, stage, layout, one_row);
-        let (all_rows, one_row) = (sql(false), sql(true));
+        let sql = |pass| scd2::statements(&target, &plan, stage, layout, pass);
+        let passes = [sql(Pass::Fresh), sql(Pass::Replay), sql(Pass::OneRow)];
         let rows = scd2::stage_rows(&plan);
-        TableWork::new(target, all_rows, one_row, rows, Plan::History(plan))
+        TableWork::new(target, passes, rows, Plan::History(plan))
     }
 
-    fn new(
-        target: TargetTable,
-        sql: PlanSql,
-        one_row: PlanSql,
-        rows: Vec<u8>,
-        plan: Plan,
-    ) -> TableWork {
+    /// `passes`: the plan's SQL for a fresh pass, a replay and one row.
+    fn new(target: TargetTable, passes: [PlanSql; 3], rows: Vec<u8>, plan: Plan) -> TableWork {
         let (relation_id, relation) = match &plan {
             Plan::Merge(plan) => (plan.relation_id, Arc::clone(&plan.relation)),
             Plan::History(plan) => (plan.relation_id, Arc::clone(&plan.relation)),
         };
+        let [fresh, replay, one_row] = passes;
         TableWork {
             relation_id,
             relation,
             target,
-            create_stage: sql.create_stage,
-            copy_stage: sql.copy_stage,
+            create_stage: fresh.create_stage,
+            copy_stage: fresh.copy_stage,
             rows: Bytes::from(rows),
-            truncate: sql.truncate,
-            statements: sql.statements,
-            row_statements: one_row.statements,
+            truncate: fresh.truncate,
+            fresh: fresh.statements,
+            replay: replay.statements,
+            one_row: one_row.statements,
             plan,
+        }
+    }
+
+    fn statements(&self, pass: Pass) -> &[String] {
+        match pass {
+            Pass::Fresh => &self.fresh,
+            Pass::Replay => &self.replay,
+            Pass::OneRow => &self.one_row,
         }
     }
 
@@ -456,14 +471,10 @@ fn stage_name(relation_id: RelationId, occurrence: usize) -> String {
 }
 
 impl PostgresSink {
-    /// Applies the batch and its checkpoint in one target transaction. With `isolate`, each
-    /// row goes in its own savepoint and rows the target refuses are dead-lettered (durably,
-    /// before the commit) instead of failing the batch; returns those rows' reasons.
-    async fn apply_batch(
-        &mut self,
-        batch: &Batch,
-        isolate: bool,
-    ) -> Result<Vec<String>, ApplyError> {
+    /// Applies the batch and its checkpoint in one target transaction. With `Pass::OneRow`,
+    /// each row goes in its own savepoint and rows the target refuses are dead-lettered
+    /// (durably, before the commit) instead of failing the batch; returns those rows' reasons.
+    async fn apply_batch(&mut self, batch: &Batch, pass: Pass) -> Result<Vec<String>, ApplyError> {
         let checkpoint = format!(
             "INSERT INTO {}._tidemark_checkpoint (sink, log_position, source_lsn, updated_at) \
              VALUES ($1, $2, $3::text::pg_lsn, now()) ON CONFLICT (sink) DO UPDATE SET \
@@ -480,11 +491,7 @@ impl PostgresSink {
         let mut reasons = Vec::new();
         for table in &batch.tables {
             let target = &table.target;
-            let statements = if isolate {
-                &table.row_statements
-            } else {
-                &table.statements
-            };
+            let statements = table.statements(pass);
             let context = || format!("staging changes for {target}");
             transaction
                 .batch_execute(&table.create_stage)
@@ -509,7 +516,7 @@ impl PostgresSink {
                     .map_err(ApplyError::with(format!("truncating {target}")))?;
             }
             let context = || format!("applying changes to {target}");
-            if !isolate {
+            if pass != Pass::OneRow {
                 for statement in statements {
                     transaction
                         .execute(statement.as_str(), &[])
@@ -607,6 +614,12 @@ impl ApplyError {
     fn is_missing_target(&self) -> bool {
         matches!(self, ApplyError::Target { source, .. }
             if source.code().is_some_and(|c| matches!(c.code(), "42P01" | "42703")))
+    }
+
+    /// A unique index refused a row (SQLSTATE 23505).
+    fn is_unique_violation(&self) -> bool {
+        matches!(self, ApplyError::Target { source, .. }
+            if source.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION))
     }
 
     /// The target refused a value (class 22 data exception, class 23 constraint violation):

@@ -17,12 +17,26 @@ pub const OP_COLUMN: &str = "_tidemark_op";
 /// The staging column listing, for a row with unchanged TOAST values, their column numbers.
 pub const UNCHANGED_COLUMN: &str = "_tidemark_unchanged";
 
+/// Which rows a plan's statements apply, and whether the target may hold some already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Every staged row, none of which the target holds: what a sink resuming from its own
+    /// checkpoint sees. A statement may count on it to skip conflict handling, as long as a
+    /// row the target does hold fails with a unique violation (then `Replay` runs instead).
+    Fresh,
+    /// Every staged row, any of which the target may hold already.
+    Replay,
+    /// Only the staged row numbered `$1`, any of which the target may hold already: a batch
+    /// the target refuses is applied row by row to find the rows it refuses.
+    OneRow,
+}
+
 /// One plan's SQL, in the order it runs.
 pub struct PlanSql {
     pub create_stage: String,
     pub copy_stage: String,
     pub truncate: Option<String>,
-    /// Apply the staged rows (with `one_row`: the row numbered `$1`).
+    /// Apply the staged rows the pass is for.
     pub statements: Vec<String>,
 }
 
@@ -40,14 +54,7 @@ pub struct Names<'a> {
 }
 
 impl<'a> Names<'a> {
-    /// With `one_row`, statements apply only the staged row whose number is `$1`, so a batch
-    /// the target refuses can be applied row by row to find the rows it refuses.
-    pub fn new(
-        target: &TargetTable,
-        relation: &'a Relation,
-        stage: &str,
-        one_row: bool,
-    ) -> Names<'a> {
+    pub fn new(target: &TargetTable, relation: &'a Relation, stage: &str, pass: Pass) -> Names<'a> {
         Names {
             relation,
             table: target.quoted(),
@@ -57,7 +64,7 @@ impl<'a> Names<'a> {
                 .iter()
                 .map(|c| escape_identifier(&c.name))
                 .collect(),
-            only: if one_row {
+            only: if pass == Pass::OneRow {
                 format!(" AND s.{ROW_COLUMN} = $1")
             } else {
                 String::new()
