@@ -66,7 +66,11 @@ pub fn write_envelopes<W: Write>(
                 connector: source.connector,
                 name: &source.name,
                 ts_ms: tx.commit_ts.div_euclid(1000),
-                snapshot: "false",
+                snapshot: if change.op == Op::Read {
+                    "true"
+                } else {
+                    "false"
+                },
                 db: &source.database,
                 sequence: format!("[\"{}\",\"{}\"]", tx.commit_lsn.0, change.lsn.0),
                 schema: &relation.schema,
@@ -88,6 +92,7 @@ pub fn write_envelopes<W: Write>(
     };
     match change.op {
         Op::Insert => emit("c", None, change.after.as_ref()),
+        Op::Read => emit("r", None, change.after.as_ref()),
         Op::Delete => emit("d", change.before.as_ref(), None),
         Op::Truncate => emit("t", None, None),
         Op::Update => match (&change.before, &change.after) {

@@ -180,6 +180,8 @@ pub enum Op {
     Update,
     Delete,
     Truncate,
+    /// A row as the initial snapshot read it.
+    Read,
 }
 
 /// One captured row change (or the truncation of one table).

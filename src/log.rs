@@ -393,6 +393,20 @@ impl LogWriter {
         Ok(seq)
     }
 
+    /// Removes the records of the transaction being appended, whose Commit has not come: a
+    /// source that lost its connection mid-transaction receives it again from its Begin.
+    pub fn discard_open_transaction(&mut self) -> Result<(), LogError> {
+        let Some(begin) = self.open_begin.take() else {
+            return Ok(());
+        };
+        for seq in begin..self.next_seq {
+            self.log.entries.remove(seq_key(seq))?;
+        }
+        self.log.transactions.remove(seq_key(begin))?;
+        self.next_seq = begin;
+        Ok(())
+    }
+
     /// Stores a relation description (once per distinct description) and returns its id.
     pub fn relation(
         &mut self,
@@ -603,6 +617,28 @@ mod tests {
         assert_eq!(log.durable().commit_lsn, Lsn(100));
         let mut writer = log.writer().unwrap();
         assert_eq!(writer.append(&begin(300)).unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_discarded_open_transaction_leaves_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = OffsetLog::open(dir.path()).unwrap();
+        let mut writer = log.writer().unwrap();
+        append_tx(&mut writer, 100, 2);
+        writer.append(&begin(200)).unwrap();
+        writer.append(&change(150)).unwrap();
+        writer.discard_open_transaction().unwrap();
+        append_tx(&mut writer, 200, 1);
+        log.flush().await.unwrap();
+        let records: Vec<Record> = log
+            .read(0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.record)
+            .collect();
+        assert_eq!(records.len(), 7);
+        assert!(matches!(records[4], Record::Begin(b) if b.commit_lsn == Lsn(200)));
+        assert_eq!(log.transaction_of(6).unwrap().map(|(seq, _)| seq), Some(5));
     }
 
     #[tokio::test]

@@ -341,6 +341,77 @@ impl Catalog {
         })
     }
 
+    /// The relation the log stores for `table` as the catalog describes it now, for rows a
+    /// snapshot reads: the columns pgoutput sends (not dropped, not generated), in order.
+    pub async fn describe_table(&mut self, table: &SourceTable) -> Result<Relation, SourceError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT c.oid, a.attname::text, a.atttypid, a.atttypmod, \
+                   coalesce(a.attnum = ANY(pk.indkey), false), \
+                   CASE c.relreplident WHEN 'f' THEN true \
+                     WHEN 'i' THEN coalesce(a.attnum = ANY(ri.indkey), false) \
+                     WHEN 'd' THEN coalesce(a.attnum = ANY(pk.indkey), false) ELSE false END \
+                 FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid \
+                 LEFT JOIN pg_index pk ON pk.indrelid = c.oid AND pk.indisprimary \
+                 LEFT JOIN pg_index ri ON ri.indrelid = c.oid AND ri.indisreplident \
+                 WHERE c.oid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+                   AND a.attgenerated = '' \
+                 ORDER BY a.attnum",
+                &[&table.quoted()],
+            )
+            .await
+            .map_err(|e| SourceError::catalog("describing a captured table", e))?;
+        let mut columns = Vec::with_capacity(rows.len());
+        let mut oid = 0;
+        for row in &rows {
+            oid = row.get(0);
+            let (type_oid, type_modifier): (u32, i32) = (row.get(2), row.get(3));
+            columns.push(Column {
+                name: row.get(1),
+                type_oid,
+                type_modifier,
+                type_name: self.type_name(type_oid, type_modifier).await?,
+                value_type: self.value_type(type_oid).await?,
+                primary_key: row.get(4),
+                replica_identity: row.get(5),
+            });
+        }
+        Ok(Relation {
+            oid,
+            schema: table.schema.clone(),
+            table: table.table.clone(),
+            columns,
+        })
+    }
+
+    /// The table's size as the planner last estimated it: pages and rows.
+    pub async fn estimate(&self, table: &SourceTable) -> Result<(u32, u64), SourceError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT relpages::int8, greatest(reltuples, 0)::int8 FROM pg_class \
+                 WHERE oid = $1::text::regclass",
+                &[&table.quoted()],
+            )
+            .await
+            .map_err(|e| SourceError::catalog("estimating the size of a captured table", e))?;
+        let (pages, rows): (i64, i64) = (row.get(0), row.get(1));
+        Ok((
+            u32::try_from(pages).unwrap_or(0),
+            u64::try_from(rows).unwrap_or(0),
+        ))
+    }
+
+    /// Drops the slot (which must not be in use).
+    pub async fn drop_slot(&self, slot: &str) -> Result<(), SourceError> {
+        self.client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .map_err(|e| SourceError::catalog("dropping the replication slot", e))?;
+        Ok(())
+    }
+
     async fn type_name(&mut self, oid: u32, modifier: i32) -> Result<String, SourceError> {
         if let Some(name) = self.type_names.get(&(oid, modifier)) {
             return Ok(name.clone());

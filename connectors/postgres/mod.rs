@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod check;
 pub mod pgoutput;
 pub mod replication;
+pub mod snapshot;
 pub mod types;
 
 use std::collections::HashMap;
@@ -25,7 +26,7 @@ use self::replication::{
 };
 use crate::config::{ConnectionUrl, PostgresSourceConfig, SnapshotMode};
 use crate::event::{
-    ChangeEvent, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit, Value,
+    ChangeEvent, Column, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit, Value,
 };
 use crate::log::{LogError, LogWriter, SourceIdentity};
 use crate::retry::{is_transient, RetryPolicy};
@@ -57,6 +58,8 @@ pub enum SourceError {
     /// Continuing could silently skip changes; the message says how to recover.
     #[error("{0}")]
     Diverged(String),
+    #[error("initial snapshot: {0}")]
+    Snapshot(String),
     #[error(transparent)]
     Log(#[from] LogError),
 }
@@ -100,7 +103,10 @@ impl SourceError {
                 ReplicationError::Protocol(_) | ReplicationError::Unsupported(_) => false,
             },
             SourceError::Decode { .. } => true,
-            SourceError::Prerequisite(_) | SourceError::Diverged(_) | SourceError::Log(_) => false,
+            SourceError::Prerequisite(_)
+            | SourceError::Diverged(_)
+            | SourceError::Snapshot(_)
+            | SourceError::Log(_) => false,
         }
     }
 
@@ -169,13 +175,6 @@ impl PostgresSource {
         writer: &mut LogWriter,
         cancel: CancellationToken,
     ) -> Result<(), SourceError> {
-        if self.config.snapshot == SnapshotMode::Initial {
-            return Err(SourceError::Prerequisite(
-                "source.snapshot = \"initial\" is not supported yet; set snapshot = \"never\" \
-                 to stream changes from now on"
-                    .into(),
-            ));
-        }
         let mut policy = RetryPolicy::new();
         let started = Instant::now();
         let mut streamed = false;
@@ -208,7 +207,7 @@ impl PostgresSource {
         streamed: &mut bool,
         policy: &mut RetryPolicy,
     ) -> Result<(), SourceError> {
-        let catalog = Catalog::connect(&self.config.url).await?;
+        let mut catalog = Catalog::connect(&self.config.url).await?;
         check_prerequisites(&catalog).await?;
         let tables = catalog.resolve_tables(&self.config.tables).await?;
         if tables.is_empty() {
@@ -235,23 +234,58 @@ impl PostgresSource {
         let database = system.database.clone().unwrap_or_default();
         self.check_identity(writer, &system.system_id, &database)
             .await?;
-        let log_position = writer.last_appended();
-        match catalog.slot(&self.config.slot).await? {
+        // A transaction the last connection was receiving comes again from its Begin.
+        writer.discard_open_transaction()?;
+        let snapshot = self.config.snapshot == SnapshotMode::Initial;
+        let logged_nothing = writer.last_appended().seq == 0;
+        let mut slot = catalog.slot(&self.config.slot).await?;
+        if let (Some(_), true, true) = (&slot, snapshot, logged_nothing) {
+            // The log holds no snapshot (one was cut short, or the log was moved aside): its
+            // slot's exported snapshot is gone, so start over with a new slot.
+            tracing::warn!(
+                slot = %self.config.slot,
+                "the offset log holds no complete snapshot; dropping the slot to snapshot again"
+            );
+            catalog.drop_slot(&self.config.slot).await?;
+            slot = None;
+        }
+        match slot {
             Some(slot) => self.check_slot(&slot, &database)?,
-            None if log_position.seq > 0 => {
+            None if !logged_nothing => {
                 return Err(SourceError::Diverged(format!(
                     "replication slot {:?} no longer exists (failover, or dropped by hand), but \
                      the offset log continues from {}: changes made since may have been missed. \
                      Recover by re-snapshotting: stop the agent, move agent.data_dir aside, and \
                      start again with snapshot = \"initial\" (this re-creates the slot)",
-                    self.config.slot, log_position.end_lsn
+                    self.config.slot,
+                    writer.last_appended().end_lsn
                 )))
+            }
+            None if snapshot => {
+                let (lsn, exported) = connection.create_slot_exporting(&self.config.slot).await?;
+                tracing::info!(slot = %self.config.slot, %lsn, "replication slot created");
+                // The replication connection stays idle meanwhile: its next command would end
+                // the exported snapshot the readers import.
+                let copied = snapshot::copy(
+                    &self.config,
+                    &mut catalog,
+                    &tables,
+                    &exported,
+                    lsn,
+                    writer,
+                    cancel,
+                )
+                .await?;
+                if copied.is_none() {
+                    return Ok(());
+                }
             }
             None => {
                 let lsn = connection.create_slot(&self.config.slot).await?;
                 tracing::info!(slot = %self.config.slot, %lsn, "replication slot created");
             }
         }
+        let log_position = writer.last_appended();
         connection
             .start_replication(
                 &self.config.slot,
@@ -530,8 +564,7 @@ impl Session {
     }
 }
 
-/// Converts a pgoutput tuple to a row of values. A value the type conversion cannot read is
-/// kept as its text, with a warning, rather than stopping capture or losing it.
+/// Converts a pgoutput tuple to a row of values.
 fn to_row(relation: &Relation, lsn: Lsn, tuple: Vec<TupleValue>) -> Result<Row, SourceError> {
     if tuple.len() != relation.columns.len() {
         return Err(SourceError::Replication(ReplicationError::Protocol(
@@ -557,23 +590,28 @@ fn to_row(relation: &Relation, lsn: Lsn, tuple: Vec<TupleValue>) -> Result<Row, 
                         column.name
                     )))
                 })?;
-                Ok(
-                    types::parse_text(&column.value_type, text).unwrap_or_else(|e| {
-                        tracing::warn!(
-                            table = %relation.qualified_name(),
-                            column = %column.name,
-                            error = %e,
-                            "value kept as text"
-                        );
-                        Value::Text(text.to_string())
-                    }),
-                )
+                Ok(parse_column(relation, column, text))
             }
             TupleValue::Binary(_) => Err(SourceError::Replication(ReplicationError::Protocol(
                 format!("change at {lsn}: binary tuple data was not requested"),
             ))),
         })
         .collect()
+}
+
+/// A column's text as the server printed it, converted to its value; a value the type
+/// conversion cannot read is kept as its text, with a warning, rather than stopping capture
+/// or losing it.
+fn parse_column(relation: &Relation, column: &Column, text: &str) -> Value {
+    types::parse_text(&column.value_type, text).unwrap_or_else(|e| {
+        tracing::warn!(
+            table = %relation.qualified_name(),
+            column = %column.name,
+            error = %e,
+            "value kept as text"
+        );
+        Value::Text(text.to_string())
+    })
 }
 
 fn unix_micros(pg_micros: i64) -> i64 {

@@ -280,15 +280,41 @@ impl ReplicationConnection {
 
     /// Creates a logical slot with pgoutput without exporting a snapshot.
     pub async fn create_slot(&mut self, slot: &str) -> Result<Lsn, ReplicationError> {
+        let (lsn, _) = self.create_slot_with(slot, "NOEXPORT_SNAPSHOT").await?;
+        Ok(lsn)
+    }
+
+    /// Creates the slot and exports the snapshot of its consistent point: ordinary
+    /// connections that `SET TRANSACTION SNAPSHOT` to the returned name see the database as it
+    /// was there, until this connection runs its next command. Returns the consistent point
+    /// (where streaming starts) and the snapshot's name.
+    pub async fn create_slot_exporting(
+        &mut self,
+        slot: &str,
+    ) -> Result<(Lsn, String), ReplicationError> {
+        let (lsn, snapshot) = self.create_slot_with(slot, "EXPORT_SNAPSHOT").await?;
+        let snapshot = snapshot.ok_or_else(|| {
+            ReplicationError::Protocol("CREATE_REPLICATION_SLOT: no snapshot name".into())
+        })?;
+        Ok((lsn, snapshot))
+    }
+
+    async fn create_slot_with(
+        &mut self,
+        slot: &str,
+        snapshot_option: &str,
+    ) -> Result<(Lsn, Option<String>), ReplicationError> {
         let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snapshot_option}",
             quote_ident(slot)
         );
         let rows = self.simple_query(&sql).await?;
-        rows.first()
+        let row = rows.first();
+        let lsn = row
             .and_then(|r| r.get(1).cloned().flatten())
             .and_then(|lsn| lsn.parse().ok())
-            .ok_or_else(|| ReplicationError::Protocol("CREATE_REPLICATION_SLOT: no LSN".into()))
+            .ok_or_else(|| ReplicationError::Protocol("CREATE_REPLICATION_SLOT: no LSN".into()))?;
+        Ok((lsn, row.and_then(|r| r.get(2).cloned().flatten())))
     }
 
     /// Enters CopyBoth mode streaming pgoutput changes of `publication` from `start`.
@@ -604,6 +630,6 @@ pub fn quote_ident(name: &str) -> String {
     postgres_protocol::escape::escape_identifier(name)
 }
 
-fn quote_literal(value: &str) -> String {
+pub fn quote_literal(value: &str) -> String {
     postgres_protocol::escape::escape_literal(value)
 }

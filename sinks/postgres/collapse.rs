@@ -128,7 +128,7 @@ impl Collapse {
             what,
         };
         match change.op {
-            Op::Insert => {
+            Op::Insert | Op::Read => {
                 let after = change.after.as_ref().ok_or_else(|| missing("new"))?;
                 plan.set(key_of(after, &pk), KeyState::Upsert(after.clone()));
             }
@@ -416,7 +416,7 @@ pub(crate) mod tests {
                 _ => old.cloned().unwrap_or_default(),
             };
             match ch.op {
-                Op::Insert => {
+                Op::Insert | Op::Read => {
                     let after = ch.after.as_ref().unwrap();
                     state.insert(id(after), body(after, None));
                 }

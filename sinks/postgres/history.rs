@@ -31,6 +31,8 @@ pub enum EventKind {
     Tombstone,
     /// The key's current version ends; nothing new is recorded.
     Closed,
+    /// The first version of a key, as the initial snapshot read it.
+    Read,
 }
 
 impl EventKind {
@@ -41,6 +43,7 @@ impl EventKind {
             EventKind::Updated => "u",
             EventKind::Tombstone => "d",
             EventKind::Closed => "x",
+            EventKind::Read => "r",
         }
     }
 
@@ -73,6 +76,21 @@ pub struct KeyEvent {
     pub previous: Option<Lsn>,
     /// Commit time of the key's next event in the batch (versions only).
     pub valid_to: Option<i64>,
+}
+
+impl KeyEvent {
+    /// The event of a key in `begin`'s transaction, not yet chained.
+    fn new(kind: EventKind, row: Row, carry_from: Option<Carry>, begin: &TxBegin) -> KeyEvent {
+        KeyEvent {
+            kind,
+            row,
+            carry_from,
+            lsn: begin.commit_lsn,
+            at: begin.commit_ts,
+            previous: None,
+            valid_to: None,
+        }
+    }
 }
 
 /// The events of one table under one relation description, in commit order.
@@ -205,6 +223,16 @@ impl History {
                 pending.row = row;
                 pending.carry_from = carry_from;
             }
+            // A snapshot reads each key once: its version needs no commit to settle, so a
+            // snapshot larger than a batch can be applied in chunks.
+            Op::Read => {
+                let after = change.after.as_ref().ok_or_else(|| missing("new"))?;
+                if let Some(begin) = self.transaction {
+                    let key = (oid, key_of(after, &pk));
+                    let event = KeyEvent::new(EventKind::Read, after.clone(), None, &begin);
+                    self.push(key, relation_id, relation, event);
+                }
+            }
             Op::Truncate => {}
         }
         Ok(())
@@ -224,29 +252,33 @@ impl History {
                 (true, false) if self.tombstones => EventKind::Tombstone,
                 (true, false) => EventKind::Closed,
             };
-            let previous = self.last_event.get(&key).map(|&(plan, event)| {
-                let earlier = &mut self.plans[plan].events[event];
-                if earlier.kind.is_version() {
-                    earlier.valid_to = Some(begin.commit_ts);
-                }
-                earlier.lsn
-            });
             let carry_from = pending
                 .carry_from
                 .filter(|_| pending.row.contains(&Value::UnchangedToast));
-            let plan = self.plan_for(pending.relation_id, &pending.relation);
-            self.plans[plan].events.push(KeyEvent {
-                kind,
-                row: pending.row,
-                carry_from,
-                lsn: begin.commit_lsn,
-                at: begin.commit_ts,
-                previous,
-                valid_to: None,
-            });
-            self.last_event
-                .insert(key, (plan, self.plans[plan].events.len() - 1));
+            let event = KeyEvent::new(kind, pending.row, carry_from, &begin);
+            self.push(key, pending.relation_id, &pending.relation, event);
         }
+    }
+
+    /// Records the key's event, chained to the key's previous one in the batch.
+    fn push(
+        &mut self,
+        key: (u32, Vec<u8>),
+        relation_id: RelationId,
+        relation: &Arc<Relation>,
+        mut event: KeyEvent,
+    ) {
+        event.previous = self.last_event.get(&key).map(|&(plan, index)| {
+            let earlier = &mut self.plans[plan].events[index];
+            if earlier.kind.is_version() {
+                earlier.valid_to = Some(event.at);
+            }
+            earlier.lsn
+        });
+        let plan = self.plan_for(relation_id, relation);
+        self.plans[plan].events.push(event);
+        self.last_event
+            .insert(key, (plan, self.plans[plan].events.len() - 1));
     }
 
     /// The plans in the order they must be applied; empty ones dropped. A transaction left
@@ -301,7 +333,7 @@ impl History {
             Some(&(plan, event)) => {
                 let event = &self.plans[plan].events[event];
                 match event.kind {
-                    EventKind::Created | EventKind::Updated => {
+                    EventKind::Created | EventKind::Updated | EventKind::Read => {
                         (Some(event.row.clone()), event.carry_from.clone())
                     }
                     EventKind::Tombstone | EventKind::Closed => (None, None),

@@ -66,6 +66,8 @@ pub struct PostgresSourceConfig {
     pub slot: String,
     pub publication: String,
     pub snapshot: SnapshotMode,
+    /// How many connections copy the initial snapshot (tables and ranges of a table at once).
+    pub snapshot_parallelism: usize,
     pub connect_timeout: Duration,
     pub status_interval: Duration,
 }
@@ -290,6 +292,7 @@ publication = "Custom_Pub"
 snapshot = "never"
 connect_timeout = "1.5s"
 status_interval = "2m"
+snapshot_parallelism = 3
 
 [[sink]]
 name = "events"
@@ -351,6 +354,7 @@ max_file_bytes = 1000
                 slot: "custom_slot".to_owned(),
                 publication: "Custom_Pub".to_owned(),
                 snapshot: SnapshotMode::Never,
+                snapshot_parallelism: 3,
                 connect_timeout: Duration::from_millis(1500),
                 status_interval: Duration::from_secs(120),
             }),

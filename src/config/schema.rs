@@ -26,6 +26,7 @@ const SOURCE_KEYS: &[&str] = &[
     "snapshot",
     "connect_timeout",
     "status_interval",
+    "snapshot_parallelism",
 ];
 
 impl Checker<'_> {
@@ -191,6 +192,9 @@ impl Checker<'_> {
         let status_interval = self
             .field(&t, "status_interval", |c, s, v| c.duration(s, v, false))
             .or(DEFAULT_STATUS_INTERVAL);
+        let snapshot_parallelism = self
+            .field(&t, "snapshot_parallelism", Self::positive_count)
+            .or(std::thread::available_parallelism().map_or(1, usize::from));
 
         Some(SourceConfig::Postgres(PostgresSourceConfig {
             url: url?,
@@ -198,6 +202,7 @@ impl Checker<'_> {
             slot: slot?,
             publication: publication?,
             snapshot: snapshot?,
+            snapshot_parallelism: snapshot_parallelism?,
             connect_timeout: connect_timeout?,
             status_interval: status_interval?,
         }))

@@ -1,0 +1,443 @@
+//! The initial snapshot: every captured table as the new slot's exported snapshot shows it,
+//! read with `COPY … TO STDOUT` over several connections that share that snapshot, and
+//! logged as one transaction of `Read` changes before streaming starts at the slot's
+//! consistent point. Sinks see the snapshot only once it is whole; a snapshot cut short (a
+//! crash, a lost connection) leaves nothing and is started again from a new slot.
+//!
+//! Parallelism: each table is split into ranges of heap blocks (`ctid` ranges, which
+//! PostgreSQL 14+ scans directly) so that a large table is read by several connections
+//! at once; small tables are one range. Each connection takes the next range from a shared
+//! queue, parses the COPY text rows into values, and sends them to the one task that appends
+//! to the log.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use super::catalog::{Catalog, SourceTable};
+use super::replication::quote_ident;
+use super::{parse_column, SourceError};
+use crate::config::PostgresSourceConfig;
+use crate::event::{
+    ChangeEvent, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit, Value,
+};
+use crate::log::LogWriter;
+
+/// A table smaller than this many heap blocks (8 MiB) is read in one range.
+const MIN_RANGE_BLOCKS: u32 = 1024;
+/// Rows a reader parses before handing them to the log.
+const ROWS_PER_MESSAGE: usize = 1000;
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What the snapshot logged.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotSummary {
+    pub rows: u64,
+    pub elapsed: Duration,
+}
+
+/// One table of the snapshot.
+struct Table {
+    relation_id: RelationId,
+    relation: Arc<Relation>,
+    estimated_rows: u64,
+    copied: u64,
+}
+
+/// One `COPY` of a table or of a range of its blocks.
+struct Range {
+    table: usize,
+    query: String,
+}
+
+/// Rows of one table, parsed.
+struct Rows {
+    table: usize,
+    rows: Vec<Row>,
+}
+
+/// Copies `tables` as of `snapshot` (exported by the slot creation at `consistent_point`) into
+/// the log as one committed transaction.
+pub async fn copy(
+    config: &PostgresSourceConfig,
+    catalog: &mut Catalog,
+    tables: &[SourceTable],
+    snapshot: &str,
+    consistent_point: Lsn,
+    writer: &mut LogWriter,
+    cancel: &CancellationToken,
+) -> Result<Option<SnapshotSummary>, SourceError> {
+    let started = Instant::now();
+    let mut described = Vec::with_capacity(tables.len());
+    let mut ranges = VecDeque::new();
+    for (index, source) in tables.iter().enumerate() {
+        let relation = catalog.describe_table(source).await?;
+        let (blocks, estimated_rows) = catalog.estimate(source).await?;
+        for query in range_queries(source, &relation, blocks, config.snapshot_parallelism) {
+            ranges.push_back(Range {
+                table: index,
+                query,
+            });
+        }
+        let (relation_id, relation) = writer.relation(relation)?;
+        described.push(Table {
+            relation_id,
+            relation,
+            estimated_rows,
+            copied: 0,
+        });
+    }
+    tracing::info!(
+        tables = tables.len(),
+        ranges = ranges.len(),
+        parallelism = config.snapshot_parallelism,
+        %consistent_point,
+        "snapshot started"
+    );
+    let readers = config.snapshot_parallelism.min(ranges.len()).max(1);
+    let queue = Arc::new(Mutex::new(ranges));
+    let relations: Arc<Vec<Arc<Relation>>> =
+        Arc::new(described.iter().map(|t| Arc::clone(&t.relation)).collect());
+    let (sender, mut received) = mpsc::channel::<Result<Rows, SourceError>>(readers * 4);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..readers {
+        let client = open_reader(config, snapshot).await?;
+        let (queue, relations, sender) =
+            (Arc::clone(&queue), Arc::clone(&relations), sender.clone());
+        tasks.spawn(async move {
+            if let Err(e) = read_ranges(&client, &queue, &relations, &sender).await {
+                let _ = sender.send(Err(e)).await;
+            }
+        });
+    }
+    drop(sender);
+
+    // Strictly below the consistent point: a transaction whose commit record starts exactly
+    // there is not in the snapshot and must not be taken for one the log holds.
+    let snapshot_lsn = Lsn(consistent_point.0.saturating_sub(1));
+    let commit_ts = now_micros();
+    writer.append(&Record::Begin(TxBegin {
+        xid: 0,
+        commit_lsn: snapshot_lsn,
+        commit_ts,
+    }))?;
+    let mut rows = 0u64;
+    let mut last_progress = Instant::now();
+    loop {
+        let message = tokio::select! {
+            _ = cancel.cancelled() => return Ok(None),
+            message = received.recv() => message,
+        };
+        let Some(message) = message else { break };
+        let chunk = message?;
+        let table = &mut described[chunk.table];
+        for row in chunk.rows {
+            writer.append(&Record::Change(ChangeEvent {
+                relation: table.relation_id,
+                lsn: snapshot_lsn,
+                op: Op::Read,
+                before: None,
+                after: Some(row),
+            }))?;
+            table.copied += 1;
+            rows += 1;
+        }
+        if last_progress.elapsed() >= PROGRESS_INTERVAL {
+            last_progress = Instant::now();
+            for table in &described {
+                tracing::info!(
+                    table = %table.relation.qualified_name(),
+                    rows = table.copied,
+                    estimated = table.estimated_rows,
+                    "snapshot progress"
+                );
+            }
+        }
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.map_err(|e| SourceError::Snapshot(format!("a snapshot reader failed: {e}")))?;
+    }
+    writer.append(&Record::Commit(TxCommit {
+        commit_lsn: snapshot_lsn,
+        end_lsn: consistent_point,
+        commit_ts,
+    }))?;
+    let summary = SnapshotSummary {
+        rows,
+        elapsed: started.elapsed(),
+    };
+    for table in &described {
+        tracing::info!(
+            table = %table.relation.qualified_name(),
+            rows = table.copied,
+            "table snapshotted"
+        );
+    }
+    tracing::info!(
+        rows,
+        seconds = format!("{:.1}", summary.elapsed.as_secs_f64()),
+        rows_per_second = (rows as f64 / summary.elapsed.as_secs_f64().max(1e-9)) as u64,
+        "snapshot done"
+    );
+    Ok(Some(summary))
+}
+
+/// The COPY queries that read `table` in ranges of blocks: about four per reader for a large
+/// table, so that readers finishing early take over the rest; one for a small table. The
+/// last range is open-ended: the table may have grown since its size was estimated.
+fn range_queries(
+    table: &SourceTable,
+    relation: &Relation,
+    blocks: u32,
+    parallelism: usize,
+) -> Vec<String> {
+    let columns = relation
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let select = format!("SELECT {columns} FROM {}", table.quoted());
+    let copy = |filter: String| format!("COPY ({select}{filter}) TO STDOUT");
+    let wanted = u32::try_from(parallelism.saturating_mul(4)).unwrap_or(u32::MAX);
+    let size = (blocks / wanted.max(1)).max(MIN_RANGE_BLOCKS);
+    if blocks <= size {
+        return vec![copy(String::new())];
+    }
+    let mut queries = Vec::new();
+    let mut start = 0u32;
+    while start.saturating_add(size) < blocks {
+        let end = start + size;
+        let lower = if start == 0 {
+            String::new()
+        } else {
+            format!("ctid >= '({start},0)'::tid AND ")
+        };
+        queries.push(copy(format!(" WHERE {lower}ctid < '({end},0)'::tid")));
+        start = end;
+    }
+    queries.push(copy(format!(" WHERE ctid >= '({start},0)'::tid")));
+    queries
+}
+
+/// A connection inside a read-only transaction on the exported snapshot, with the session
+/// settings the type conversion reads (the replication session's).
+async fn open_reader(config: &PostgresSourceConfig, snapshot: &str) -> Result<Client, SourceError> {
+    let (client, connection) = crate::tls::connect(&config.url.pg_config())
+        .await
+        .map_err(|e| match e {
+            crate::tls::ConnectError::Postgres(e) => SourceError::connect(&config.url, e),
+            crate::tls::ConnectError::Tls(e) => SourceError::Prerequisite(e.to_string()),
+        })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "snapshot connection closed");
+        }
+    });
+    client
+        .batch_execute(&format!(
+            "SET DateStyle = ISO; SET IntervalStyle = iso_8601; SET TimeZone = 'UTC'; \
+             SET extra_float_digits = 3; SET client_encoding = 'UTF8'; \
+             BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+             SET TRANSACTION SNAPSHOT {}",
+            super::replication::quote_literal(snapshot)
+        ))
+        .await
+        .map_err(|e| SourceError::catalog("importing the slot's snapshot", e))?;
+    Ok(client)
+}
+
+/// Reads ranges from the queue until it is empty, sending parsed rows.
+async fn read_ranges(
+    client: &Client,
+    queue: &Mutex<VecDeque<Range>>,
+    relations: &[Arc<Relation>],
+    sender: &mpsc::Sender<Result<Rows, SourceError>>,
+) -> Result<(), SourceError> {
+    loop {
+        let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+        let Some(range) = next else {
+            return Ok(());
+        };
+        let relation = &relations[range.table];
+        let stream = client
+            .copy_out(range.query.as_str())
+            .await
+            .map_err(|e| SourceError::catalog("reading a table for the snapshot", e))?;
+        let mut stream = std::pin::pin!(stream);
+        let mut line = Vec::new();
+        let mut rows = Vec::with_capacity(ROWS_PER_MESSAGE);
+        while let Some(bytes) = stream.next().await {
+            let bytes =
+                bytes.map_err(|e| SourceError::catalog("reading a table for the snapshot", e))?;
+            let mut rest: &[u8] = &bytes;
+            while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+                line.extend_from_slice(&rest[..end]);
+                rows.push(parse_row(relation, &line)?);
+                line.clear();
+                rest = &rest[end + 1..];
+                if rows.len() == ROWS_PER_MESSAGE {
+                    let full = std::mem::replace(&mut rows, Vec::with_capacity(ROWS_PER_MESSAGE));
+                    if sender
+                        .send(Ok(Rows {
+                            table: range.table,
+                            rows: full,
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+            line.extend_from_slice(rest);
+        }
+        if !rows.is_empty()
+            && sender
+                .send(Ok(Rows {
+                    table: range.table,
+                    rows,
+                }))
+                .await
+                .is_err()
+        {
+            return Ok(());
+        }
+    }
+}
+
+/// One line of COPY text output as a row of `relation`.
+fn parse_row(relation: &Relation, line: &[u8]) -> Result<Row, SourceError> {
+    let malformed = |what: &str| {
+        SourceError::Snapshot(format!(
+            "COPY of {} returned a malformed row ({what})",
+            relation.qualified_name()
+        ))
+    };
+    let line = std::str::from_utf8(line).map_err(|_| malformed("not UTF-8"))?;
+    let fields: Vec<&str> = line.split('\t').collect();
+    if fields.len() != relation.columns.len() {
+        return Err(malformed(&format!(
+            "{} fields for {} columns",
+            fields.len(),
+            relation.columns.len()
+        )));
+    }
+    fields
+        .into_iter()
+        .zip(&relation.columns)
+        .map(|(field, column)| {
+            if field == "\\N" {
+                return Ok(Value::Null);
+            }
+            let text = unescape(field).ok_or_else(|| malformed("a bad escape"))?;
+            Ok(parse_column(relation, column, &text))
+        })
+        .collect()
+}
+
+/// A COPY text field without its backslash escapes; None when an escape is malformed.
+fn unescape(field: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if !field.contains('\\') {
+        return Some(std::borrow::Cow::Borrowed(field));
+    }
+    let mut out = Vec::with_capacity(field.len());
+    let bytes = field.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            out.push(bytes[i]);
+            i += 1;
+            continue;
+        }
+        let escaped = *bytes.get(i + 1)?;
+        i += 2;
+        match escaped {
+            b'b' => out.push(0x08),
+            b'f' => out.push(0x0c),
+            b'n' => out.push(b'\n'),
+            b'r' => out.push(b'\r'),
+            b't' => out.push(b'\t'),
+            b'v' => out.push(0x0b),
+            b'0'..=b'7' => {
+                let mut value = u32::from(escaped - b'0');
+                for _ in 0..2 {
+                    match bytes.get(i) {
+                        Some(&d @ b'0'..=b'7') => {
+                            value = value * 8 + u32::from(d - b'0');
+                            i += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                out.push(u8::try_from(value & 0xff).ok()?);
+            }
+            b'x' => {
+                let mut value = 0u32;
+                let mut digits = 0;
+                while digits < 2 {
+                    match bytes.get(i).and_then(|b| char::from(*b).to_digit(16)) {
+                        Some(d) => {
+                            value = value * 16 + d;
+                            i += 1;
+                            digits += 1;
+                        }
+                        None => break,
+                    }
+                }
+                if digits == 0 {
+                    out.push(b'x');
+                } else {
+                    out.push(u8::try_from(value).ok()?);
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    String::from_utf8(out).ok().map(std::borrow::Cow::Owned)
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescape_reads_what_copy_text_writes() {
+        assert_eq!(unescape("plain").unwrap(), "plain");
+        assert_eq!(unescape(r"a\tb\nc\\d\re").unwrap(), "a\tb\nc\\d\re");
+        assert_eq!(unescape(r"\b\f\v").unwrap(), "\u{8}\u{c}\u{b}");
+        assert_eq!(unescape(r"\101\x42\q").unwrap(), "ABq");
+        assert_eq!(unescape("ends\\"), None);
+    }
+
+    #[test]
+    fn a_large_table_is_read_in_ranges_that_cover_every_block() {
+        let table = SourceTable {
+            schema: "public".into(),
+            table: "t".into(),
+        };
+        let relation = Relation {
+            oid: 1,
+            schema: "public".into(),
+            table: "t".into(),
+            columns: Vec::new(),
+        };
+        assert_eq!(range_queries(&table, &relation, 10, 2).len(), 1);
+        let queries = range_queries(&table, &relation, 100_000, 2);
+        assert_eq!(queries.len(), 8);
+        assert!(queries[0].ends_with("WHERE ctid < '(12500,0)'::tid) TO STDOUT"));
+        assert!(queries[1].contains("ctid >= '(12500,0)'::tid AND ctid < '(25000,0)'::tid"));
+        assert!(queries[7].ends_with("WHERE ctid >= '(87500,0)'::tid) TO STDOUT"));
+    }
+}
