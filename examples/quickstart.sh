@@ -41,6 +41,8 @@ sql <<'SQL'
 CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL, email text);
 CREATE TABLE orders (id int PRIMARY KEY, customer_id int REFERENCES customers,
                      status text NOT NULL, amount numeric(10,2), placed_at timestamptz DEFAULT now());
+-- Rows that exist before tidemark starts: the initial snapshot copies them.
+INSERT INTO customers VALUES (0, 'Grace', 'grace@example.com');
 SQL
 
 cat >"$W/tidemark.toml" <<TOML
@@ -53,7 +55,7 @@ health_addr = "127.0.0.1:$HEALTH"
 type = "postgres"
 url = "postgres://postgres@127.0.0.1:$PORT/shop"
 tables = ["public.*"]
-snapshot = "never"
+snapshot = "initial"
 
 [[sink]]
 name = "events"
@@ -66,6 +68,13 @@ type = "postgres"
 url = "postgres://postgres@127.0.0.1:$PORT/warehouse"
 schema = "replica"
 mode = "merge"
+
+[[sink]]
+name = "history"
+type = "postgres"
+url = "postgres://postgres@127.0.0.1:$PORT/warehouse"
+schema = "history"
+mode = "scd2"
 TOML
 
 echo "==> tidemark check"
@@ -94,7 +103,7 @@ DELETE FROM orders WHERE id = 100;
 SQL
 
 for _ in $(seq 1 50); do
-  [[ $(cat "$W"/events/*.jsonl 2>/dev/null | wc -l) -ge 6 ]] && break
+  [[ $(cat "$W"/events/*.jsonl 2>/dev/null | wc -l) -ge 7 ]] && break
   sleep 0.1
 done
 echo "==> envelopes written to $W/events (one per line):"
@@ -107,6 +116,9 @@ for line in sys.stdin:
 echo "==> the merge sink's mirror in the warehouse database (replica.customers, replica.orders):"
 psql -X -h 127.0.0.1 -p "$PORT" -U postgres -q -d warehouse \
   -c "SELECT * FROM replica.customers ORDER BY id" -c "SELECT count(*) AS orders FROM replica.orders"
+echo "==> the SCD2 sink's history of orders (every committed version, history.orders):"
+psql -X -h 127.0.0.1 -p "$PORT" -U postgres -q -d warehouse \
+  -c "SELECT id, status, _tidemark_op AS op, valid_from, valid_to, is_current FROM history.orders ORDER BY id, _tidemark_lsn"
 echo "==> stopping (SIGTERM)"
 kill -TERM "$AGENT"; wait "$AGENT"; AGENT=
 echo "done"
