@@ -39,6 +39,9 @@ pub struct TablePlan {
     /// Key bytes → state, in the order each key was first touched.
     keys: HashMap<Vec<u8>, usize>,
     states: Vec<KeyState>,
+    /// Per state: the key's first change in the batch inserted it, so the target does not
+    /// hold it (unless the batch is a replay).
+    created: Vec<bool>,
 }
 
 impl TablePlan {
@@ -49,6 +52,7 @@ impl TablePlan {
             truncate,
             keys: HashMap::new(),
             states: Vec::new(),
+            created: Vec::new(),
         }
     }
 
@@ -56,16 +60,26 @@ impl TablePlan {
         &self.states
     }
 
+    /// Whether state `index` is the complete row of a key the batch created: a row the
+    /// target can take with a plain insert.
+    pub fn is_new_row(&self, index: usize) -> bool {
+        self.created[index]
+            && matches!(&self.states[index], KeyState::Upsert(row) if !row.contains(&Value::UnchangedToast))
+    }
+
     fn state_of(&self, key: &[u8]) -> Option<&KeyState> {
         self.keys.get(key).map(|&i| &self.states[i])
     }
 
-    fn set(&mut self, key: Vec<u8>, state: KeyState) {
+    /// Sets the key's state; `inserted`: the change inserts the key (counts only for the
+    /// key's first change in the batch).
+    fn set(&mut self, key: Vec<u8>, state: KeyState, inserted: bool) {
         match self.keys.get(&key) {
             Some(&i) => self.states[i] = state,
             None => {
                 self.keys.insert(key, self.states.len());
                 self.states.push(state);
+                self.created.push(inserted);
             }
         }
     }
@@ -109,6 +123,7 @@ impl Collapse {
                 if plan.relation.oid == relation.oid {
                     plan.keys.clear();
                     plan.states.clear();
+                    plan.created.clear();
                     plan.truncate = false;
                 }
             }
@@ -130,7 +145,7 @@ impl Collapse {
         match change.op {
             Op::Insert | Op::Read => {
                 let after = change.after.as_ref().ok_or_else(|| missing("new"))?;
-                plan.set(key_of(after, &pk), KeyState::Upsert(after.clone()));
+                plan.set(key_of(after, &pk), KeyState::Upsert(after.clone()), true);
             }
             Op::Update => {
                 let after = change.after.as_ref().ok_or_else(|| missing("new"))?;
@@ -158,7 +173,7 @@ impl Collapse {
                 // Values still unchanged after a key move are in the target's old row.
                 let from = origin.or_else(|| old_key.as_ref().and(change.before.clone()));
                 if let (Some(old_key), Some(before)) = (old_key, change.before.as_ref()) {
-                    plan.set(old_key, KeyState::Delete(before.clone()));
+                    plan.set(old_key, KeyState::Delete(before.clone()), false);
                 }
                 let state = match from {
                     Some(from) if row.contains(&Value::UnchangedToast) => {
@@ -166,7 +181,7 @@ impl Collapse {
                     }
                     _ => KeyState::Upsert(row),
                 };
-                plan.set(new_key, state);
+                plan.set(new_key, state, false);
             }
             Op::Delete => {
                 let before = change.before.as_ref().ok_or_else(|| missing("old"))?;
@@ -178,7 +193,7 @@ impl Collapse {
                     }
                     _ => before.clone(),
                 };
-                plan.set(key, KeyState::Delete(row));
+                plan.set(key, KeyState::Delete(row), false);
             }
             Op::Truncate => {}
         }

@@ -4,6 +4,7 @@
 //! (keeping the values the target holds for those columns).
 
 use super::collapse::{KeyState, TablePlan};
+use super::copy_text::write_row;
 use super::ddl::TargetTable;
 use super::staging::{
     stage_row, unchanged_columns, Names, Pass, PlanSql, FROM_COLUMN, OP_COLUMN, ROW_COLUMN,
@@ -121,10 +122,13 @@ pub fn statements(
         KeyState::Upsert(row) => row.contains(&Value::UnchangedToast),
         KeyState::Delete(_) | KeyState::Move { .. } => false,
     });
+    let has_new_rows = (0..plan.states().len()).any(|i| plan.is_new_row(i));
     PlanSql {
         create_stage: names.create_stage(&STAGE_COLUMNS),
         copy_stage: names.copy_stage(&STAGE_COLUMNS),
         truncate: plan.truncate.then(|| format!("TRUNCATE {table}")),
+        direct_copy: (pass == Pass::Fresh && has_new_rows)
+            .then(|| format!("COPY {table} ({all}) FROM STDIN")),
         statements: [Some(move_rows), Some(delete), Some(upsert)]
             .into_iter()
             .chain([update_unchanged.filter(|_| with_unchanged)])
@@ -133,11 +137,15 @@ pub fn statements(
     }
 }
 
-/// The plan's rows in COPY text format for the staging table.
-pub fn stage_rows(plan: &TablePlan) -> Vec<u8> {
+/// The plan's rows in COPY text format for the staging table: in a fresh pass, all but the
+/// new rows (which go straight into the target), else all.
+pub fn stage_rows(plan: &TablePlan, pass: Pass) -> Vec<u8> {
     let int_array = ValueType::Array(Box::new(ValueType::Int4));
     let mut out = Vec::new();
     for (number, state) in plan.states().iter().enumerate() {
+        if pass == Pass::Fresh && plan.is_new_row(number) {
+            continue;
+        }
         let (op, row, from) = match state {
             KeyState::Upsert(row) => ("u", row, None),
             KeyState::Delete(row) => ("d", row, None),
@@ -154,6 +162,24 @@ pub fn stage_rows(plan: &TablePlan) -> Vec<u8> {
                 (&int_array, unchanged_columns(row)),
             ],
         );
+    }
+    out
+}
+
+/// The new rows of the plan (see [`TablePlan::is_new_row`]) in COPY text format for the
+/// target table's source columns.
+pub fn new_rows(plan: &TablePlan) -> Vec<u8> {
+    let types: Vec<&ValueType> = plan
+        .relation
+        .columns
+        .iter()
+        .map(|c| &c.value_type)
+        .collect();
+    let mut out = Vec::new();
+    for (index, state) in plan.states().iter().enumerate() {
+        if let (true, KeyState::Upsert(row)) = (plan.is_new_row(index), state) {
+            write_row(&mut out, types.iter().copied().zip(row));
+        }
     }
     out
 }

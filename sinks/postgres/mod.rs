@@ -390,8 +390,9 @@ struct TableWork {
     target: TargetTable,
     create_stage: String,
     copy_stage: String,
-    rows: Bytes,
     truncate: Option<String>,
+    /// A fresh pass's COPY of new rows straight into the target.
+    direct_copy: Option<String>,
     /// The statements of each pass, in order.
     fresh: Vec<String>,
     replay: Vec<String>,
@@ -408,8 +409,7 @@ impl TableWork {
     fn merge(target: TargetTable, stage: &str, plan: TablePlan, soft_delete: bool) -> TableWork {
         let sql = |pass| merge::statements(&target, &plan, stage, soft_delete, pass);
         let passes = [sql(Pass::Fresh), sql(Pass::Replay), sql(Pass::OneRow)];
-        let rows = merge::stage_rows(&plan);
-        TableWork::new(target, passes, rows, Plan::Merge(plan))
+        TableWork::new(target, passes, Plan::Merge(plan))
     }
 
     fn history(
@@ -420,12 +420,11 @@ impl TableWork {
     ) -> TableWork {
         let sql = |pass| scd2::statements(&target, &plan, stage, layout, pass);
         let passes = [sql(Pass::Fresh), sql(Pass::Replay), sql(Pass::OneRow)];
-        let rows = scd2::stage_rows(&plan);
-        TableWork::new(target, passes, rows, Plan::History(plan))
+        TableWork::new(target, passes, Plan::History(plan))
     }
 
     /// `passes`: the plan's SQL for a fresh pass, a replay and one row.
-    fn new(target: TargetTable, passes: [PlanSql; 3], rows: Vec<u8>, plan: Plan) -> TableWork {
+    fn new(target: TargetTable, passes: [PlanSql; 3], plan: Plan) -> TableWork {
         let (relation_id, relation) = match &plan {
             Plan::Merge(plan) => (plan.relation_id, Arc::clone(&plan.relation)),
             Plan::History(plan) => (plan.relation_id, Arc::clone(&plan.relation)),
@@ -437,12 +436,30 @@ impl TableWork {
             target,
             create_stage: fresh.create_stage,
             copy_stage: fresh.copy_stage,
-            rows: Bytes::from(rows),
             truncate: fresh.truncate,
+            direct_copy: fresh.direct_copy,
             fresh: fresh.statements,
             replay: replay.statements,
             one_row: one_row.statements,
             plan,
+        }
+    }
+
+    /// The rows the pass stages, in COPY text format.
+    fn staged_rows_text(&self, pass: Pass) -> Bytes {
+        Bytes::from(match &self.plan {
+            Plan::Merge(plan) => merge::stage_rows(plan, pass),
+            Plan::History(plan) => scd2::stage_rows(plan),
+        })
+    }
+
+    /// A fresh pass's COPY straight into the target, with its rows.
+    fn direct(&self, pass: Pass) -> Option<(&str, Bytes)> {
+        match (&self.direct_copy, &self.plan) {
+            (Some(sql), Plan::Merge(plan)) if pass == Pass::Fresh => {
+                Some((sql.as_str(), Bytes::from(merge::new_rows(plan))))
+            }
+            _ => None,
         }
     }
 
@@ -515,23 +532,25 @@ impl PostgresSink {
                 .batch_execute(&table.create_stage)
                 .await
                 .map_err(ApplyError::with(context()))?;
-            let copy = transaction
-                .copy_in(&table.copy_stage)
-                .await
-                .map_err(ApplyError::with(context()))?;
-            let mut copy = pin!(copy);
-            copy.send(table.rows.clone())
-                .await
-                .map_err(ApplyError::with(context()))?;
-            copy.as_mut()
-                .finish()
-                .await
-                .map_err(ApplyError::with(context()))?;
+            copy_rows(
+                &transaction,
+                &table.copy_stage,
+                table.staged_rows_text(pass),
+            )
+            .await
+            .map_err(ApplyError::with(context()))?;
             if let Some(truncate) = &table.truncate {
                 transaction
                     .batch_execute(truncate)
                     .await
                     .map_err(ApplyError::with(format!("truncating {target}")))?;
+            }
+            if let Some((copy, rows)) = table.direct(pass) {
+                copy_rows(&transaction, copy, rows)
+                    .await
+                    .map_err(ApplyError::with(format!(
+                        "inserting new rows into {target}"
+                    )))?;
             }
             let context = || format!("applying changes to {target}");
             if pass != Pass::OneRow {
@@ -603,6 +622,19 @@ impl PostgresSink {
             .map_err(ApplyError::at("committing the batch"))?;
         Ok(reasons)
     }
+}
+
+/// Runs `COPY … FROM STDIN` with `rows` (COPY text format).
+async fn copy_rows(
+    transaction: &tokio_postgres::Transaction<'_>,
+    copy: &str,
+    rows: Bytes,
+) -> Result<(), tokio_postgres::Error> {
+    let sink = transaction.copy_in(copy).await?;
+    let mut sink = pin!(sink);
+    sink.send(rows).await?;
+    sink.as_mut().finish().await?;
+    Ok(())
 }
 
 /// Why applying a batch failed, before it is classified for the pipeline.

@@ -252,6 +252,7 @@ pub fn statements(
         create_stage: names.create_stage(&STAGE_COLUMNS),
         copy_stage: names.copy_stage(&STAGE_COLUMNS),
         truncate,
+        direct_copy: None,
         statements: [insert_carried]
             .into_iter()
             .filter(|_| carried)

@@ -36,6 +36,9 @@ pub struct PlanSql {
     pub create_stage: String,
     pub copy_stage: String,
     pub truncate: Option<String>,
+    /// `COPY` straight into the target of the rows a fresh pass may insert plainly (merge:
+    /// the complete rows of keys the batch created), before `statements`.
+    pub direct_copy: Option<String>,
     /// Apply the staged rows the pass is for.
     pub statements: Vec<String>,
 }
