@@ -402,7 +402,7 @@ struct TableWork {
 
 enum Plan {
     Merge(TablePlan),
-    History(HistoryPlan),
+    History(HistoryPlan, scd2::Layout),
 }
 
 impl TableWork {
@@ -420,14 +420,14 @@ impl TableWork {
     ) -> TableWork {
         let sql = |pass| scd2::statements(&target, &plan, stage, layout, pass);
         let passes = [sql(Pass::Fresh), sql(Pass::Replay), sql(Pass::OneRow)];
-        TableWork::new(target, passes, Plan::History(plan))
+        TableWork::new(target, passes, Plan::History(plan, layout))
     }
 
     /// `passes`: the plan's SQL for a fresh pass, a replay and one row.
     fn new(target: TargetTable, passes: [PlanSql; 3], plan: Plan) -> TableWork {
         let (relation_id, relation) = match &plan {
             Plan::Merge(plan) => (plan.relation_id, Arc::clone(&plan.relation)),
-            Plan::History(plan) => (plan.relation_id, Arc::clone(&plan.relation)),
+            Plan::History(plan, _) => (plan.relation_id, Arc::clone(&plan.relation)),
         };
         let [fresh, replay, one_row] = passes;
         TableWork {
@@ -449,18 +449,21 @@ impl TableWork {
     fn staged_rows_text(&self, pass: Pass) -> Bytes {
         Bytes::from(match &self.plan {
             Plan::Merge(plan) => merge::stage_rows(plan, pass),
-            Plan::History(plan) => scd2::stage_rows(plan),
+            Plan::History(plan, layout) => scd2::stage_rows(plan, *layout, pass),
         })
     }
 
     /// A fresh pass's COPY straight into the target, with its rows.
     fn direct(&self, pass: Pass) -> Option<(&str, Bytes)> {
-        match (&self.direct_copy, &self.plan) {
-            (Some(sql), Plan::Merge(plan)) if pass == Pass::Fresh => {
-                Some((sql.as_str(), Bytes::from(merge::new_rows(plan))))
-            }
-            _ => None,
-        }
+        let sql = self
+            .direct_copy
+            .as_deref()
+            .filter(|_| pass == Pass::Fresh)?;
+        let rows = match &self.plan {
+            Plan::Merge(plan) => merge::new_rows(plan),
+            Plan::History(plan, layout) => scd2::direct_rows(plan, *layout),
+        };
+        Some((sql, Bytes::from(rows)))
     }
 
     fn statements(&self, pass: Pass) -> &[String] {
@@ -474,7 +477,7 @@ impl TableWork {
     fn staged_rows(&self) -> usize {
         match &self.plan {
             Plan::Merge(plan) => plan.states().len(),
-            Plan::History(plan) => plan.events.len(),
+            Plan::History(plan, _) => plan.events.len(),
         }
     }
 
@@ -485,7 +488,7 @@ impl TableWork {
                 KeyState::Upsert(row) | KeyState::Move { row, .. } => ("upsert", row),
                 KeyState::Delete(row) => ("delete", row),
             },
-            Plan::History(plan) => {
+            Plan::History(plan, _) => {
                 let event = &plan.events[number];
                 let action = if event.kind.is_version() {
                     "version"

@@ -7,8 +7,9 @@
 
 use postgres_protocol::escape::escape_identifier;
 
+use super::copy_text::write_row;
 use super::ddl::{target_type, TargetTable, FILLFACTOR};
-use super::history::{HistoryPlan, KeyEvent};
+use super::history::{EventKind, HistoryPlan, KeyEvent};
 use super::staging::{
     stage_row, unchanged_columns, Names, Pass, PlanSql, FROM_COLUMN, OP_COLUMN, ROW_COLUMN,
     UNCHANGED_COLUMN,
@@ -68,6 +69,17 @@ impl Layout {
             (LSN_COLUMN, "pg_lsn NOT NULL"),
         ]);
         columns
+    }
+
+    /// Whether a fresh pass may COPY the event's version straight into the target: a
+    /// complete first version of a key (created or read) that ends no other version (no
+    /// tombstone can be current), in the layout whose columns the agent fills itself (dbt's
+    /// `dbt_scd_id` is computed by the target).
+    fn is_direct(self, event: &KeyEvent) -> bool {
+        self.naming == ColumnNaming::Tidemark
+            && !self.tombstones
+            && matches!(event.kind, EventKind::Created | EventKind::Read)
+            && !event.row.contains(&Value::UnchangedToast)
     }
 
     /// Whether a version is current; `prefix` qualifies the column (`"t."`, or none).
@@ -248,11 +260,13 @@ pub fn statements(
         .events
         .iter()
         .any(|e| e.kind.is_version() && e.row.contains(&Value::UnchangedToast));
+    let has_direct = plan.events.iter().any(|e| layout.is_direct(e));
     PlanSql {
+        direct_copy: (pass == Pass::Fresh && has_direct)
+            .then(|| format!("COPY {table} ({insert_columns}) FROM STDIN")),
         create_stage: names.create_stage(&STAGE_COLUMNS),
         copy_stage: names.copy_stage(&STAGE_COLUMNS),
         truncate,
-        direct_copy: None,
         statements: [insert_carried]
             .into_iter()
             .filter(|_| carried)
@@ -261,12 +275,16 @@ pub fn statements(
     }
 }
 
-/// The plan's events in COPY text format for the staging table.
-pub fn stage_rows(plan: &HistoryPlan) -> Vec<u8> {
+/// The plan's events in COPY text format for the staging table: in a fresh pass, all but the
+/// versions that go straight into the target, else all.
+pub fn stage_rows(plan: &HistoryPlan, layout: Layout, pass: Pass) -> Vec<u8> {
     let int_array = ValueType::Array(Box::new(ValueType::Int4));
     let text = |v: String| Value::Text(v);
     let mut out = Vec::new();
     for (number, event) in plan.events.iter().enumerate() {
+        if pass == Pass::Fresh && layout.is_direct(event) {
+            continue;
+        }
         let KeyEvent {
             kind,
             row,
@@ -307,6 +325,39 @@ pub fn stage_rows(plan: &HistoryPlan) -> Vec<u8> {
                 ),
                 (&int_array, unchanged),
             ],
+        );
+    }
+    out
+}
+
+/// The versions a fresh pass COPYs straight into the target (see `Layout::is_direct`), in
+/// COPY text format for the source columns and tidemark's history columns.
+pub fn direct_rows(plan: &HistoryPlan, layout: Layout) -> Vec<u8> {
+    let types: Vec<&ValueType> = plan
+        .relation
+        .columns
+        .iter()
+        .map(|c| &c.value_type)
+        .collect();
+    let mut out = Vec::new();
+    for event in plan.events.iter().filter(|e| layout.is_direct(e)) {
+        let history = [
+            (&ValueType::TimestampTz, Value::TimestampTz(event.at)),
+            (
+                &ValueType::TimestampTz,
+                event.valid_to.map_or(Value::Null, Value::TimestampTz),
+            ),
+            (&ValueType::Bool, Value::Bool(event.valid_to.is_none())),
+            (&ValueType::Text, Value::Text(event.kind.code().into())),
+            (&ValueType::Text, Value::Text(event.lsn.to_string())),
+        ];
+        write_row(
+            &mut out,
+            types
+                .iter()
+                .copied()
+                .zip(&event.row)
+                .chain(history.iter().map(|(t, v)| (*t, v))),
         );
     }
     out
