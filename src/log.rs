@@ -21,6 +21,7 @@ use crate::event::{Lsn, Record, Relation, RelationId, TxBegin};
 const FORMAT_VERSION: u64 = 1;
 const FORMAT_KEY: &[u8] = b"format_version";
 const SOURCE_KEY: &[u8] = b"source_identity";
+const SNAPSHOT_KEY: &[u8] = b"snapshot";
 /// Keeps sled's page cache from claiming its 1 GiB default (DESIGN, bounded memory).
 const CACHE_CAPACITY_BYTES: u64 = 4 * 1024 * 1024;
 
@@ -87,6 +88,14 @@ pub struct SourceIdentity {
 }
 
 /// One record read back from the log.
+/// Where the initial snapshot stands, kept with the log: a snapshot that is still `Running`
+/// when the agent starts was cut short, and its rows may have reached the sinks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotState {
+    Running,
+    Done,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogEntry {
     pub seq: u64,
@@ -188,6 +197,21 @@ impl OffsetLog {
 
     pub async fn set_source_identity(&self, identity: &SourceIdentity) -> Result<(), LogError> {
         self.meta.insert(SOURCE_KEY, encode(identity))?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Where the initial snapshot stands; None before one started.
+    pub fn snapshot_state(&self) -> Result<Option<SnapshotState>, LogError> {
+        self.meta
+            .get(SNAPSHOT_KEY)?
+            .map(|v| decode(0, &v))
+            .transpose()
+    }
+
+    /// Records (durably) where the initial snapshot stands.
+    pub async fn set_snapshot_state(&self, state: SnapshotState) -> Result<(), LogError> {
+        self.meta.insert(SNAPSHOT_KEY, encode(&state))?;
         self.db.flush_async().await?;
         Ok(())
     }

@@ -28,7 +28,7 @@ use crate::config::{ConnectionUrl, PostgresSourceConfig, SnapshotMode};
 use crate::event::{
     ChangeEvent, Column, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit, Value,
 };
-use crate::log::{LogError, LogWriter, SourceIdentity};
+use crate::log::{LogError, LogWriter, SnapshotState, SourceIdentity};
 use crate::retry::{is_transient, RetryPolicy};
 
 #[derive(Debug, thiserror::Error)]
@@ -238,10 +238,16 @@ impl PostgresSource {
         writer.discard_open_transaction()?;
         let snapshot = self.config.snapshot == SnapshotMode::Initial;
         let logged_nothing = writer.last_appended().seq == 0;
+        // A snapshot cut short cannot resume (its exported snapshot is gone), and one the log
+        // does not hold (data_dir moved aside) must be taken again: both start over.
+        let snapshot_again = snapshot
+            && (writer.log().snapshot_state()? == Some(SnapshotState::Running) || logged_nothing);
         let mut slot = catalog.slot(&self.config.slot).await?;
-        if let (Some(_), true, true) = (&slot, snapshot, logged_nothing) {
-            // The log holds no snapshot (one was cut short, or the log was moved aside): its
-            // slot's exported snapshot is gone, so start over with a new slot.
+        // The sinks may hold rows of an earlier snapshot, or of an earlier log: the new
+        // snapshot replaces them.
+        let replace =
+            snapshot_again && (slot.is_some() || writer.log().snapshot_state()?.is_some());
+        if slot.is_some() && snapshot_again {
             tracing::warn!(
                 slot = %self.config.slot,
                 "the offset log holds no complete snapshot; dropping the slot to snapshot again"
@@ -251,7 +257,7 @@ impl PostgresSource {
         }
         match slot {
             Some(slot) => self.check_slot(&slot, &database)?,
-            None if !logged_nothing => {
+            None if !logged_nothing && !snapshot_again => {
                 return Err(SourceError::Diverged(format!(
                     "replication slot {:?} no longer exists (failover, or dropped by hand), but \
                      the offset log continues from {}: changes made since may have been missed. \
@@ -272,6 +278,7 @@ impl PostgresSource {
                     &tables,
                     &exported,
                     lsn,
+                    replace,
                     writer,
                     cancel,
                 )

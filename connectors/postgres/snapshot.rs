@@ -1,8 +1,10 @@
 //! The initial snapshot: every captured table as the new slot's exported snapshot shows it,
 //! read with `COPY … TO STDOUT` over several connections that share that snapshot, and
-//! logged as one transaction of `Read` changes before streaming starts at the slot's
-//! consistent point. Sinks see the snapshot only once it is whole; a snapshot cut short (a
-//! crash, a lost connection) leaves nothing and is started again from a new slot.
+//! logged as transactions of `Read` changes before streaming starts at the slot's consistent
+//! point. Sinks apply it as it comes, so the log never holds much more of it than the sinks
+//! are behind. A snapshot cut short (a crash, a lost connection) cannot resume (its exported
+//! snapshot is gone): it starts again from a new slot, and its first transaction truncates
+//! every captured table, so whatever the first attempt delivered is replaced, not mixed in.
 //!
 //! Parallelism: each table is split into ranges of heap blocks (`ctid` ranges, which
 //! PostgreSQL 14+ scans directly) so that a large table is read by several connections
@@ -26,12 +28,14 @@ use crate::config::PostgresSourceConfig;
 use crate::event::{
     ChangeEvent, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit, Value,
 };
-use crate::log::LogWriter;
+use crate::log::{LogWriter, SnapshotState};
 
 /// A table smaller than this many heap blocks (8 MiB) is read in one range.
 const MIN_RANGE_BLOCKS: u32 = 1024;
 /// Rows a reader parses before handing them to the log.
 const ROWS_PER_MESSAGE: usize = 1000;
+/// Rows of one logged snapshot transaction.
+const ROWS_PER_TRANSACTION: u64 = 50_000;
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What the snapshot logged.
@@ -62,13 +66,15 @@ struct Rows {
 }
 
 /// Copies `tables` as of `snapshot` (exported by the slot creation at `consistent_point`) into
-/// the log as one committed transaction.
+/// the log. `again`: an earlier snapshot was cut short, so every table is truncated first.
+#[allow(clippy::too_many_arguments)]
 pub async fn copy(
     config: &PostgresSourceConfig,
     catalog: &mut Catalog,
     tables: &[SourceTable],
     snapshot: &str,
     consistent_point: Lsn,
+    again: bool,
     writer: &mut LogWriter,
     cancel: &CancellationToken,
 ) -> Result<Option<SnapshotSummary>, SourceError> {
@@ -117,15 +123,25 @@ pub async fn copy(
     }
     drop(sender);
 
+    writer
+        .log()
+        .set_snapshot_state(SnapshotState::Running)
+        .await?;
     // Strictly below the consistent point: a transaction whose commit record starts exactly
     // there is not in the snapshot and must not be taken for one the log holds.
-    let snapshot_lsn = Lsn(consistent_point.0.saturating_sub(1));
-    let commit_ts = now_micros();
-    writer.append(&Record::Begin(TxBegin {
-        xid: 0,
-        commit_lsn: snapshot_lsn,
-        commit_ts,
-    }))?;
+    let mut logged = SnapshotTransactions {
+        lsn: Lsn(consistent_point.0.saturating_sub(1)),
+        end_lsn: consistent_point,
+        commit_ts: now_micros(),
+        number: 0,
+        rows: 0,
+    };
+    logged.begin(writer)?;
+    if again {
+        for table in &described {
+            logged.change(writer, table.relation_id, Op::Truncate, None)?;
+        }
+    }
     let mut rows = 0u64;
     let mut last_progress = Instant::now();
     loop {
@@ -137,13 +153,7 @@ pub async fn copy(
         let chunk = message?;
         let table = &mut described[chunk.table];
         for row in chunk.rows {
-            writer.append(&Record::Change(ChangeEvent {
-                relation: table.relation_id,
-                lsn: snapshot_lsn,
-                op: Op::Read,
-                before: None,
-                after: Some(row),
-            }))?;
+            logged.change(writer, table.relation_id, Op::Read, Some(row))?;
             table.copied += 1;
             rows += 1;
         }
@@ -162,11 +172,9 @@ pub async fn copy(
     while let Some(joined) = tasks.join_next().await {
         joined.map_err(|e| SourceError::Snapshot(format!("a snapshot reader failed: {e}")))?;
     }
-    writer.append(&Record::Commit(TxCommit {
-        commit_lsn: snapshot_lsn,
-        end_lsn: consistent_point,
-        commit_ts,
-    }))?;
+    logged.commit(writer)?;
+    writer.log().flush().await?;
+    writer.log().set_snapshot_state(SnapshotState::Done).await?;
     let summary = SnapshotSummary {
         rows,
         elapsed: started.elapsed(),
@@ -185,6 +193,60 @@ pub async fn copy(
         "snapshot done"
     );
     Ok(Some(summary))
+}
+
+/// The snapshot's transactions in the log: all at the snapshot's position, numbered from 1 in
+/// place of a source transaction id, each of at most `ROWS_PER_TRANSACTION` rows.
+struct SnapshotTransactions {
+    lsn: Lsn,
+    end_lsn: Lsn,
+    commit_ts: i64,
+    number: u32,
+    rows: u64,
+}
+
+impl SnapshotTransactions {
+    fn begin(&mut self, writer: &mut LogWriter) -> Result<(), SourceError> {
+        self.number += 1;
+        self.rows = 0;
+        writer.append(&Record::Begin(TxBegin {
+            xid: self.number,
+            commit_lsn: self.lsn,
+            commit_ts: self.commit_ts,
+        }))?;
+        Ok(())
+    }
+
+    fn change(
+        &mut self,
+        writer: &mut LogWriter,
+        relation: RelationId,
+        op: Op,
+        after: Option<Row>,
+    ) -> Result<(), SourceError> {
+        if self.rows == ROWS_PER_TRANSACTION {
+            self.commit(writer)?;
+            self.begin(writer)?;
+        }
+        writer.append(&Record::Change(ChangeEvent {
+            relation,
+            lsn: self.lsn,
+            op,
+            before: None,
+            after,
+        }))?;
+        self.rows += 1;
+        Ok(())
+    }
+
+    fn commit(&mut self, writer: &mut LogWriter) -> Result<(), SourceError> {
+        writer.append(&Record::Commit(TxCommit {
+            commit_lsn: self.lsn,
+            end_lsn: self.end_lsn,
+            commit_ts: self.commit_ts,
+        }))?;
+        Ok(())
+    }
 }
 
 /// The COPY queries that read `table` in ranges of blocks: about four per reader for a large

@@ -223,8 +223,7 @@ impl History {
                 pending.row = row;
                 pending.carry_from = carry_from;
             }
-            // A snapshot reads each key once: its version needs no commit to settle, so a
-            // snapshot larger than a batch can be applied in chunks.
+            // A snapshot reads each key once: its version is settled as it is read.
             Op::Read => {
                 let after = change.after.as_ref().ok_or_else(|| missing("new"))?;
                 if let Some(begin) = self.transaction {

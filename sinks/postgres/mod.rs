@@ -30,7 +30,7 @@ use self::staging::{Pass, PlanSql};
 use super::{Sink, SinkError};
 use crate::config::{PostgresSinkConfig, SinkMode};
 use crate::dead_letter::{self, DeadLetterQueue};
-use crate::event::{Lsn, Op, Record, Relation, RelationId, Row};
+use crate::event::{Lsn, Record, Relation, RelationId, Row};
 use crate::log::{LogEntry, OffsetLog, SinkCursor};
 use crate::retry::is_transient;
 use crate::tls::ConnectError;
@@ -146,24 +146,14 @@ impl PostgresSink {
     }
 
     /// The whole transactions to apply now: SCD2 holds back a transaction whose commit is not
-    /// in the batch yet and prepends it to the next one, except a snapshot's, whose reads
-    /// settle one by one.
+    /// in the batch yet and prepends it to the next one.
     fn whole_transactions<'a>(
         &mut self,
         entries: &'a [LogEntry],
     ) -> Option<std::borrow::Cow<'a, [LogEntry]>> {
         let is_commit = |e: &LogEntry| matches!(e.record, Record::Commit(_));
-        let open_part = match entries.iter().rposition(is_commit) {
-            Some(end) => &entries[end + 1..],
-            None => entries,
-        };
-        let snapshot_reads = open_part.iter().all(|e| match &e.record {
-            Record::Begin(_) => true,
-            Record::Change(change) => change.op == Op::Read,
-            Record::Commit(_) => false,
-        });
         if self.config.mode != SinkMode::Scd2
-            || (self.open_transaction.is_empty() && snapshot_reads)
+            || (self.open_transaction.is_empty() && entries.last().is_some_and(is_commit))
         {
             return Some(std::borrow::Cow::Borrowed(entries));
         }
@@ -183,14 +173,6 @@ impl PostgresSink {
             SinkMode::Scd2 => Planner::History(History::new(self.config.history_deletes)),
             _ => Planner::Merge(Collapse::default()),
         };
-        if let (Planner::History(history), Some(first)) = (&mut planner, entries.first()) {
-            // A batch that starts inside a transaction (a snapshot applied in chunks).
-            if !matches!(first.record, Record::Begin(_)) {
-                if let Some((_, begin)) = self.log.transaction_of(first.seq)? {
-                    history.begin(&begin);
-                }
-            }
-        }
         let mut source_lsn = Lsn(0);
         for entry in entries {
             match &entry.record {
