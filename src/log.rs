@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::event::{ChangeEvent, Lsn, Record, Relation, RelationId, TxBegin};
+use crate::event::{Lsn, Record, Relation, RelationId, TxBegin};
 
 /// Bumped whenever the on-disk encoding changes; `open` refuses other versions.
 const FORMAT_VERSION: u64 = 1;
@@ -415,20 +415,6 @@ impl LogWriter {
             });
         }
         Ok(seq)
-    }
-
-    /// Appends changes of the open transaction in one write: cheaper than one `append` each.
-    pub fn append_changes(
-        &mut self,
-        changes: impl IntoIterator<Item = ChangeEvent>,
-    ) -> Result<(), LogError> {
-        let mut batch = sled::Batch::default();
-        for change in changes {
-            batch.insert(&seq_key(self.next_seq), encode(&Record::Change(change)));
-            self.next_seq += 1;
-        }
-        self.log.entries.apply_batch(batch)?;
-        Ok(())
     }
 
     /// Removes the records of the transaction being appended, whose Commit has not come: a

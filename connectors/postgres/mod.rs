@@ -150,12 +150,7 @@ struct Session {
     open: Option<OpenTransaction>,
     /// The last position reported to the server.
     confirmed: Lsn,
-    /// Changes of the open transaction not yet written to the log: written together, up to
-    /// `CHANGES_PER_WRITE` at a time and before the Commit.
-    changes: Vec<ChangeEvent>,
 }
-
-const CHANGES_PER_WRITE: usize = 256;
 
 #[derive(Clone, Copy)]
 enum OpenTransaction {
@@ -319,7 +314,6 @@ impl PostgresSource {
             relations: HashMap::new(),
             open: None,
             confirmed: Lsn(0),
-            changes: Vec::with_capacity(CHANGES_PER_WRITE),
         };
         let result = self
             .stream_messages(&mut connection, &mut session, writer, cancel)
@@ -495,7 +489,6 @@ impl Session {
                 ..
             } => {
                 if let Some(OpenTransaction::Logging) = self.open.take() {
-                    writer.append_changes(self.changes.drain(..))?;
                     writer.append(&Record::Commit(TxCommit {
                         commit_lsn: Lsn(commit_lsn),
                         end_lsn: Lsn(end_lsn),
@@ -567,16 +560,13 @@ impl Session {
         })?;
         let before = before.map(|t| to_row(relation, lsn, t)).transpose()?;
         let after = after.map(|t| to_row(relation, lsn, t)).transpose()?;
-        self.changes.push(ChangeEvent {
+        writer.append(&Record::Change(ChangeEvent {
             relation: *id,
             lsn,
             op,
             before,
             after,
-        });
-        if self.changes.len() == CHANGES_PER_WRITE {
-            writer.append_changes(self.changes.drain(..))?;
-        }
+        }))?;
         Ok(())
     }
 }

@@ -139,7 +139,7 @@ pub async fn copy(
     logged.begin(writer)?;
     if again {
         for table in &described {
-            logged.rows(writer, table.relation_id, Op::Truncate, vec![None])?;
+            logged.change(writer, table.relation_id, Op::Truncate, None)?;
         }
     }
     let mut rows = 0u64;
@@ -152,15 +152,11 @@ pub async fn copy(
         let Some(message) = message else { break };
         let chunk = message?;
         let table = &mut described[chunk.table];
-        let count = chunk.rows.len() as u64;
-        logged.rows(
-            writer,
-            table.relation_id,
-            Op::Read,
-            chunk.rows.into_iter().map(Some).collect(),
-        )?;
-        table.copied += count;
-        rows += count;
+        for row in chunk.rows {
+            logged.change(writer, table.relation_id, Op::Read, Some(row))?;
+            table.copied += 1;
+            rows += 1;
+        }
         if last_progress.elapsed() >= PROGRESS_INTERVAL {
             last_progress = Instant::now();
             for table in &described {
@@ -221,36 +217,25 @@ impl SnapshotTransactions {
         Ok(())
     }
 
-    /// Logs `rows` of one table, committing a transaction whenever one is full.
-    fn rows(
+    fn change(
         &mut self,
         writer: &mut LogWriter,
         relation: RelationId,
         op: Op,
-        rows: Vec<Option<Row>>,
+        after: Option<Row>,
     ) -> Result<(), SourceError> {
-        let mut rows = rows.into_iter().peekable();
-        while rows.peek().is_some() {
-            if self.rows == ROWS_PER_TRANSACTION {
-                self.commit(writer)?;
-                self.begin(writer)?;
-            }
-            let room = usize::try_from(ROWS_PER_TRANSACTION - self.rows).unwrap_or(usize::MAX);
-            let lsn = self.lsn;
-            let part: Vec<ChangeEvent> = rows
-                .by_ref()
-                .take(room)
-                .map(|after| ChangeEvent {
-                    relation,
-                    lsn,
-                    op,
-                    before: None,
-                    after,
-                })
-                .collect();
-            self.rows += part.len() as u64;
-            writer.append_changes(part)?;
+        if self.rows == ROWS_PER_TRANSACTION {
+            self.commit(writer)?;
+            self.begin(writer)?;
         }
+        writer.append(&Record::Change(ChangeEvent {
+            relation,
+            lsn: self.lsn,
+            op,
+            before: None,
+            after,
+        }))?;
+        self.rows += 1;
         Ok(())
     }
 
