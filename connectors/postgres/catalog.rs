@@ -385,13 +385,14 @@ impl Catalog {
         })
     }
 
-    /// The table's size as the planner last estimated it: pages and rows.
+    /// The table's size: its heap blocks now, and its rows as the planner last estimated them
+    /// (0 before the table was analyzed).
     pub async fn estimate(&self, table: &SourceTable) -> Result<(u32, u64), SourceError> {
         let row = self
             .client
             .query_one(
-                "SELECT relpages::int8, greatest(reltuples, 0)::int8 FROM pg_class \
-                 WHERE oid = $1::text::regclass",
+                "SELECT pg_relation_size(oid) / current_setting('block_size')::int8, \
+                   greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::text::regclass",
                 &[&table.quoted()],
             )
             .await
@@ -401,6 +402,19 @@ impl Catalog {
             u32::try_from(pages).unwrap_or(0),
             u64::try_from(rows).unwrap_or(0),
         ))
+    }
+
+    /// The server's clock now, in Unix microseconds.
+    pub async fn now_micros(&self) -> Result<i64, SourceError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8",
+                &[],
+            )
+            .await
+            .map_err(|e| SourceError::catalog("reading the server's clock", e))?;
+        Ok(row.get(0))
     }
 
     /// Drops the slot (which must not be in use).

@@ -268,6 +268,9 @@ impl PostgresSource {
                 )))
             }
             None if snapshot => {
+                // Every transaction the stream will carry commits after this: the snapshot's
+                // time must not be later than theirs.
+                let taken_at = catalog.now_micros().await?;
                 let (lsn, exported) = connection.create_slot_exporting(&self.config.slot).await?;
                 tracing::info!(slot = %self.config.slot, %lsn, "replication slot created");
                 // The replication connection stays idle meanwhile: its next command would end
@@ -276,8 +279,11 @@ impl PostgresSource {
                     &self.config,
                     &mut catalog,
                     &tables,
-                    &exported,
-                    lsn,
+                    snapshot::Exported {
+                        name: &exported,
+                        consistent_point: lsn,
+                        taken_at,
+                    },
                     replace,
                     writer,
                     cancel,

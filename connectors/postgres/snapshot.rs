@@ -65,15 +65,23 @@ struct Rows {
     rows: Vec<Row>,
 }
 
-/// Copies `tables` as of `snapshot` (exported by the slot creation at `consistent_point`) into
-/// the log. `again`: an earlier snapshot was cut short, so every table is truncated first.
-#[allow(clippy::too_many_arguments)]
+/// The snapshot a new slot exported.
+pub struct Exported<'a> {
+    pub name: &'a str,
+    /// Where the slot's stream starts.
+    pub consistent_point: Lsn,
+    /// Server time (Unix microseconds) just before the slot was created: no transaction the
+    /// stream carries committed earlier, so the snapshot's rows are as of then.
+    pub taken_at: i64,
+}
+
+/// Copies `tables` as of `snapshot` into the log. `again`: an earlier snapshot was cut
+/// short, so every table is truncated first.
 pub async fn copy(
     config: &PostgresSourceConfig,
     catalog: &mut Catalog,
     tables: &[SourceTable],
-    snapshot: &str,
-    consistent_point: Lsn,
+    snapshot: Exported<'_>,
     again: bool,
     writer: &mut LogWriter,
     cancel: &CancellationToken,
@@ -102,7 +110,7 @@ pub async fn copy(
         tables = tables.len(),
         ranges = ranges.len(),
         parallelism = config.snapshot_parallelism,
-        %consistent_point,
+        consistent_point = %snapshot.consistent_point,
         "snapshot started"
     );
     let readers = config.snapshot_parallelism.min(ranges.len()).max(1);
@@ -112,7 +120,7 @@ pub async fn copy(
     let (sender, mut received) = mpsc::channel::<Result<Rows, SourceError>>(readers * 4);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..readers {
-        let client = open_reader(config, snapshot).await?;
+        let client = open_reader(config, snapshot.name).await?;
         let (queue, relations, sender) =
             (Arc::clone(&queue), Arc::clone(&relations), sender.clone());
         tasks.spawn(async move {
@@ -130,9 +138,9 @@ pub async fn copy(
     // Strictly below the consistent point: a transaction whose commit record starts exactly
     // there is not in the snapshot and must not be taken for one the log holds.
     let mut logged = SnapshotTransactions {
-        lsn: Lsn(consistent_point.0.saturating_sub(1)),
-        end_lsn: consistent_point,
-        commit_ts: now_micros(),
+        lsn: Lsn(snapshot.consistent_point.0.saturating_sub(1)),
+        end_lsn: snapshot.consistent_point,
+        commit_ts: snapshot.taken_at,
         number: 0,
         rows: 0,
     };
@@ -462,12 +470,6 @@ fn unescape(field: &str) -> Option<std::borrow::Cow<'_, str>> {
         }
     }
     String::from_utf8(out).ok().map(std::borrow::Cow::Owned)
-}
-
-fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]
