@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Sink, SinkError};
+use super::{DeadLettered, Sink, SinkError};
 use crate::config::JsonlSinkConfig;
 use crate::envelope::{write_envelopes, SourceInfo, TransactionOrder};
 use crate::event::{Record, TxBegin};
@@ -242,9 +242,9 @@ impl Sink for JsonlSink {
         Ok(cursor.seq)
     }
 
-    async fn apply(&mut self, entries: &[LogEntry]) -> Result<(), SinkError> {
+    async fn apply(&mut self, entries: &[LogEntry]) -> Result<DeadLettered, SinkError> {
         let Some(last) = entries.last() else {
-            return Ok(());
+            return Ok(DeadLettered::new());
         };
         tokio::task::block_in_place(|| self.write(entries))?;
         let cursor = SinkCursor {
@@ -252,7 +252,7 @@ impl Sink for JsonlSink {
             state: postcard::to_allocvec(&self.position).unwrap_or_default(),
         };
         self.log.store_cursor(&self.name, &cursor).await?;
-        Ok(())
+        Ok(DeadLettered::new())
     }
 }
 

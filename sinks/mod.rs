@@ -15,6 +15,7 @@
 pub mod jsonl;
 pub mod postgres;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -52,10 +53,15 @@ impl SinkError {
     }
 }
 
+/// Changes a sink's target refused and its dead-letter queue took, per source table.
+pub type DeadLettered = BTreeMap<String, u64>;
+
 pub trait Sink {
     fn open(&mut self) -> impl Future<Output = Result<u64, SinkError>> + Send;
-    fn apply(&mut self, entries: &[LogEntry])
-        -> impl Future<Output = Result<(), SinkError>> + Send;
+    fn apply(
+        &mut self,
+        entries: &[LogEntry],
+    ) -> impl Future<Output = Result<DeadLettered, SinkError>> + Send;
 }
 
 /// The closed set of sinks, built from config with one match.
@@ -94,7 +100,7 @@ impl AnySink {
         }
     }
 
-    pub async fn apply(&mut self, entries: &[LogEntry]) -> Result<(), SinkError> {
+    pub async fn apply(&mut self, entries: &[LogEntry]) -> Result<DeadLettered, SinkError> {
         match self {
             AnySink::Jsonl(sink) => sink.apply(entries).await,
             AnySink::Postgres(sink) => sink.apply(entries).await,

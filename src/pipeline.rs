@@ -3,8 +3,9 @@
 //! applied. On shutdown the source stops reading, the log is flushed and confirmed, and each
 //! sink finishes the batch in flight.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -12,10 +13,12 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, SinkConfig, SinkKind, SourceConfig};
 use crate::connectors::postgres::{PostgresSource, SourceError};
 use crate::envelope::SourceInfo;
+use crate::event::{Record, RelationId};
 use crate::health;
 use crate::log::{LogEntry, LogError, OffsetLog};
 use crate::retry::RetryPolicy;
-use crate::sinks::{AnySink, SinkError};
+use crate::sinks::{AnySink, DeadLettered, SinkError};
+use crate::telemetry::{AppliedBatch, Telemetry};
 
 const TRIM_INTERVAL: Duration = Duration::from_secs(5);
 const TRIM_MAX_RECORDS: usize = 5_000;
@@ -30,6 +33,8 @@ pub enum PipelineError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Log(#[from] LogError),
+    #[error("setting up the metrics: {0}")]
+    Metrics(prometheus::Error),
     #[error("cannot serve health on {addr}: {source}; choose another agent.health_addr")]
     Health {
         addr: std::net::SocketAddr,
@@ -77,9 +82,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Pipe
             source,
         })?;
 
+    let telemetry = Arc::new(Telemetry::new().map_err(PipelineError::Metrics)?);
     let stop = shutdown.child_token();
     let mut tasks: JoinSet<Result<(), PipelineError>> = JoinSet::new();
-    tasks.spawn(health::serve(health, stop.clone()));
+    tasks.spawn(health::serve(
+        health,
+        health::Surface {
+            telemetry: Arc::clone(&telemetry),
+            log: Arc::clone(&log),
+            sinks: config.sinks.iter().map(|s| s.name.clone()).collect(),
+            ready_max_lag: config.agent.ready_max_lag,
+        },
+        stop.clone(),
+    ));
     {
         let log = Arc::clone(&log);
         let stop = stop.clone();
@@ -91,7 +106,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Pipe
         });
     }
     for (sink_config, sink) in sinks {
-        tasks.spawn(run_sink(sink_config, sink, Arc::clone(&log), stop.clone()));
+        tasks.spawn(run_sink(
+            sink_config,
+            sink,
+            Arc::clone(&log),
+            Arc::clone(&telemetry),
+            stop.clone(),
+        ));
     }
     {
         let log = Arc::clone(&log);
@@ -103,7 +124,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Pipe
             .sinks
             .iter()
             .any(|s| matches!(s.kind, SinkKind::Postgres(_)));
-        let source = PostgresSource::new(source_config.clone(), table_sinks);
+        let source =
+            PostgresSource::new(source_config.clone(), table_sinks, Arc::clone(&telemetry));
         let mut writer = log.writer()?;
         let stop = stop.clone();
         tasks.spawn(async move {
@@ -144,9 +166,10 @@ async fn run_sink(
     config: SinkConfig,
     mut sink: AnySink,
     log: Arc<OffsetLog>,
+    telemetry: Arc<Telemetry>,
     stop: CancellationToken,
 ) -> Result<(), PipelineError> {
-    let mut applied = open_sink(&config, &mut sink, &stop).await?;
+    let mut applied = open_sink(&config, &mut sink, &telemetry, &stop).await?;
     tracing::info!(sink = %config.name, from = applied, "sink started");
     let mut policy = RetryPolicy::new();
     // The next batch, read from the log while the current one is applied.
@@ -181,10 +204,19 @@ async fn run_sink(
                 read_batch(&log, last, max)
             }));
         }
+        let started = Instant::now();
         match sink.apply(&batch).await {
-            Ok(()) => {}
+            Ok(dead_lettered) => report_batch(
+                &config.name,
+                &batch,
+                &dead_lettered,
+                started,
+                &log,
+                &telemetry,
+            )?,
             Err(e) if e.is_transient() => {
                 let delay = policy.next_delay();
+                telemetry.sink_failed(&config.name, &e.to_string());
                 tracing::warn!(sink = %config.name, error = %e, retry_in = ?delay, "batch failed; retrying");
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
@@ -196,7 +228,7 @@ async fn run_sink(
                 if let Some(read) = ahead.take() {
                     read.abort();
                 }
-                applied = open_sink(&config, &mut sink, &stop).await?;
+                applied = open_sink(&config, &mut sink, &telemetry, &stop).await?;
                 continue;
             }
             Err(e) => return Err(e.into()),
@@ -207,18 +239,69 @@ async fn run_sink(
     }
 }
 
+/// Counts what a batch did and how far its sink still lags.
+fn report_batch(
+    sink: &str,
+    batch: &[LogEntry],
+    dead_lettered: &DeadLettered,
+    started: Instant,
+    log: &OffsetLog,
+    telemetry: &Telemetry,
+) -> Result<(), LogError> {
+    let mut per_relation: HashMap<RelationId, u64> = HashMap::new();
+    let mut last_commit = None;
+    for entry in batch {
+        match &entry.record {
+            Record::Change(change) => *per_relation.entry(change.relation).or_default() += 1,
+            Record::Commit(commit) => last_commit = Some(*commit),
+            Record::Begin(_) => {}
+        }
+    }
+    let mut changes = BTreeMap::new();
+    for (relation, count) in per_relation {
+        *changes
+            .entry(log.relation(relation)?.qualified_name())
+            .or_default() += count;
+    }
+    let position = batch.last().map_or(0, |e| e.seq);
+    telemetry.batch_applied(&AppliedBatch {
+        sink,
+        changes: &changes,
+        dead_lettered,
+        records: batch.len(),
+        took: started.elapsed(),
+        position,
+        lsn: last_commit.map(|c| c.commit_lsn),
+    });
+    let durable = log.durable();
+    let oldest_pending = match durable.seq > position {
+        true => log
+            .transaction_of(position + 1)?
+            .map(|(_, begin)| begin.commit_ts),
+        false => None,
+    };
+    let behind = last_commit.map_or(0, |c| durable.end_lsn.0.saturating_sub(c.end_lsn.0));
+    telemetry.sink_lag(sink, behind, oldest_pending);
+    Ok(())
+}
+
 /// Opens a sink, retrying while its destination is unreachable: a sink that is down holds
 /// nothing up but itself, and the log keeps what it has not applied.
 async fn open_sink(
     config: &SinkConfig,
     sink: &mut AnySink,
+    telemetry: &Telemetry,
     stop: &CancellationToken,
 ) -> Result<u64, PipelineError> {
     let mut policy = RetryPolicy::new();
     loop {
         match sink.open().await {
-            Ok(applied) => return Ok(applied),
+            Ok(applied) => {
+                telemetry.sink_started(&config.name, applied);
+                return Ok(applied);
+            }
             Err(e) if e.is_transient() => {
+                telemetry.sink_failed(&config.name, &e.to_string());
                 let delay = policy.next_delay();
                 tracing::warn!(sink = %config.name, error = %e, retry_in = ?delay, "sink cannot start; retrying");
                 tokio::select! {

@@ -404,6 +404,20 @@ impl Catalog {
         ))
     }
 
+    /// WAL the slot keeps on the server; None when the slot does not exist.
+    pub async fn slot_retained_bytes(&self, slot: &str) -> Result<Option<i64>, SourceError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8 \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(|e| SourceError::catalog("reading the slot's retained WAL", e))?;
+        Ok(row.and_then(|r| r.get(0)))
+    }
+
     /// The server's clock now, in Unix microseconds.
     pub async fn now_micros(&self) -> Result<i64, SourceError> {
         let row = self

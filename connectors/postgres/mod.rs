@@ -30,6 +30,7 @@ use crate::event::{
 };
 use crate::log::{LogError, LogWriter, SnapshotState, SourceIdentity};
 use crate::retry::{is_transient, RetryPolicy};
+use crate::telemetry::Telemetry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -140,6 +141,7 @@ pub struct PostgresSource {
     config: PostgresSourceConfig,
     /// A table sink is configured: every table needs a primary key.
     require_primary_keys: bool,
+    telemetry: Arc<Telemetry>,
 }
 
 /// Where the stream stands while a session runs.
@@ -150,6 +152,11 @@ struct Session {
     open: Option<OpenTransaction>,
     /// The last position reported to the server.
     confirmed: Lsn,
+    /// The start of the last WAL data received.
+    received: Lsn,
+    /// Changes of the open transaction per relation oid, counted as captured at its Commit.
+    captured: HashMap<u32, u64>,
+    telemetry: Arc<Telemetry>,
 }
 
 #[derive(Clone, Copy)]
@@ -160,10 +167,15 @@ enum OpenTransaction {
 }
 
 impl PostgresSource {
-    pub fn new(config: PostgresSourceConfig, require_primary_keys: bool) -> PostgresSource {
+    pub fn new(
+        config: PostgresSourceConfig,
+        require_primary_keys: bool,
+        telemetry: Arc<Telemetry>,
+    ) -> PostgresSource {
         PostgresSource {
             config,
             require_primary_keys,
+            telemetry,
         }
     }
 
@@ -189,6 +201,7 @@ impl PostgresSource {
                         && (streamed || started.elapsed() < self.config.connect_timeout) =>
                 {
                     let delay = policy.next_delay();
+                    self.telemetry.reconnected(&e.to_string());
                     tracing::warn!(error = %e, retry_in = ?delay, "source interrupted; reconnecting");
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
@@ -283,9 +296,10 @@ impl PostgresSource {
                         name: &exported,
                         consistent_point: lsn,
                         taken_at,
+                        replaces_earlier: replace,
                     },
-                    replace,
                     writer,
+                    &self.telemetry,
                     cancel,
                 )
                 .await?;
@@ -315,11 +329,15 @@ impl PostgresSource {
         );
         *streamed = true;
         policy.reset();
+        self.telemetry.source_connected();
         let mut session = Session {
             catalog,
             relations: HashMap::new(),
             open: None,
             confirmed: Lsn(0),
+            received: Lsn(0),
+            captured: HashMap::new(),
+            telemetry: Arc::clone(&self.telemetry),
         };
         let result = self
             .stream_messages(&mut connection, &mut session, writer, cancel)
@@ -355,9 +373,11 @@ impl PostgresSource {
                 _ = status_timer.tick() => {
                     let end = writer.log().durable().end_lsn.max(session.confirmed);
                     connection.send_status(end).await?;
+                    session.report(writer, &self.config.slot).await;
                 }
                 message = connection.next_message() => match message? {
                     ReplicationMessage::XLogData { wal_start, data, .. } => {
+                        session.received = wal_start;
                         let message = pgoutput::decode(&data, false)
                             .map_err(|source| SourceError::Decode { lsn: wal_start, source })?;
                         session.handle(writer, wal_start, message).await?;
@@ -453,6 +473,20 @@ pub async fn check_prerequisites(catalog: &Catalog) -> Result<(), SourceError> {
 }
 
 impl Session {
+    /// Tells the telemetry where the stream stands and how much WAL the slot keeps.
+    async fn report(&self, writer: &LogWriter, slot: &str) {
+        self.telemetry.source_positions(
+            self.received,
+            writer.log().durable().end_lsn,
+            self.confirmed,
+        );
+        match self.catalog.slot_retained_bytes(slot).await {
+            Ok(Some(bytes)) => self.telemetry.slot_retained(bytes),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "reading the slot's retained WAL"),
+        }
+    }
+
     async fn confirm(
         &mut self,
         connection: &mut ReplicationConnection,
@@ -495,6 +529,11 @@ impl Session {
                 ..
             } => {
                 if let Some(OpenTransaction::Logging) = self.open.take() {
+                    for (oid, changes) in self.captured.drain() {
+                        if let Some((_, relation)) = self.relations.get(&oid) {
+                            self.telemetry.captured(&relation.qualified_name(), changes);
+                        }
+                    }
                     writer.append(&Record::Commit(TxCommit {
                         commit_lsn: Lsn(commit_lsn),
                         end_lsn: Lsn(end_lsn),
@@ -564,6 +603,7 @@ impl Session {
                 "change at {lsn} for relation {relation_id} before its Relation message"
             )))
         })?;
+        *self.captured.entry(relation_id).or_default() += 1;
         let before = before.map(|t| to_row(relation, lsn, t)).transpose()?;
         let after = after.map(|t| to_row(relation, lsn, t)).transpose()?;
         writer.append(&Record::Change(ChangeEvent {

@@ -29,6 +29,7 @@ use crate::event::{
     ChangeEvent, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit, Value,
 };
 use crate::log::{LogWriter, SnapshotState};
+use crate::telemetry::Telemetry;
 
 /// A table smaller than this many heap blocks (8 MiB) is read in one range.
 const MIN_RANGE_BLOCKS: u32 = 1024;
@@ -73,17 +74,19 @@ pub struct Exported<'a> {
     /// Server time (Unix microseconds) just before the slot was created: no transaction the
     /// stream carries committed earlier, so the snapshot's rows are as of then.
     pub taken_at: i64,
+    /// An earlier snapshot was cut short (or the sinks hold rows of an earlier log): every
+    /// table is truncated first.
+    pub replaces_earlier: bool,
 }
 
-/// Copies `tables` as of `snapshot` into the log. `again`: an earlier snapshot was cut
-/// short, so every table is truncated first.
+/// Copies `tables` as of `snapshot` into the log.
 pub async fn copy(
     config: &PostgresSourceConfig,
     catalog: &mut Catalog,
     tables: &[SourceTable],
     snapshot: Exported<'_>,
-    again: bool,
     writer: &mut LogWriter,
+    telemetry: &Telemetry,
     cancel: &CancellationToken,
 ) -> Result<Option<SnapshotSummary>, SourceError> {
     let started = Instant::now();
@@ -145,7 +148,7 @@ pub async fn copy(
         rows: 0,
     };
     logged.begin(writer)?;
-    if again {
+    if snapshot.replaces_earlier {
         for table in &described {
             logged.change(writer, table.relation_id, Op::Truncate, None)?;
         }
@@ -188,11 +191,9 @@ pub async fn copy(
         elapsed: started.elapsed(),
     };
     for table in &described {
-        tracing::info!(
-            table = %table.relation.qualified_name(),
-            rows = table.copied,
-            "table snapshotted"
-        );
+        let name = table.relation.qualified_name();
+        telemetry.captured(&name, table.copied);
+        tracing::info!(table = %name, rows = table.copied, "table snapshotted");
     }
     tracing::info!(
         rows,

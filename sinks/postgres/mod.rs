@@ -27,7 +27,7 @@ use self::collapse::{Collapse, CollapseError, KeyState, TablePlan};
 use self::ddl::TargetTable;
 use self::history::{History, HistoryPlan};
 use self::staging::{Pass, PlanSql};
-use super::{Sink, SinkError};
+use super::{DeadLettered, Sink, SinkError};
 use crate::config::{PostgresSinkConfig, SinkMode};
 use crate::dead_letter::{self, DeadLetterQueue};
 use crate::event::{Lsn, Record, Relation, RelationId, Row};
@@ -284,12 +284,12 @@ impl Sink for PostgresSink {
         Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
     }
 
-    async fn apply(&mut self, entries: &[LogEntry]) -> Result<(), SinkError> {
+    async fn apply(&mut self, entries: &[LogEntry]) -> Result<DeadLettered, SinkError> {
         let Some(entries) = self.whole_transactions(entries) else {
-            return Ok(());
+            return Ok(DeadLettered::new());
         };
         let Some(last) = entries.last() else {
-            return Ok(());
+            return Ok(DeadLettered::new());
         };
         let (tables, source_lsn) = self.plan(&entries).await?;
         let batch = Batch {
@@ -354,7 +354,11 @@ impl Sink for PostgresSink {
                 },
             )
             .await?;
-        Ok(())
+        let mut dead_lettered = DeadLettered::new();
+        for table in rejected {
+            *dead_lettered.entry(table).or_default() += 1;
+        }
+        Ok(dead_lettered)
     }
 }
 
@@ -493,7 +497,7 @@ fn stage_name(relation_id: RelationId, occurrence: usize) -> String {
 impl PostgresSink {
     /// Applies the batch and its checkpoint in one target transaction. With `Pass::OneRow`,
     /// each row goes in its own savepoint and rows the target refuses are dead-lettered
-    /// (durably, before the commit) instead of failing the batch; returns those rows' reasons.
+    /// (durably, before the commit) instead of failing the batch; returns those rows' tables.
     async fn apply_batch(&mut self, batch: &Batch, pass: Pass) -> Result<Vec<String>, ApplyError> {
         let checkpoint = format!(
             "INSERT INTO {}._tidemark_checkpoint (sink, log_position, source_lsn, updated_at) \
@@ -508,7 +512,7 @@ impl PostgresSink {
             .await
             .map_err(ApplyError::at("starting a transaction"))?;
         let mut letters = Vec::new();
-        let mut reasons = Vec::new();
+        let mut refused_tables = Vec::new();
         for table in &batch.tables {
             let target = &table.target;
             let statements = table.statements(pass);
@@ -570,7 +574,7 @@ impl PostgresSink {
                             .await
                             .map_err(ApplyError::with(context()))?;
                         let (action, row) = table.letter(number);
-                        reasons.push(reason.clone());
+                        refused_tables.push(table.relation.qualified_name());
                         letters.push(dead_letter::letter(
                             &self.name,
                             &table.relation,
@@ -605,7 +609,7 @@ impl PostgresSink {
             .commit()
             .await
             .map_err(ApplyError::at("committing the batch"))?;
-        Ok(reasons)
+        Ok(refused_tables)
     }
 }
 

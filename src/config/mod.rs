@@ -49,6 +49,8 @@ pub struct AgentConfig {
     /// directory.
     pub data_dir: PathBuf,
     pub health_addr: SocketAddr,
+    /// `/ready` answers 503 while a sink lags more than this behind the source.
+    pub ready_max_lag: Duration,
 }
 
 /// `[source]`: one source per agent; the set of source types is closed.
@@ -332,6 +334,7 @@ max_file_bytes = 1000
                 name: "Shop".to_owned(),
                 data_dir: PathBuf::from("/etc/tidemark/state"),
                 health_addr: "0.0.0.0:9000".parse().unwrap(),
+                ready_max_lag: Duration::from_secs(30),
             },
             source: SourceConfig::Postgres(PostgresSourceConfig {
                 url: url(&format!(

@@ -14,9 +14,10 @@ const DEFAULT_DATA_DIR: &str = "./tidemark-data";
 const DEFAULT_HEALTH_PORT: u16 = 8686;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
+const DEFAULT_READY_MAX_LAG: Duration = Duration::from_secs(30);
 
 const TOP_KEYS: &[&str] = &["agent", "source", "sink"];
-const AGENT_KEYS: &[&str] = &["name", "data_dir", "health_addr"];
+const AGENT_KEYS: &[&str] = &["name", "data_dir", "health_addr", "ready_max_lag"];
 const SOURCE_KEYS: &[&str] = &[
     "type",
     "url",
@@ -99,10 +100,14 @@ impl Checker<'_> {
         let health_addr = self
             .field(&t, "health_addr", Self::socket_addr)
             .or(SocketAddr::from(([127, 0, 0, 1], DEFAULT_HEALTH_PORT)));
+        let ready_max_lag = self
+            .field(&t, "ready_max_lag", |c, s, v| c.duration(s, v, false))
+            .or(DEFAULT_READY_MAX_LAG);
         Some(AgentConfig {
             name: name?,
             data_dir: data_dir?,
             health_addr: health_addr?,
+            ready_max_lag: ready_max_lag?,
         })
     }
 

@@ -1,0 +1,174 @@
+//! The HTTP operating surface against real servers: `/status`, `/metrics` (whose counters add
+//! up after a randomised workload) and `/ready` (503 with the reason while a target is down,
+//! 200 again once it is back).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::agent::{eventually, http_get, AgentSetup};
+use common::{workload, PgCluster};
+use rand::SeedableRng;
+
+/// Status code and body of a GET on the agent's HTTP port.
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let response = http_get(port, path)?;
+    let code = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_string();
+    Some((code, body))
+}
+
+/// The samples of a Prometheus text exposition: `name{labels}` → value.
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').expect("sample line");
+            (series.to_string(), value.parse().expect("sample value"))
+        })
+        .collect()
+}
+
+fn sample(samples: &BTreeMap<String, f64>, series: &str) -> f64 {
+    samples.get(series).copied().unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_metrics_add_up_after_a_random_workload() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("src");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(&db, workload::SCHEMA);
+    let sinks = format!(
+        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n\n\
+         [[sink]]\nname = \"events\"\ntype = \"jsonl\"\npath = \"events\"\n",
+        pg.url(&warehouse)
+    );
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.accounts\", \"public.lines\", \"public.docs\"",
+        &sinks,
+    );
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    let client = pg.connect(&db).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    for _ in 0..300 {
+        workload::random_transaction(&client, &mut rng).await;
+    }
+    let port = setup.health_port;
+    let caught_up = eventually(Duration::from_secs(60), || {
+        let Some((200, body)) = get(port, "/status") else {
+            return false;
+        };
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let durable = &status["log"]["durable_position"];
+        ["mirror", "events"]
+            .iter()
+            .all(|sink| &status["sinks"][sink]["applied_position"] == durable)
+            && status["sinks"]["mirror"]["lag_bytes"] == 0
+    });
+    assert!(caught_up, "{}", agent.log());
+
+    let (code, body) = get(port, "/status").unwrap();
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["source"]["connected"], true, "{status}");
+    assert!(status["log"]["bytes"].as_u64().unwrap() > 0, "{status}");
+    assert!(
+        status["sinks"]["mirror"]["batches"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+
+    let (code, metrics) = get(port, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let samples = samples(&metrics);
+    let mut captured_total = 0.0;
+    for table in ["public.accounts", "public.lines", "public.docs"] {
+        let captured = sample(
+            &samples,
+            &format!("tidemark_events_captured_total{{table=\"{table}\"}}"),
+        );
+        captured_total += captured;
+        for sink in ["mirror", "events"] {
+            let applied = sample(
+                &samples,
+                &format!("tidemark_events_applied_total{{sink=\"{sink}\",table=\"{table}\"}}"),
+            );
+            let dead = sample(
+                &samples,
+                &format!(
+                    "tidemark_events_dead_lettered_total{{sink=\"{sink}\",table=\"{table}\"}}"
+                ),
+            );
+            assert_eq!(
+                captured,
+                applied + dead,
+                "{sink} {table}: captured {captured}, applied {applied}, dead-lettered {dead}\n{metrics}"
+            );
+        }
+    }
+    assert!(captured_total > 300.0, "{metrics}");
+    let envelopes = setup.envelopes().len() as f64;
+    assert!(
+        envelopes >= captured_total,
+        "{envelopes} envelopes, {captured_total} captured"
+    );
+    assert!(sample(&samples, "tidemark_log_bytes") > 0.0);
+    assert!(sample(&samples, "tidemark_batch_seconds_count{sink=\"mirror\"}") > 0.0);
+    assert!(samples.contains_key("tidemark_slot_retained_wal_bytes"));
+
+    let (code, body) = get(port, "/ready").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(agent.terminate().success());
+}
+
+#[test]
+fn ready_says_503_while_a_target_is_down_and_200_when_it_is_back() {
+    let source = PgCluster::start();
+    let target = PgCluster::start();
+    let db = source.fresh_database("src");
+    let warehouse = target.fresh_database("warehouse");
+    source.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v int)");
+    let sink = format!(
+        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n",
+        target.url(&warehouse)
+    );
+    let setup = AgentSetup::with_sinks(&source.url(&db), "\"public.t\"", &sink);
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    let port = setup.health_port;
+    source.psql(&db, "INSERT INTO t VALUES (1, 1)");
+    assert!(
+        eventually(Duration::from_secs(30), || get(port, "/ready")
+            .is_some_and(|(code, _)| code == 200)),
+        "{:?}\n{}",
+        get(port, "/ready"),
+        agent.log()
+    );
+
+    target.stop();
+    source.psql(&db, "INSERT INTO t VALUES (2, 2)");
+    let mut last = None;
+    let refused = eventually(Duration::from_secs(15), || {
+        last = get(port, "/ready");
+        last.as_ref().is_some_and(|(code, body)| {
+            *code == 503 && body.contains("\"ready\":false") && body.contains("mirror")
+        })
+    });
+    assert!(refused, "{last:?}\n{}", agent.log());
+
+    target.start_again();
+    let back = eventually(Duration::from_secs(60), || {
+        get(port, "/ready").is_some_and(|(code, _)| code == 200)
+    });
+    assert!(back, "{:?}\n{}", get(port, "/ready"), agent.log());
+    assert_eq!(
+        target.psql(&warehouse, "SELECT count(*) FROM replica.t"),
+        "2"
+    );
+    assert!(agent.terminate().success());
+}
