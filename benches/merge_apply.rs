@@ -35,6 +35,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -520,39 +522,12 @@ fn run_round(
     )
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-/// rows/s for each run: median, min, max.
-fn rates(changes: usize, seconds: &[f64]) -> (f64, f64, f64) {
-    let rates: Vec<f64> = seconds.iter().map(|s| changes as f64 / s).collect();
-    let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = rates.iter().copied().fold(0.0, f64::max);
-    (median(rates), min, max)
-}
-
 fn main() {
-    // `cargo bench` passes --bench; `cargo test`/`nextest` build and list benches too, and a
-    // benchmark is not a test.
-    if !std::env::args().any(|a| a == "--bench") {
+    if !support::is_bench_run() {
         return;
     }
-    let target: usize = std::env::var("TIDEMARK_BENCH_ROWS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(200_000);
-    let rounds: usize = std::env::var("TIDEMARK_BENCH_REPEAT")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3)
-        .max(1);
+    let target: usize = support::setting("TIDEMARK_BENCH_ROWS", 200_000);
+    let rounds: usize = support::setting("TIDEMARK_BENCH_REPEAT", 3).max(1);
     let w = workload(target);
     // One worker thread drives the probes' connections, also between polls.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -586,7 +561,7 @@ fn main() {
     }
 
     let changes = w.changes();
-    let seconds = |v: &[f64]| median(v.to_vec());
+    let seconds = |v: &[f64]| support::median(v.to_vec());
     println!();
     println!(
         "{:<38} {:>9} {:>10} {:>10} {:>10}",
@@ -600,16 +575,16 @@ fn main() {
         ("tidemark scd2 apply alone (log → db)", &figures.scd2),
     ];
     for (name, v) in rows {
-        let (med, min, max) = rates(changes, v);
+        let (med, min, max) = support::rates(changes, v);
         println!(
             "{name:<38} {:>9.2} {med:>10.0} {min:>10.0} {max:>10.0}",
             seconds(v)
         );
     }
-    let native = rates(changes, &figures.native).0;
-    let end_to_end = rates(changes, &figures.end_to_end).0;
-    let apply = rates(changes, &figures.apply).0;
-    let scd2 = rates(changes, &figures.scd2).0;
+    let native = support::rates(changes, &figures.native).0;
+    let end_to_end = support::rates(changes, &figures.end_to_end).0;
+    let apply = support::rates(changes, &figures.apply).0;
+    let scd2 = support::rates(changes, &figures.scd2).0;
     println!();
     println!(
         "tidemark end to end / native:      {:.2}×   (goal ≥ 2.0×, DESIGN)",
@@ -624,6 +599,6 @@ fn main() {
          {:.0} versions/s",
         scd2 / apply,
         figures.versions,
-        figures.versions as f64 / median(figures.scd2.clone())
+        figures.versions as f64 / support::median(figures.scd2.clone())
     );
 }

@@ -38,6 +38,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -379,43 +381,12 @@ fn run_round(bench: &Bench, round: usize, figures: &mut Figures) -> Vec<String> 
     lines
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-/// rows/s for each run: median, min, max.
-fn rates(rows: usize, seconds: &[f64]) -> (f64, f64, f64) {
-    let rates: Vec<f64> = seconds.iter().map(|s| rows as f64 / s).collect();
-    let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = rates.iter().copied().fold(0.0, f64::max);
-    (median(rates), min, max)
-}
-
 fn main() {
-    // `cargo bench` passes --bench; `cargo test`/`nextest` build and list benches too, and a
-    // benchmark is not a test.
-    if !std::env::args().any(|a| a == "--bench") {
+    if !support::is_bench_run() {
         return;
     }
-    let rows: usize = std::env::var("TIDEMARK_BENCH_ROWS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(2_000_000)
-        .max(1);
-    let rounds: usize = std::env::var("TIDEMARK_BENCH_REPEAT")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3)
-        .max(1);
+    let rows: usize = support::setting("TIDEMARK_BENCH_ROWS", 2_000_000).max(1);
+    let rounds: usize = support::setting("TIDEMARK_BENCH_REPEAT", 3).max(1);
     let parallelism = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .max(2);
@@ -499,15 +470,15 @@ fn main() {
         ),
     ];
     for (name, v) in table {
-        let (med, min, max) = rates(rows, v);
+        let (med, min, max) = support::rates(rows, v);
         println!(
             "{name:<46} {:>9.2} {med:>10.0} {min:>10.0} {max:>10.0}",
-            median(v.to_vec())
+            support::median(v.to_vec())
         );
     }
-    let reference = rates(rows, &figures.reference).0;
-    let single = rates(rows, &figures.single).0;
-    let parallel = rates(rows, &figures.parallel).0;
+    let reference = support::rates(rows, &figures.reference).0;
+    let single = support::rates(rows, &figures.single).0;
+    let parallel = support::rates(rows, &figures.parallel).0;
     println!();
     println!(
         "tidemark 1 stream / COPY | COPY:   {:.2}×   (goal ≥ 0.8×, issue 6; ≥ 1.0×, DESIGN)",

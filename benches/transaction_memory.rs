@@ -10,6 +10,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::time::{Duration, Instant};
 
@@ -41,15 +43,10 @@ fn envelope_count(setup: &AgentSetup) -> usize {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; `cargo test`/`nextest` build and list benches too, and a
-    // benchmark is not a test.
-    if !std::env::args().any(|a| a == "--bench") {
+    if !support::is_bench_run() {
         return;
     }
-    let rows: usize = std::env::var("TIDEMARK_BENCH_ROWS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(200_000);
+    let rows: usize = support::setting("TIDEMARK_BENCH_ROWS", 200_000);
     let pg = PgCluster::start();
     let db = pg.fresh_database("bench");
     pg.psql(
