@@ -172,3 +172,52 @@ fn ready_says_503_while_a_target_is_down_and_200_when_it_is_back() {
     );
     assert!(agent.terminate().success());
 }
+
+#[test]
+fn heartbeat_runs_its_query_and_retained_wal_over_the_limit_is_warned() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("src");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(
+        &db,
+        "CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE beats (at timestamptz)",
+    );
+    let sink = format!(
+        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n",
+        pg.url(&warehouse)
+    );
+    let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &sink);
+    let config = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "snapshot = \"never\"",
+        "snapshot = \"never\"\nheartbeat_interval = \"200ms\"\n\
+         heartbeat_query = \"INSERT INTO beats VALUES (now())\"\n\
+         slot_max_retained_bytes = 1\nstatus_interval = \"1s\"",
+    );
+    std::fs::write(&setup.config, config).unwrap();
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    let beats = || {
+        pg.psql(&db, "SELECT count(*) FROM beats")
+            .parse::<u32>()
+            .unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || beats() >= 3),
+        "{} beats\n{}",
+        beats(),
+        agent.log()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || agent
+            .log()
+            .contains("keeps more WAL than source.slot_max_retained_bytes")),
+        "{}",
+        agent.log()
+    );
+    let (_, metrics) = get(setup.health_port, "/metrics").unwrap();
+    assert!(
+        sample(&samples(&metrics), "tidemark_slot_retained_wal_bytes") > 1.0,
+        "{metrics}"
+    );
+    assert!(agent.terminate().success());
+}

@@ -14,7 +14,7 @@ pub mod types;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
@@ -156,6 +156,8 @@ struct Session {
     received: Lsn,
     /// Changes of the open transaction per relation oid, counted as captured at its Commit.
     captured: HashMap<u32, u64>,
+    /// When the slot's retained WAL was last warned about.
+    retention_warned: Option<Instant>,
     telemetry: Arc<Telemetry>,
 }
 
@@ -337,6 +339,7 @@ impl PostgresSource {
             confirmed: Lsn(0),
             received: Lsn(0),
             captured: HashMap::new(),
+            retention_warned: None,
             telemetry: Arc::clone(&self.telemetry),
         };
         let result = self
@@ -360,6 +363,9 @@ impl PostgresSource {
     ) -> Result<(), SourceError> {
         let mut durable = writer.log().subscribe_durable();
         let mut status_timer = tokio::time::interval(self.config.status_interval);
+        let heartbeat = !self.config.heartbeat_interval.is_zero();
+        let mut heartbeat_timer =
+            tokio::time::interval(self.config.heartbeat_interval.max(Duration::from_millis(1)));
         loop {
             tokio::select! {
                 biased;
@@ -373,7 +379,12 @@ impl PostgresSource {
                 _ = status_timer.tick() => {
                     let end = writer.log().durable().end_lsn.max(session.confirmed);
                     connection.send_status(end).await?;
-                    session.report(writer, &self.config.slot).await;
+                    session.report(writer, &self.config).await;
+                }
+                _ = heartbeat_timer.tick(), if heartbeat => {
+                    if let Err(e) = session.catalog.client().batch_execute(&self.config.heartbeat_query).await {
+                        tracing::warn!(error = %db_message(&e), query = %self.config.heartbeat_query, "heartbeat failed; fix source.heartbeat_query or set heartbeat_interval = \"0s\"");
+                    }
                 }
                 message = connection.next_message() => match message? {
                     ReplicationMessage::XLogData { wal_start, data, .. } => {
@@ -474,14 +485,33 @@ pub async fn check_prerequisites(catalog: &Catalog) -> Result<(), SourceError> {
 
 impl Session {
     /// Tells the telemetry where the stream stands and how much WAL the slot keeps.
-    async fn report(&self, writer: &LogWriter, slot: &str) {
+    /// Tells the telemetry where the stream stands and how much WAL the slot keeps, and
+    /// warns (at most once a minute) while that is more than `slot_max_retained_bytes`.
+    async fn report(&mut self, writer: &LogWriter, config: &PostgresSourceConfig) {
         self.telemetry.source_positions(
             self.received,
             writer.log().durable().end_lsn,
             self.confirmed,
         );
-        match self.catalog.slot_retained_bytes(slot).await {
-            Ok(Some(bytes)) => self.telemetry.slot_retained(bytes),
+        match self.catalog.slot_retained_bytes(&config.slot).await {
+            Ok(Some(bytes)) => {
+                self.telemetry.slot_retained(bytes);
+                let over = u64::try_from(bytes).unwrap_or(0) > config.slot_max_retained_bytes;
+                let due = self
+                    .retention_warned
+                    .is_none_or(|at| at.elapsed() >= Duration::from_secs(60));
+                if over && due {
+                    self.retention_warned = Some(Instant::now());
+                    tracing::warn!(
+                        slot = %config.slot,
+                        retained_bytes = bytes,
+                        limit = config.slot_max_retained_bytes,
+                        "the replication slot keeps more WAL than source.slot_max_retained_bytes: \
+                         a sink may be stuck or the agent behind; the source's disk fills until it \
+                         catches up"
+                    );
+                }
+            }
             Ok(None) => {}
             Err(e) => tracing::debug!(error = %e, "reading the slot's retained WAL"),
         }

@@ -70,6 +70,12 @@ pub struct PostgresSourceConfig {
     pub snapshot: SnapshotMode,
     /// How many connections copy the initial snapshot (tables and ranges of a table at once).
     pub snapshot_parallelism: usize,
+    /// How often `heartbeat_query` runs on the source (zero: never), so that an idle
+    /// captured database still advances the slot past WAL other databases write.
+    pub heartbeat_interval: Duration,
+    pub heartbeat_query: String,
+    /// A warning (every minute) while the slot keeps more WAL than this.
+    pub slot_max_retained_bytes: u64,
     pub connect_timeout: Duration,
     pub status_interval: Duration,
 }
@@ -358,6 +364,11 @@ max_file_bytes = 1000
                 publication: "Custom_Pub".to_owned(),
                 snapshot: SnapshotMode::Never,
                 snapshot_parallelism: 3,
+                heartbeat_interval: Duration::from_secs(60),
+                heartbeat_query:
+                    "SELECT pg_logical_emit_message(false, 'tidemark_heartbeat', now()::text)"
+                        .to_string(),
+                slot_max_retained_bytes: 1024 * 1024 * 1024,
                 connect_timeout: Duration::from_millis(1500),
                 status_interval: Duration::from_secs(120),
             }),

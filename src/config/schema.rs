@@ -15,6 +15,12 @@ const DEFAULT_HEALTH_PORT: u16 = 8686;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 const DEFAULT_READY_MAX_LAG: Duration = Duration::from_secs(30);
+const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
+/// Writes WAL in the captured database without touching a table: a logical message nobody
+/// subscribes to.
+const DEFAULT_HEARTBEAT_QUERY: &str =
+    "SELECT pg_logical_emit_message(false, 'tidemark_heartbeat', now()::text)";
+const DEFAULT_SLOT_MAX_RETAINED_BYTES: u64 = 1024 * 1024 * 1024;
 
 const TOP_KEYS: &[&str] = &["agent", "source", "sink"];
 const AGENT_KEYS: &[&str] = &["name", "data_dir", "health_addr", "ready_max_lag"];
@@ -28,6 +34,9 @@ const SOURCE_KEYS: &[&str] = &[
     "connect_timeout",
     "status_interval",
     "snapshot_parallelism",
+    "heartbeat_interval",
+    "heartbeat_query",
+    "slot_max_retained_bytes",
 ];
 
 impl Checker<'_> {
@@ -197,6 +206,17 @@ impl Checker<'_> {
         let status_interval = self
             .field(&t, "status_interval", |c, s, v| c.duration(s, v, false))
             .or(DEFAULT_STATUS_INTERVAL);
+        let heartbeat_interval = self
+            .field(&t, "heartbeat_interval", |c, s, v| c.duration(s, v, true))
+            .or(DEFAULT_HEARTBEAT_INTERVAL);
+        let heartbeat_query = self
+            .field(&t, "heartbeat_query", |c, s, v| {
+                c.name(s, v, |q| !q.trim().is_empty(), "an SQL statement")
+            })
+            .or(DEFAULT_HEARTBEAT_QUERY.to_string());
+        let slot_max_retained_bytes = self
+            .field(&t, "slot_max_retained_bytes", Self::size)
+            .or(DEFAULT_SLOT_MAX_RETAINED_BYTES);
         let snapshot_parallelism = self
             .field(&t, "snapshot_parallelism", Self::positive_count)
             .or(std::thread::available_parallelism().map_or(1, usize::from));
@@ -208,6 +228,9 @@ impl Checker<'_> {
             publication: publication?,
             snapshot: snapshot?,
             snapshot_parallelism: snapshot_parallelism?,
+            heartbeat_interval: heartbeat_interval?,
+            heartbeat_query: heartbeat_query?,
+            slot_max_retained_bytes: slot_max_retained_bytes?,
             connect_timeout: connect_timeout?,
             status_interval: status_interval?,
         }))
