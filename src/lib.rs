@@ -11,6 +11,7 @@ pub mod health;
 pub mod log;
 pub mod pipeline;
 pub mod retry;
+pub mod status;
 pub mod telemetry;
 pub mod tls;
 

@@ -39,6 +39,12 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Show where the running agent stands (its /status and /ready); exit 0 when ready.
+    Status {
+        /// The TOML config file of the running agent.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
 }
 
 const EXIT_RUNTIME: u8 = 1;
@@ -61,6 +67,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { config } => run(config).await,
             Command::Check { config } => check(config).await,
+            Command::Status { config } => status(config).await,
         }
     })
 }
@@ -106,6 +113,27 @@ async fn check(path: PathBuf) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_SETUP)
+    }
+}
+
+async fn status(path: PathBuf) -> ExitCode {
+    let config = match load(&path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    match tidemark::status::fetch(config.agent.health_addr).await {
+        Ok(report) => {
+            print!("{}", tidemark::status::render(&report));
+            if report.is_ready() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        }
+        Err(e) => {
+            eprintln!("tidemark: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
     }
 }
 

@@ -123,7 +123,24 @@ async fn status_and_metrics_add_up_after_a_random_workload() {
 
     let (code, body) = get(port, "/ready").unwrap();
     assert_eq!(code, 200, "{body}");
+
+    let shown = setup.command("status");
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    assert!(text.contains("source  connected"), "{text}");
+    assert!(text.contains("sink    mirror: applying"), "{text}");
+    assert!(text.contains("sink    events: applying"), "{text}");
+    assert!(text.contains("ready   yes"), "{text}");
     assert!(agent.terminate().success());
+
+    let shown = setup.command("status");
+    let error = String::from_utf8_lossy(&shown.stderr);
+    assert_eq!(shown.status.code(), Some(1), "{error}");
+    assert!(error.contains("cannot reach the agent"), "{error}");
 }
 
 #[test]

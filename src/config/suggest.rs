@@ -88,7 +88,7 @@ schema = "replica"
         let text = format!("{HEAD}sinks = []\n{JSONL_SINK}");
         assert_eq!(
             errors(&text),
-            "tidemark.toml:8:1: unknown key \"sinks\" in [source]; valid keys are \"type\", \"url\", \"tables\", \"slot\", \"publication\", \"snapshot\", \"connect_timeout\", \"status_interval\", \"snapshot_parallelism\""
+            "tidemark.toml:8:1: unknown key \"sinks\" in [source]; valid keys are \"type\", \"url\", \"tables\", \"slot\", \"publication\", \"snapshot\", \"connect_timeout\", \"status_interval\", \"snapshot_parallelism\", \"heartbeat_interval\", \"heartbeat_query\", \"slot_max_retained_bytes\""
         );
     }
 
