@@ -101,3 +101,67 @@ pub fn letter<'a>(
         reason,
     }
 }
+
+/// One entry of a dead-letter file as stored, for `tidemark dlq`.
+#[derive(Debug, Clone, serde::Deserialize, Serialize)]
+pub struct StoredLetter {
+    pub ts_ms: i64,
+    pub sink: String,
+    pub table: String,
+    pub action: String,
+    pub row: serde_json::Value,
+    pub log_position: u64,
+    pub reason: String,
+}
+
+/// The dead-letter files under `data_dir`: sink name → path.
+pub fn files(data_dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let dir = data_dir.join("dead_letters");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "jsonl") {
+            if let Some(sink) = path.file_stem().and_then(|s| s.to_str()) {
+                files.push((sink.to_string(), path.clone()));
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Every entry of one dead-letter file, in the order written.
+pub fn read(path: &Path) -> std::io::Result<Vec<StoredLetter>> {
+    let text = std::fs::read_to_string(path)?;
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            serde_json::from_str(line)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        })
+        .collect()
+}
+
+/// Replaces the file with `letters` (write a temporary file, fsync, rename). The caller holds
+/// the data_dir's lock, so no agent appends meanwhile.
+pub fn rewrite(path: &Path, letters: &[StoredLetter]) -> std::io::Result<()> {
+    let temporary = path.with_extension("jsonl.tmp");
+    let mut out = Vec::new();
+    for letter in letters {
+        serde_json::to_writer(&mut out, letter)?;
+        out.push(b'\n');
+    }
+    let mut file = File::create(&temporary)?;
+    file.write_all(&out)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}

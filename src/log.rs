@@ -456,7 +456,9 @@ impl LogWriter {
     }
 }
 
-fn lock_data_dir(dir: &Path) -> Result<std::fs::File, LogError> {
+/// Takes the data_dir's lock, held while the returned file lives: one process at a time uses
+/// a data_dir (an agent, or a command that changes its files).
+pub fn lock_data_dir(dir: &Path) -> Result<std::fs::File, LogError> {
     let path = dir.join("lock");
     let data_dir_error = |source| LogError::DataDir {
         path: dir.to_path_buf(),

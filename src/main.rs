@@ -45,6 +45,45 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Inspect or remove dead letters (changes a sink's target refused).
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// One line per dead letter: number, time, sink, table, action, reason.
+    List {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Only this sink's.
+        #[arg(long)]
+        sink: Option<String>,
+    },
+    /// One dead letter in full (JSON).
+    Show {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        sink: String,
+        /// Its number in `dlq list`.
+        number: usize,
+    },
+    /// Remove dead letters once handled; the agent must be stopped.
+    Drop {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        sink: String,
+        /// Their numbers in `dlq list`.
+        #[arg(required_unless_present = "all")]
+        numbers: Vec<usize>,
+        /// Every dead letter of the sink.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 const EXIT_RUNTIME: u8 = 1;
@@ -68,6 +107,7 @@ fn main() -> ExitCode {
             Command::Run { config } => run(config).await,
             Command::Check { config } => check(config).await,
             Command::Status { config } => status(config).await,
+            Command::Dlq { action } => dlq(action),
         }
     })
 }
@@ -133,6 +173,113 @@ async fn status(path: PathBuf) -> ExitCode {
         Err(e) => {
             eprintln!("tidemark: {e}");
             ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn dlq(action: DlqAction) -> ExitCode {
+    let path = match &action {
+        DlqAction::List { config, .. }
+        | DlqAction::Show { config, .. }
+        | DlqAction::Drop { config, .. } => config,
+    };
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    match dead_letters(&config, action) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("tidemark: {message}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn dead_letters(config: &Config, action: DlqAction) -> Result<(), String> {
+    use tidemark::dead_letter;
+    let data_dir = &config.agent.data_dir;
+    let files = dead_letter::files(data_dir)
+        .map_err(|e| format!("reading {}: {e}", data_dir.join("dead_letters").display()))?;
+    let file_of = |sink: &str| {
+        if !config.sinks.iter().any(|s| s.name == sink) {
+            return Err(format!("no sink {sink:?} in {}", config.path.display()));
+        }
+        Ok(files
+            .iter()
+            .find(|(name, _)| name == sink)
+            .map(|(_, path)| path.clone()))
+    };
+    let read = |path: &Path| {
+        dead_letter::read(path).map_err(|e| format!("reading {}: {e}", path.display()))
+    };
+    match action {
+        DlqAction::List { sink, .. } => {
+            let mut shown = 0;
+            for (name, path) in &files {
+                if sink.as_ref().is_some_and(|s| s != name) {
+                    continue;
+                }
+                for (number, letter) in read(path)?.iter().enumerate() {
+                    let when = chrono::DateTime::from_timestamp_millis(letter.ts_ms)
+                        .map_or_else(|| letter.ts_ms.to_string(), |t| t.to_rfc3339());
+                    println!(
+                        "{name} #{} {when} {} {}: {}",
+                        number + 1,
+                        letter.table,
+                        letter.action,
+                        letter.reason
+                    );
+                    shown += 1;
+                }
+            }
+            if shown == 0 {
+                println!("no dead letters");
+            }
+            Ok(())
+        }
+        DlqAction::Show { sink, number, .. } => {
+            let path =
+                file_of(&sink)?.ok_or_else(|| format!("sink {sink:?} has no dead letters"))?;
+            let letters = read(&path)?;
+            let letter = number
+                .checked_sub(1)
+                .and_then(|i| letters.get(i))
+                .ok_or_else(|| {
+                    format!(
+                        "sink {sink:?} has {} dead letters, no #{number}",
+                        letters.len()
+                    )
+                })?;
+            let text = serde_json::to_string_pretty(letter).map_err(|e| e.to_string())?;
+            println!("{text}");
+            Ok(())
+        }
+        DlqAction::Drop {
+            sink, numbers, all, ..
+        } => {
+            let path =
+                file_of(&sink)?.ok_or_else(|| format!("sink {sink:?} has no dead letters"))?;
+            // The agent appends to the file while it runs: change it only while it is stopped.
+            let _lock = tidemark::log::lock_data_dir(data_dir)
+                .map_err(|e| format!("{e}; stop the agent before dropping dead letters"))?;
+            let letters = read(&path)?;
+            if let Some(missing) = numbers.iter().find(|n| **n == 0 || **n > letters.len()) {
+                return Err(format!(
+                    "sink {sink:?} has {} dead letters, no #{missing}",
+                    letters.len()
+                ));
+            }
+            let kept: Vec<_> = letters
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| !all && !numbers.contains(&(i + 1)))
+                .map(|(_, letter)| letter)
+                .collect();
+            dead_letter::rewrite(&path, &kept)
+                .map_err(|e| format!("rewriting {}: {e}", path.display()))?;
+            println!("sink {sink:?}: {} dead letters left", kept.len());
+            Ok(())
         }
     }
 }

@@ -238,3 +238,81 @@ fn heartbeat_runs_its_query_and_retained_wal_over_the_limit_is_warned() {
     );
     assert!(agent.terminate().success());
 }
+
+/// Runs `tidemark dlq <args> -c config`: exit code, stdout, stderr.
+fn dlq(setup: &AgentSetup, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = std::process::Command::new(common::agent::binary())
+        .arg("dlq")
+        .args(args)
+        .arg("-c")
+        .arg(&setup.config)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn dlq_lists_shows_and_drops_dead_letters_only_while_the_agent_is_stopped() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("src");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v int)");
+    pg.psql(
+        &warehouse,
+        "CREATE SCHEMA replica; CREATE TABLE replica.t (id int PRIMARY KEY, v int CHECK (v < 100))",
+    );
+    let sink = format!(
+        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n",
+        pg.url(&warehouse)
+    );
+    let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &sink);
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(
+        &db,
+        "INSERT INTO t VALUES (1, 1), (2, 500), (3, 600), (4, 4)",
+    );
+    let listed = || dlq(&setup, &["list"]).1;
+    assert!(
+        eventually(Duration::from_secs(30), || listed().lines().count() == 2),
+        "{}\n{}",
+        listed(),
+        agent.log()
+    );
+    let list = listed();
+    assert!(list.starts_with("mirror #1 "), "{list}");
+    assert!(list.contains("public.t upsert: "), "{list}");
+    assert!(list.contains("violates check constraint"), "{list}");
+
+    let (code, shown, _) = dlq(&setup, &["show", "--sink", "mirror", "2"]);
+    assert_eq!(code, Some(0));
+    let letter: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(letter["row"]["id"], 3, "{shown}");
+    assert_eq!(letter["sink"], "mirror");
+
+    let (code, _, error) = dlq(&setup, &["drop", "--sink", "mirror", "1"]);
+    assert_eq!(code, Some(1), "{error}");
+    assert!(error.contains("stop the agent"), "{error}");
+    assert_eq!(listed().lines().count(), 2);
+
+    assert!(agent.terminate().success());
+    let (code, out, error) = dlq(&setup, &["drop", "--sink", "mirror", "1"]);
+    assert_eq!(code, Some(0), "{error}");
+    assert!(out.contains("1 dead letters left"), "{out}");
+    let list = listed();
+    assert!(
+        list.starts_with("mirror #1 ") && list.lines().count() == 1,
+        "{list}"
+    );
+    let (_, shown, _) = dlq(&setup, &["show", "--sink", "mirror", "1"]);
+    assert!(shown.contains("\"id\": 3"), "{shown}");
+    let (code, _, error) = dlq(&setup, &["show", "--sink", "mirror", "5"]);
+    assert_eq!(code, Some(1));
+    assert!(error.contains("has 1 dead letters, no #5"), "{error}");
+    dlq(&setup, &["drop", "--sink", "mirror", "--all"]);
+    assert_eq!(listed().trim(), "no dead letters");
+}
