@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,8 @@ const FORMAT_VERSION: u64 = 1;
 const FORMAT_KEY: &[u8] = b"format_version";
 const SOURCE_KEY: &[u8] = b"source_identity";
 const SNAPSHOT_KEY: &[u8] = b"snapshot";
+/// The record size `held_bytes` assumes before this process appended any.
+const DEFAULT_RECORD_BYTES: u64 = 256;
 /// Keeps sled's page cache from claiming its 1 GiB default (DESIGN, bounded memory).
 const CACHE_CAPACITY_BYTES: u64 = 4 * 1024 * 1024;
 
@@ -116,6 +119,10 @@ pub struct OffsetLog {
     meta: sled::Tree,
     /// The last Commit appended (durable or not), published by the writer for the flusher.
     appended: watch::Sender<Durable>,
+    /// Records appended by this process and their encoded bytes: their average sizes the
+    /// records the log holds.
+    appended_records: AtomicU64,
+    appended_bytes: AtomicU64,
     durable: watch::Sender<Durable>,
     relation_cache: Mutex<HashMap<RelationId, Arc<Relation>>>,
 }
@@ -160,6 +167,8 @@ impl OffsetLog {
             transactions,
             db,
             appended: watch::channel(durable).0,
+            appended_records: AtomicU64::new(0),
+            appended_bytes: AtomicU64::new(0),
             durable: watch::channel(durable).0,
             relation_cache: Mutex::new(HashMap::new()),
         }))
@@ -271,6 +280,23 @@ impl OffsetLog {
             .first()?
             .map(|(key, _)| key_seq(&key))
             .transpose()
+    }
+
+    /// About how many bytes of records the log holds (what the sinks have not all applied
+    /// plus what the trimmer has not removed yet): the records between the first and the
+    /// last appended, times the average size of the records this process appended.
+    pub fn held_bytes(&self) -> Result<u64, LogError> {
+        let Some(first) = self.first_seq()? else {
+            return Ok(0);
+        };
+        let last = self.appended.borrow().seq;
+        let records = self.appended_records.load(Ordering::Relaxed);
+        let average = self
+            .appended_bytes
+            .load(Ordering::Relaxed)
+            .checked_div(records)
+            .unwrap_or(DEFAULT_RECORD_BYTES);
+        Ok((last + 1).saturating_sub(first) * average)
     }
 
     /// Waits until the durable position passes `after`.
@@ -391,7 +417,12 @@ impl LogWriter {
 
     pub fn append(&mut self, record: &Record) -> Result<u64, LogError> {
         let seq = self.next_seq;
-        self.log.entries.insert(seq_key(seq), encode(record))?;
+        let bytes = encode(record);
+        self.log
+            .appended_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.log.appended_records.fetch_add(1, Ordering::Relaxed);
+        self.log.entries.insert(seq_key(seq), bytes)?;
         self.next_seq += 1;
         match record {
             Record::Begin(_) => {

@@ -124,8 +124,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Pipe
             .sinks
             .iter()
             .any(|s| matches!(s.kind, SinkKind::Postgres(_)));
-        let source =
-            PostgresSource::new(source_config.clone(), table_sinks, Arc::clone(&telemetry));
+        let source = PostgresSource::new(
+            source_config.clone(),
+            table_sinks,
+            Arc::clone(&telemetry),
+            config.agent.log_max_bytes,
+        );
         let mut writer = log.writer()?;
         let stop = stop.clone();
         tasks.spawn(async move {

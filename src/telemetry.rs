@@ -52,6 +52,8 @@ pub struct SourceStatus {
     /// WAL the slot keeps on the server (`pg_current_wal_lsn() - restart_lsn`).
     pub slot_retained_bytes: Option<i64>,
     pub last_error: Option<String>,
+    /// Why the source stopped reading WAL (backpressure), while it has.
+    pub paused: Option<String>,
 }
 
 /// One sink as `/status` shows it.
@@ -192,6 +194,11 @@ impl Telemetry {
         state.source.last_error = None;
     }
 
+    /// The source stopped reading WAL for `reason`, or (None) reads again.
+    pub fn source_paused(&self, reason: Option<String>) {
+        self.state().source.paused = reason;
+    }
+
     pub fn source_positions(&self, received: Lsn, logged: Lsn, confirmed: Lsn) {
         let mut state = self.state();
         state.source.received_lsn = Some(received.to_string());
@@ -301,6 +308,9 @@ impl Telemetry {
                 Some(e) => format!("source not connected: {e}"),
                 None => "source not connected yet".to_string(),
             });
+        }
+        if let Some(reason) = &state.source.paused {
+            reasons.push(format!("source paused: {reason}"));
         }
         for name in sinks {
             match state.sinks.get(name) {

@@ -316,3 +316,69 @@ fn dlq_lists_shows_and_drops_dead_letters_only_while_the_agent_is_stopped() {
     dlq(&setup, &["drop", "--sink", "mirror", "--all"]);
     assert_eq!(listed().trim(), "no dead letters");
 }
+
+#[test]
+fn the_source_pauses_while_the_log_is_full_and_resumes_when_the_sinks_catch_up() {
+    let source = PgCluster::start();
+    let target = PgCluster::start();
+    let db = source.fresh_database("src");
+    let warehouse = target.fresh_database("warehouse");
+    source.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v text)");
+    let sink = format!(
+        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n",
+        target.url(&warehouse)
+    );
+    let setup = AgentSetup::with_sinks(&source.url(&db), "\"public.t\"", &sink);
+    let config = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "data_dir = \"data\"",
+        "data_dir = \"data\"\nlog_max_bytes = \"4KiB\"",
+    );
+    std::fs::write(&setup.config, config).unwrap();
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    target.stop();
+    for i in 0..200 {
+        source.psql(&db, &format!("INSERT INTO t VALUES ({i}, repeat('x', 50))"));
+    }
+    let port = setup.health_port;
+    let mut last = None;
+    let paused = eventually(Duration::from_secs(20), || {
+        last = get(port, "/ready");
+        last.as_ref()
+            .is_some_and(|(code, body)| *code == 503 && body.contains("source paused"))
+    });
+    assert!(paused, "{last:?}\n{}", agent.log());
+    assert!(
+        agent.log().contains("reading WAL paused"),
+        "{}",
+        agent.log()
+    );
+    // Paused: the log stops growing although WAL keeps coming.
+    let (_, status) = get(port, "/status").unwrap();
+    let held: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let position = held["log"]["durable_position"].as_u64().unwrap();
+    source.psql(
+        &db,
+        "INSERT INTO t SELECT g, 'y' FROM generate_series(1000, 1100) g",
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, status) = get(port, "/status").unwrap();
+    let later: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(later["log"]["durable_position"].as_u64().unwrap(), position);
+
+    target.start_again();
+    let want = source.dump(&db, "public.t", "*");
+    let caught_up = eventually(Duration::from_secs(90), || {
+        target.dump(&warehouse, "replica.t", "*") == want
+    });
+    assert!(caught_up, "{}", agent.log());
+    assert!(
+        eventually(Duration::from_secs(30), || get(port, "/ready")
+            .is_some_and(|(code, _)| code == 200)),
+        "{:?}\n{}",
+        get(port, "/ready"),
+        agent.log()
+    );
+    assert!(agent.log().contains("reading WAL again"), "{}", agent.log());
+    assert!(agent.terminate().success());
+}

@@ -142,6 +142,63 @@ pub struct PostgresSource {
     /// A table sink is configured: every table needs a primary key.
     require_primary_keys: bool,
     telemetry: Arc<Telemetry>,
+    /// Backpressure: reading WAL pauses while the log holds more than this.
+    log_max_bytes: u64,
+}
+
+/// How often the log's size is compared with `agent.log_max_bytes`.
+const BACKPRESSURE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Reading WAL stops while the log holds more than `max` bytes (the slowest sink is that far
+/// behind) and starts again below nine tenths of it; the connection stays alive meanwhile
+/// (status updates go on), and the server keeps the WAL.
+struct Backpressure {
+    max: u64,
+    paused: bool,
+    warned: Option<Instant>,
+}
+
+impl Backpressure {
+    fn new(max: u64) -> Backpressure {
+        Backpressure {
+            max,
+            paused: false,
+            warned: None,
+        }
+    }
+
+    fn update(&mut self, held: u64, telemetry: &Telemetry) {
+        if !self.paused && held > self.max {
+            self.paused = true;
+        } else if self.paused && held < self.max / 10 * 9 {
+            self.paused = false;
+            self.warned = None;
+            telemetry.source_paused(None);
+            tracing::info!(log_bytes = held, "the sinks caught up; reading WAL again");
+            return;
+        }
+        if !self.paused {
+            return;
+        }
+        let reason = format!(
+            "the offset log holds about {held} bytes, more than agent.log_max_bytes ({}): the \
+             slowest sink is that far behind",
+            self.max
+        );
+        if self
+            .warned
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(60))
+        {
+            self.warned = Some(Instant::now());
+            tracing::warn!(
+                log_bytes = held,
+                limit = self.max,
+                "reading WAL paused until the sinks catch up (agent.log_max_bytes); the source \
+                 keeps the WAL meanwhile"
+            );
+        }
+        telemetry.source_paused(Some(reason));
+    }
 }
 
 /// Where the stream stands while a session runs.
@@ -173,11 +230,13 @@ impl PostgresSource {
         config: PostgresSourceConfig,
         require_primary_keys: bool,
         telemetry: Arc<Telemetry>,
+        log_max_bytes: u64,
     ) -> PostgresSource {
         PostgresSource {
             config,
             require_primary_keys,
             telemetry,
+            log_max_bytes,
         }
     }
 
@@ -364,6 +423,8 @@ impl PostgresSource {
         let mut durable = writer.log().subscribe_durable();
         let mut status_timer = tokio::time::interval(self.config.status_interval);
         let heartbeat = !self.config.heartbeat_interval.is_zero();
+        let mut backpressure = Backpressure::new(self.log_max_bytes);
+        let mut pressure_timer = tokio::time::interval(BACKPRESSURE_CHECK_INTERVAL);
         let mut heartbeat_timer =
             tokio::time::interval(self.config.heartbeat_interval.max(Duration::from_millis(1)));
         loop {
@@ -386,7 +447,11 @@ impl PostgresSource {
                         tracing::warn!(error = %db_message(&e), query = %self.config.heartbeat_query, "heartbeat failed; fix source.heartbeat_query or set heartbeat_interval = \"0s\"");
                     }
                 }
-                message = connection.next_message() => match message? {
+                _ = pressure_timer.tick() => {
+                    let held = writer.log().held_bytes()?;
+                    backpressure.update(held, &self.telemetry);
+                }
+                message = connection.next_message(), if !backpressure.paused => match message? {
                     ReplicationMessage::XLogData { wal_start, data, .. } => {
                         session.received = wal_start;
                         let message = pgoutput::decode(&data, false)

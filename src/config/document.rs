@@ -303,7 +303,7 @@ mod tests {
         assert_eq!(
             errors(&text),
             "tidemark.toml:8:19: \"connect_timeout\" in [source] must be a string, found a datetime\n\
-             tidemark.toml:9:8: unknown key \"extra\" in [agent]; valid keys are \"name\", \"data_dir\", \"health_addr\", \"ready_max_lag\""
+             tidemark.toml:9:8: unknown key \"extra\" in [agent]; valid keys are \"name\", \"data_dir\", \"health_addr\", \"ready_max_lag\", \"log_max_bytes\""
         );
     }
 }

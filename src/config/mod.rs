@@ -51,6 +51,9 @@ pub struct AgentConfig {
     pub health_addr: SocketAddr,
     /// `/ready` answers 503 while a sink lags more than this behind the source.
     pub ready_max_lag: Duration,
+    /// When the log holds about this much that some sink has not applied, the source stops
+    /// reading WAL until the sinks catch up (backpressure).
+    pub log_max_bytes: u64,
 }
 
 /// `[source]`: one source per agent; the set of source types is closed.
@@ -341,6 +344,7 @@ max_file_bytes = 1000
                 data_dir: PathBuf::from("/etc/tidemark/state"),
                 health_addr: "0.0.0.0:9000".parse().unwrap(),
                 ready_max_lag: Duration::from_secs(30),
+                log_max_bytes: 2 * 1024 * 1024 * 1024,
             },
             source: SourceConfig::Postgres(PostgresSourceConfig {
                 url: url(&format!(

@@ -15,6 +15,7 @@ const DEFAULT_HEALTH_PORT: u16 = 8686;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 const DEFAULT_READY_MAX_LAG: Duration = Duration::from_secs(30);
+const DEFAULT_LOG_MAX_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
 /// Writes WAL in the captured database without touching a table: a logical message nobody
 /// subscribes to.
@@ -23,7 +24,13 @@ const DEFAULT_HEARTBEAT_QUERY: &str =
 const DEFAULT_SLOT_MAX_RETAINED_BYTES: u64 = 1024 * 1024 * 1024;
 
 const TOP_KEYS: &[&str] = &["agent", "source", "sink"];
-const AGENT_KEYS: &[&str] = &["name", "data_dir", "health_addr", "ready_max_lag"];
+const AGENT_KEYS: &[&str] = &[
+    "name",
+    "data_dir",
+    "health_addr",
+    "ready_max_lag",
+    "log_max_bytes",
+];
 const SOURCE_KEYS: &[&str] = &[
     "type",
     "url",
@@ -112,11 +119,15 @@ impl Checker<'_> {
         let ready_max_lag = self
             .field(&t, "ready_max_lag", |c, s, v| c.duration(s, v, false))
             .or(DEFAULT_READY_MAX_LAG);
+        let log_max_bytes = self
+            .field(&t, "log_max_bytes", Self::size)
+            .or(DEFAULT_LOG_MAX_BYTES);
         Some(AgentConfig {
             name: name?,
             data_dir: data_dir?,
             health_addr: health_addr?,
             ready_max_lag: ready_max_lag?,
+            log_max_bytes: log_max_bytes?,
         })
     }
 

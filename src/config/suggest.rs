@@ -82,7 +82,7 @@ schema = "replica"
         let text = format!("{text}{JSONL_SINK}sinks = 2\n");
         assert_eq!(
             errors(&text),
-            "tidemark.toml:3:1: unknown key \"colour\" in [agent]; valid keys are \"name\", \"data_dir\", \"health_addr\", \"ready_max_lag\"\n\
+            "tidemark.toml:3:1: unknown key \"colour\" in [agent]; valid keys are \"name\", \"data_dir\", \"health_addr\", \"ready_max_lag\", \"log_max_bytes\"\n\
              tidemark.toml:13:1: unknown key \"sinks\" in [[sink]] \"e\"; valid keys are \"name\", \"type\", \"batch_max_rows\", \"batch_max_wait\", \"path\", \"max_file_bytes\""
         );
         let text = format!("{HEAD}sinks = []\n{JSONL_SINK}");
