@@ -348,11 +348,7 @@ fn the_source_pauses_while_the_log_is_full_and_resumes_when_the_sinks_catch_up()
             .is_some_and(|(code, body)| *code == 503 && body.contains("source paused"))
     });
     assert!(paused, "{last:?}\n{}", agent.log());
-    assert!(
-        agent.log().contains("reading WAL paused"),
-        "{}",
-        agent.log()
-    );
+    assert!(agent.log().contains("capture paused"), "{}", agent.log());
     // Paused: the log stops growing although WAL keeps coming.
     let (_, status) = get(port, "/status").unwrap();
     let held: serde_json::Value = serde_json::from_str(&status).unwrap();
@@ -379,6 +375,43 @@ fn the_source_pauses_while_the_log_is_full_and_resumes_when_the_sinks_catch_up()
         get(port, "/ready"),
         agent.log()
     );
-    assert!(agent.log().contains("reading WAL again"), "{}", agent.log());
+    assert!(agent.log().contains("capture goes on"), "{}", agent.log());
+    assert!(agent.terminate().success());
+}
+
+#[test]
+fn a_snapshot_pauses_while_the_log_is_full_and_completes() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("src");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(
+        &db,
+        "CREATE TABLE t (id int PRIMARY KEY, v text); \
+         INSERT INTO t SELECT g, repeat('x', 40) FROM generate_series(1, 120000) g",
+    );
+    let sink = format!(
+        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n",
+        pg.url(&warehouse)
+    );
+    let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &sink);
+    let config = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .replace("snapshot = \"never\"", "snapshot = \"initial\"")
+        .replace(
+            "data_dir = \"data\"",
+            "data_dir = \"data\"\nlog_max_bytes = \"128KiB\"",
+        );
+    std::fs::write(&setup.config, config).unwrap();
+    let agent = setup.start();
+    let want = pg.dump(&db, "public.t", "*");
+    let copied = eventually(Duration::from_secs(120), || {
+        pg.dump(&warehouse, "replica.t", "*") == want
+    });
+    assert!(copied, "{}", agent.log());
+    // Paused between the snapshot's transactions (50,000 rows each), not only afterwards.
+    let log = agent.log();
+    let paused = log.find("capture paused").expect("paused");
+    let done = log.find("snapshot done rows=120000").expect("done");
+    assert!(paused < done, "{log}");
     assert!(agent.terminate().success());
 }

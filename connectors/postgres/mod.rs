@@ -149,9 +149,9 @@ pub struct PostgresSource {
 /// How often the log's size is compared with `agent.log_max_bytes`.
 const BACKPRESSURE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Reading WAL stops while the log holds more than `max` bytes (the slowest sink is that far
-/// behind) and starts again below nine tenths of it; the connection stays alive meanwhile
-/// (status updates go on), and the server keeps the WAL.
+/// Capture (reading WAL, or copying the snapshot) stops while the log holds more than `max`
+/// bytes (the slowest sink is that far behind) and goes on below nine tenths of it; the
+/// connection stays alive meanwhile (status updates go on), and the server keeps the WAL.
 struct Backpressure {
     max: u64,
     paused: bool,
@@ -174,7 +174,7 @@ impl Backpressure {
             self.paused = false;
             self.warned = None;
             telemetry.source_paused(None);
-            tracing::info!(log_bytes = held, "the sinks caught up; reading WAL again");
+            tracing::info!(log_bytes = held, "the sinks caught up; capture goes on");
             return;
         }
         if !self.paused {
@@ -193,8 +193,8 @@ impl Backpressure {
             tracing::warn!(
                 log_bytes = held,
                 limit = self.max,
-                "reading WAL paused until the sinks catch up (agent.log_max_bytes); the source \
-                 keeps the WAL meanwhile"
+                "capture paused until the sinks catch up (agent.log_max_bytes); the source keeps \
+                 the WAL meanwhile"
             );
         }
         telemetry.source_paused(Some(reason));
@@ -350,7 +350,7 @@ impl PostgresSource {
                 // The replication connection stays idle meanwhile: its next command would end
                 // the exported snapshot the readers import.
                 let copied = snapshot::copy(
-                    &self.config,
+                    self,
                     &mut catalog,
                     &tables,
                     snapshot::Exported {
@@ -360,7 +360,6 @@ impl PostgresSource {
                         replaces_earlier: replace,
                     },
                     writer,
-                    &self.telemetry,
                     cancel,
                 )
                 .await?;

@@ -23,13 +23,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::catalog::{Catalog, SourceTable};
 use super::replication::quote_ident;
-use super::{parse_column, SourceError};
+use super::{parse_column, Backpressure, PostgresSource, SourceError, BACKPRESSURE_CHECK_INTERVAL};
 use crate::config::PostgresSourceConfig;
 use crate::event::{
     ChangeEvent, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit, Value,
 };
 use crate::log::{LogWriter, SnapshotState};
-use crate::telemetry::Telemetry;
 
 /// A table smaller than this many heap blocks (8 MiB) is read in one range.
 const MIN_RANGE_BLOCKS: u32 = 1024;
@@ -79,23 +78,25 @@ pub struct Exported<'a> {
     pub replaces_earlier: bool,
 }
 
-/// Copies `tables` as of `snapshot` into the log.
+/// Copies `tables` as of `snapshot` into the log for `source`, pausing while the log holds
+/// more than the source may let it (backpressure).
 pub async fn copy(
-    config: &PostgresSourceConfig,
+    source: &PostgresSource,
     catalog: &mut Catalog,
     tables: &[SourceTable],
     snapshot: Exported<'_>,
     writer: &mut LogWriter,
-    telemetry: &Telemetry,
     cancel: &CancellationToken,
 ) -> Result<Option<SnapshotSummary>, SourceError> {
+    let (config, telemetry) = (&source.config, &*source.telemetry);
+    let mut backpressure = Backpressure::new(source.log_max_bytes);
     let started = Instant::now();
     let mut described = Vec::with_capacity(tables.len());
     let mut ranges = VecDeque::new();
-    for (index, source) in tables.iter().enumerate() {
-        let relation = catalog.describe_table(source).await?;
-        let (blocks, estimated_rows) = catalog.estimate(source).await?;
-        for query in range_queries(source, &relation, blocks, config.snapshot_parallelism) {
+    for (index, table) in tables.iter().enumerate() {
+        let relation = catalog.describe_table(table).await?;
+        let (blocks, estimated_rows) = catalog.estimate(table).await?;
+        for query in range_queries(table, &relation, blocks, config.snapshot_parallelism) {
             ranges.push_back(Range {
                 table: index,
                 query,
@@ -162,6 +163,17 @@ pub async fn copy(
         };
         let Some(message) = message else { break };
         let chunk = message?;
+        // The readers wait on the full channel meanwhile, in their snapshot transactions.
+        loop {
+            backpressure.update(writer.log().held_bytes()?, telemetry);
+            if !backpressure.paused {
+                break;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(BACKPRESSURE_CHECK_INTERVAL) => {}
+            }
+        }
         let table = &mut described[chunk.table];
         for row in chunk.rows {
             logged.change(writer, table.relation_id, Op::Read, Some(row))?;
