@@ -45,6 +45,7 @@ use common::agent::{eventually, Agent, AgentSetup};
 use common::PgCluster;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use support::Probe;
 use tokio::runtime::Runtime;
 
 const TABLE_DDL: &str = "CREATE TABLE orders (id bigint PRIMARY KEY, customer int NOT NULL, \
@@ -221,28 +222,9 @@ fn checksum_sql(table: &str) -> String {
     )
 }
 
-/// One persistent connection per database, for cheap polling.
-struct Probe<'a> {
-    rt: &'a Runtime,
-    client: tokio_postgres::Client,
-}
-
-impl<'a> Probe<'a> {
-    fn new(rt: &'a Runtime, pg: &PgCluster, db: &str) -> Probe<'a> {
-        Probe {
-            rt,
-            client: rt.block_on(pg.connect(db)),
-        }
-    }
-
-    /// The first column of the first row as text; None when the query fails or has no row.
-    fn text(&self, sql: &str) -> Option<String> {
-        self.rt
-            .block_on(self.client.query_opt(sql, &[]))
-            .ok()
-            .flatten()
-            .and_then(|row| row.get::<_, Option<String>>(0))
-    }
+/// Waiting and checking on a target through a probe.
+trait Wait {
+    fn text(&self, sql: &str) -> Option<String>;
 
     /// Polls until `sql` returns a row whose text is "true"; the time since `started`.
     fn wait_true(&self, sql: &str, started: Instant, what: &str) -> Duration {
@@ -274,6 +256,12 @@ impl<'a> Probe<'a> {
             got.as_deref() == Some(want)
         });
         assert!(same, "{what}: target {got:?} differs from source {want:?}");
+    }
+}
+
+impl Wait for Probe<'_> {
+    fn text(&self, sql: &str) -> Option<String> {
+        Probe::text(self, sql)
     }
 }
 

@@ -38,3 +38,31 @@ pub fn rates(count: usize, seconds: &[f64]) -> (f64, f64, f64) {
     let max = rates.iter().copied().fold(0.0, f64::max);
     (median(rates), min, max)
 }
+
+/// One persistent connection to a database, for cheap polling from a bench's thread.
+pub struct Probe<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+}
+
+impl<'a> Probe<'a> {
+    pub fn new(
+        rt: &'a tokio::runtime::Runtime,
+        pg: &crate::common::PgCluster,
+        db: &str,
+    ) -> Probe<'a> {
+        Probe {
+            rt,
+            client: rt.block_on(pg.connect(db)),
+        }
+    }
+
+    /// The first column of the first row as text; None when the query fails or has no row.
+    pub fn text(&self, sql: &str) -> Option<String> {
+        self.rt
+            .block_on(self.client.query_opt(sql, &[]))
+            .ok()
+            .flatten()
+            .and_then(|row| row.get::<_, Option<String>>(0))
+    }
+}
