@@ -236,3 +236,50 @@ fn json_log_format_writes_one_json_object_per_line() {
     );
     assert!(!stderr.contains(SECRET));
 }
+
+#[test]
+fn check_names_a_missing_select_grant_a_foreign_publication_and_a_full_slot_table() {
+    let pg = PgCluster::start_with(&[("max_replication_slots", "2")]);
+    let db = pg.fresh_database("grants");
+    pg.psql(
+        &db,
+        &format!(
+            "CREATE TABLE t (id int PRIMARY KEY);
+             CREATE ROLE reader LOGIN REPLICATION PASSWORD '{SECRET}';
+             CREATE PUBLICATION tidemark_bad;"
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &format!("postgres://reader:{SECRET}@127.0.0.1:{}/{db}", pg.port()),
+    );
+    let output = run_tidemark("check", &path);
+    assert_clean_failure(
+        &output,
+        2,
+        &[
+            "FAIL  table privileges",
+            "GRANT SELECT ON \"public\".\"t\" TO \"reader\";",
+            "FAIL  publication",
+            "ALTER PUBLICATION \"tidemark_bad\" ADD TABLE \"public\".\"t\";",
+            "ok    replication headroom: 0 of 2 replication slots used",
+        ],
+    );
+
+    // Every slot taken by others: the agent could not create its own.
+    pg.psql(
+        &db,
+        "SELECT pg_create_logical_replication_slot('other_1', 'pgoutput'); \
+         SELECT pg_create_logical_replication_slot('other_2', 'pgoutput');",
+    );
+    let output = run_tidemark("check", &path);
+    assert_clean_failure(
+        &output,
+        2,
+        &[
+            "FAIL  replication headroom",
+            "ALTER SYSTEM SET max_replication_slots = 3;",
+        ],
+    );
+}

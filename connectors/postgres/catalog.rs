@@ -404,6 +404,125 @@ impl Catalog {
         ))
     }
 
+    /// Whether the server has room for the agent's replication connection and, when `slot`
+    /// does not exist yet, for one more slot; the error names the setting to raise.
+    pub async fn check_replication_headroom(&self, slot: &str) -> Result<String, SourceError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT current_setting('max_replication_slots')::int8, \
+                   (SELECT count(*) FROM pg_replication_slots), \
+                   EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1), \
+                   current_setting('max_wal_senders')::int8, \
+                   (SELECT count(*) FROM pg_stat_replication)",
+                &[&slot],
+            )
+            .await
+            .map_err(|e| SourceError::catalog("reading the replication settings", e))?;
+        let (max_slots, slots, exists, max_senders, senders): (i64, i64, bool, i64, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        if !exists && slots >= max_slots {
+            return Err(SourceError::Prerequisite(format!(
+                "every replication slot is taken ({slots} of max_replication_slots = \
+                 {max_slots}) and slot {slot:?} does not exist yet: run ALTER SYSTEM SET \
+                 max_replication_slots = {}; and restart PostgreSQL, or drop an unused slot",
+                max_slots + 1
+            )));
+        }
+        if senders >= max_senders {
+            return Err(SourceError::Prerequisite(format!(
+                "every WAL sender is busy ({senders} of max_wal_senders = {max_senders}): run \
+                 ALTER SYSTEM SET max_wal_senders = {}; and restart PostgreSQL",
+                max_senders + 1
+            )));
+        }
+        Ok(format!(
+            "{slots} of {max_slots} replication slots used{}, {senders} of {max_senders} WAL \
+             senders busy",
+            if exists { " (ours among them)" } else { "" }
+        ))
+    }
+
+    /// Whether the role may read every table (the snapshot reads them with COPY).
+    pub async fn check_select(&self, tables: &[SourceTable]) -> Result<(), SourceError> {
+        let mut refused = Vec::new();
+        for table in tables {
+            let row = self
+                .client
+                .query_one(
+                    "SELECT has_table_privilege($1::text::regclass, 'SELECT'), current_user::text",
+                    &[&table.quoted()],
+                )
+                .await
+                .map_err(|e| SourceError::catalog("reading table privileges", e))?;
+            if !row.get::<_, bool>(0) {
+                refused.push((table.quoted(), row.get::<_, String>(1)));
+            }
+        }
+        match refused.first() {
+            None => Ok(()),
+            Some((_, user)) => Err(SourceError::Prerequisite(format!(
+                "role {user:?} may not read {}: GRANT SELECT ON {} TO {};",
+                refused
+                    .iter()
+                    .map(|(t, _)| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                refused
+                    .iter()
+                    .map(|(t, _)| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                quote_ident(user)
+            ))),
+        }
+    }
+
+    /// Whether the publication holds every table, or the agent can create or extend it.
+    pub async fn check_publication(
+        &self,
+        publication: &str,
+        tables: &[SourceTable],
+    ) -> Result<String, SourceError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT pg_has_role(pubowner, 'USAGE') OR (SELECT rolsuper FROM pg_roles \
+                   WHERE rolname = current_user), \
+                   array(SELECT schemaname || '.' || tablename FROM pg_publication_tables t \
+                         WHERE t.pubname = p.pubname)::text[] \
+                 FROM pg_publication p WHERE pubname = $1",
+                &[&publication],
+            )
+            .await
+            .map_err(|e| SourceError::catalog("reading pg_publication", e))?;
+        let Some(row) = row else {
+            return Ok(format!(
+                "publication {publication:?} does not exist yet; `run` creates it for the tables"
+            ));
+        };
+        let (owned, published): (bool, Vec<String>) = (row.get(0), row.get(1));
+        let missing: Vec<String> = tables
+            .iter()
+            .filter(|t| !published.contains(&t.to_string()))
+            .map(SourceTable::quoted)
+            .collect();
+        match (missing.is_empty(), owned) {
+            (true, _) => Ok(format!("publication {publication:?} holds every table")),
+            (false, true) => Ok(format!(
+                "publication {publication:?} lacks {}; `run` adds them",
+                missing.join(", ")
+            )),
+            (false, false) => Err(SourceError::Prerequisite(format!(
+                "publication {publication:?} lacks {} and this role does not own it: run \
+                 ALTER PUBLICATION {} ADD TABLE {}; as its owner",
+                missing.join(", "),
+                quote_ident(publication),
+                missing.join(", ")
+            ))),
+        }
+    }
+
     /// WAL the slot keeps on the server; None when the slot does not exist.
     pub async fn slot_retained_bytes(&self, slot: &str) -> Result<Option<i64>, SourceError> {
         let row = self

@@ -1,5 +1,6 @@
 //! The source's part of `tidemark check`: reachable, wal_level = logical, the REPLICATION
-//! attribute, the tables, their keys, and a replication connection that authenticates.
+//! attribute, room for a slot and a WAL sender, the tables, the role's right to read them,
+//! the publication, their keys, and a replication connection that authenticates.
 
 use super::catalog::Catalog;
 use super::replication::ReplicationConnection;
@@ -29,6 +30,10 @@ pub async fn run(config: &PostgresSourceConfig, require_primary_keys: bool) -> V
             .await
             .map(|()| "wal_level = logical, role may replicate".to_string()),
     ));
+    checks.push(outcome(
+        "replication headroom",
+        catalog.check_replication_headroom(&config.slot).await,
+    ));
     match catalog.resolve_tables(&config.tables).await {
         Ok(tables) if tables.is_empty() => checks.push(Check::fail(
             "source.tables",
@@ -43,6 +48,19 @@ pub async fn run(config: &PostgresSourceConfig, require_primary_keys: bool) -> V
                     .check_replica_identity(&tables)
                     .await
                     .map(|()| "every table has a primary key or replica identity".to_string()),
+            ));
+            checks.push(outcome(
+                "table privileges",
+                catalog
+                    .check_select(&tables)
+                    .await
+                    .map(|()| "the role may read every table".to_string()),
+            ));
+            checks.push(outcome(
+                "publication",
+                catalog
+                    .check_publication(&config.publication, &tables)
+                    .await,
             ));
             if require_primary_keys {
                 checks.push(outcome(
