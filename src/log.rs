@@ -21,6 +21,7 @@ use crate::event::{Lsn, Record, Relation, RelationId, TxBegin};
 /// Bumped whenever the on-disk encoding changes; `open` refuses other versions.
 const FORMAT_VERSION: u64 = 1;
 const FORMAT_KEY: &[u8] = b"format_version";
+const ID_KEY: &[u8] = b"log_id";
 const SOURCE_KEY: &[u8] = b"source_identity";
 const SNAPSHOT_KEY: &[u8] = b"snapshot";
 /// The record size `held_bytes` assumes before this process appended any.
@@ -45,6 +46,13 @@ pub enum LogError {
          aside and start again with a fresh data_dir (the affected tables must be re-snapshotted)"
     )]
     Open { path: PathBuf, source: sled::Error },
+    #[error(
+        "the offset log in {path} is damaged ({reason}); tidemark stops without using it. \
+         Move agent.data_dir aside (keep it for inspection) and start again: with snapshot = \
+         \"initial\" the agent drops its slot and snapshots again, and the sinks' tables are \
+         replaced"
+    )]
+    Damaged { path: PathBuf, reason: String },
     #[error(
         "the offset log in {path} has format version {found}, this tidemark writes version \
          {FORMAT_VERSION}; use the tidemark release that wrote it, or start with a fresh data_dir"
@@ -106,6 +114,9 @@ pub struct LogEntry {
 }
 
 pub struct OffsetLog {
+    /// Tells this log from any other: a sink's checkpoint that names another log (the
+    /// data_dir was replaced) does not count here.
+    id: u64,
     path: PathBuf,
     /// Held for the life of the log: one agent per data_dir.
     _lock: std::fs::File,
@@ -132,15 +143,7 @@ impl OffsetLog {
     pub fn open(dir: &Path) -> Result<Arc<OffsetLog>, LogError> {
         let path = dir.join("log");
         let lock = lock_data_dir(dir)?;
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(CACHE_CAPACITY_BYTES)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|source| LogError::Open {
-                path: path.clone(),
-                source,
-            })?;
+        let db = open_sled(&path)?;
         let meta = db.open_tree("meta")?;
         match meta.get(FORMAT_KEY)? {
             Some(v) => {
@@ -153,11 +156,20 @@ impl OffsetLog {
                 meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())?;
             }
         }
+        let id = match meta.get(ID_KEY)?.and_then(|v| decode_u64(&v)) {
+            Some(id) => id,
+            None => {
+                let id = new_log_id();
+                meta.insert(ID_KEY, &id.to_be_bytes())?;
+                id
+            }
+        };
         let entries = db.open_tree("entries")?;
         let transactions = db.open_tree("transactions")?;
         let durable = drop_uncommitted_tail(&entries, &transactions)?;
         db.flush()?;
         Ok(Arc::new(OffsetLog {
+            id,
             path,
             _lock: lock,
             relations: db.open_tree("relations")?,
@@ -176,6 +188,10 @@ impl OffsetLog {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The writer side. There is one writer: the source task.
@@ -484,6 +500,45 @@ impl LogWriter {
 
     pub fn log(&self) -> &Arc<OffsetLog> {
         &self.log
+    }
+}
+
+/// A log id that no other log has: the clock's nanoseconds and the process id, mixed.
+fn new_log_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (nanos ^ (u64::from(std::process::id()) << 48)) & (i64::MAX as u64)
+}
+
+/// Opens sled's database. sled panics on some damaged files instead of returning an error;
+/// that panic becomes `LogError::Damaged` (and its message is not printed as a crash).
+fn open_sled(path: &Path) -> Result<sled::Db, LogError> {
+    let open = || {
+        sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_CAPACITY_BYTES)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+    };
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(open);
+    std::panic::set_hook(hook);
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(source)) => Err(LogError::Open {
+            path: path.to_path_buf(),
+            source,
+        }),
+        Err(panic) => Err(LogError::Damaged {
+            path: path.to_path_buf(),
+            reason: panic
+                .downcast_ref::<&str>()
+                .map(ToString::to_string)
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "the storage engine cannot read it".to_string()),
+        }),
     }
 }
 

@@ -174,6 +174,19 @@ async fn run_sink(
     stop: CancellationToken,
 ) -> Result<(), PipelineError> {
     let mut applied = open_sink(&config, &mut sink, &telemetry, &stop).await?;
+    let durable = log.durable().seq;
+    if applied > durable {
+        // The sink's own checkpoint is ahead of the log: the log lost records it once held.
+        return Err(LogError::Damaged {
+            path: log.path().to_path_buf(),
+            reason: format!(
+                "sink {:?} has applied records up to {applied}, but the log ends at {durable}: \
+                 it lost records (damaged, or restored from an older copy)",
+                config.name
+            ),
+        }
+        .into());
+    }
     tracing::info!(sink = %config.name, from = applied, "sink started");
     let mut policy = RetryPolicy::new();
     // The next batch, read from the log while the current one is applied.

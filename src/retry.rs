@@ -49,9 +49,15 @@ impl Default for RetryPolicy {
 /// object in use (a replication slot still held by the walsender of a killed predecessor).
 pub fn is_transient(code: &SqlState) -> bool {
     let code = code.code();
+    // Besides connection trouble, conflicts and a server shutting down: a full disk (53100),
+    // memory (53200) or a read-only server (25006, a standby or failover) that an operator
+    // fixes; the log keeps everything meanwhile.
     code.starts_with("08")
         || code.starts_with("57P")
-        || matches!(code, "53300" | "40001" | "40P01" | "55006" | "55P03")
+        || matches!(
+            code,
+            "53100" | "53200" | "53300" | "25006" | "40001" | "40P01" | "55006" | "55P03"
+        )
 }
 
 #[cfg(test)]
@@ -72,6 +78,8 @@ mod tests {
     #[test]
     fn classifies_by_sqlstate() {
         assert!(is_transient(&SqlState::ADMIN_SHUTDOWN));
+        assert!(is_transient(&SqlState::DISK_FULL));
+        assert!(is_transient(&SqlState::READ_ONLY_SQL_TRANSACTION));
         assert!(is_transient(&SqlState::CONNECTION_FAILURE));
         assert!(is_transient(&SqlState::T_R_SERIALIZATION_FAILURE));
         assert!(is_transient(&SqlState::OBJECT_IN_USE));

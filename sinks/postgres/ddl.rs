@@ -108,16 +108,18 @@ pub fn add_column(table: &TargetTable, column: &Column) -> String {
     )
 }
 
-/// One row per sink: the last log record applied, written in the same transaction as the
-/// batch it ends.
+/// One row per sink: the last log record applied and the log it belongs to, written in the
+/// same transaction as the batch it ends. (`log_id` came later: added to older tables.)
 pub fn create_checkpoint_table(schema: &str) -> String {
+    let schema = escape_identifier(schema);
     format!(
-        "CREATE TABLE IF NOT EXISTS {}._tidemark_checkpoint (\
+        "CREATE TABLE IF NOT EXISTS {schema}._tidemark_checkpoint (\
            sink text PRIMARY KEY, \
            log_position bigint NOT NULL, \
            source_lsn pg_lsn NOT NULL, \
-           updated_at timestamptz NOT NULL DEFAULT now())",
-        escape_identifier(schema)
+           updated_at timestamptz NOT NULL DEFAULT now(), \
+           log_id bigint);\n\
+         ALTER TABLE {schema}._tidemark_checkpoint ADD COLUMN IF NOT EXISTS log_id bigint"
     )
 }
 

@@ -271,7 +271,7 @@ impl Sink for PostgresSink {
         let row = client
             .query_opt(
                 &format!(
-                    "SELECT log_position FROM {}._tidemark_checkpoint WHERE sink = $1",
+                    "SELECT log_position, log_id FROM {}._tidemark_checkpoint WHERE sink = $1",
                     postgres_protocol::escape::escape_identifier(&self.config.schema)
                 ),
                 &[&self.name],
@@ -281,7 +281,20 @@ impl Sink for PostgresSink {
         self.client = Some(client);
         self.prepared.clear();
         self.open_transaction.clear();
-        Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+        let Some(row) = row else {
+            return Ok(0);
+        };
+        let (position, log_id): (i64, Option<i64>) = (row.get(0), row.get(1));
+        if log_id.is_some_and(|id| id as u64 != self.log.id()) {
+            // The data_dir was replaced: positions of the old log mean nothing in this one,
+            // which starts with a snapshot that replaces the tables.
+            tracing::warn!(
+                sink = %self.name,
+                "the target's checkpoint belongs to another offset log; applying this log from its start"
+            );
+            return Ok(0);
+        }
+        Ok(position as u64)
     }
 
     async fn apply(&mut self, entries: &[LogEntry]) -> Result<DeadLettered, SinkError> {
@@ -500,10 +513,11 @@ impl PostgresSink {
     /// (durably, before the commit) instead of failing the batch; returns those rows' tables.
     async fn apply_batch(&mut self, batch: &Batch, pass: Pass) -> Result<Vec<String>, ApplyError> {
         let checkpoint = format!(
-            "INSERT INTO {}._tidemark_checkpoint (sink, log_position, source_lsn, updated_at) \
-             VALUES ($1, $2, $3::text::pg_lsn, now()) ON CONFLICT (sink) DO UPDATE SET \
+            "INSERT INTO {}._tidemark_checkpoint \
+               (sink, log_position, source_lsn, updated_at, log_id) \
+             VALUES ($1, $2, $3::text::pg_lsn, now(), $4) ON CONFLICT (sink) DO UPDATE SET \
              log_position = EXCLUDED.log_position, source_lsn = EXCLUDED.source_lsn, \
-             updated_at = now()",
+             updated_at = now(), log_id = EXCLUDED.log_id",
             postgres_protocol::escape::escape_identifier(&self.config.schema)
         );
         let client = self.client.as_mut().ok_or(ApplyError::NotConnected)?;
@@ -598,6 +612,7 @@ impl PostgresSink {
                     &self.name,
                     &(batch.log_position as i64),
                     &batch.source_lsn.to_string(),
+                    &(self.log.id() as i64),
                 ],
             )
             .await

@@ -1,0 +1,246 @@
+//! The failure catalogue against real servers: each failure gives a clear error, a non-zero
+//! exit where it is fatal, retries where it is transient, and loses nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::agent::{eventually, AgentSetup};
+use common::PgCluster;
+
+fn merge_sink(pg: &PgCluster, warehouse: &str) -> String {
+    format!(
+        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n",
+        pg.url(warehouse)
+    )
+}
+
+#[test]
+fn a_read_only_target_is_retried_and_nothing_is_lost() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("src");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v int)");
+    let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &merge_sink(&pg, &warehouse));
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(&db, "INSERT INTO t VALUES (1, 1)");
+    let rows = || pg.try_psql(&warehouse, "SELECT count(*) FROM replica.t");
+    assert!(eventually(Duration::from_secs(30), || rows().as_deref() == Some("1")));
+
+    // What a standby or a full disk looks like to a writer: every write refused.
+    pg.psql(
+        "postgres",
+        &format!("ALTER DATABASE {warehouse} SET default_transaction_read_only = on"),
+    );
+    pg.psql(
+        "postgres",
+        &format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{warehouse}'"
+        ),
+    );
+    pg.psql(
+        &db,
+        "INSERT INTO t SELECT g, g FROM generate_series(2, 50) g",
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || agent
+            .log()
+            .contains("read-only transaction")),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.is_running(), "{}", agent.log());
+
+    pg.psql(
+        "postgres",
+        &format!("ALTER DATABASE {warehouse} RESET default_transaction_read_only"),
+    );
+    let want = pg.dump(&db, "public.t", "*");
+    assert!(
+        eventually(Duration::from_secs(90), || pg.dump(
+            &warehouse,
+            "replica.t",
+            "*"
+        ) == want),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.terminate().success());
+}
+
+#[test]
+fn a_second_agent_on_the_same_data_dir_is_refused() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("src");
+    pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY)");
+    let setup = AgentSetup::jsonl(&pg.url(&db), "\"public.t\"");
+    let mut first = setup.start();
+    first.wait_streaming();
+    let second = setup.command("run");
+    let error = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{error}");
+    assert!(
+        error.contains("is in use by another tidemark process"),
+        "{error}"
+    );
+    assert!(first.is_running(), "{}", first.log());
+    assert!(first.terminate().success());
+}
+
+#[test]
+fn a_data_dir_that_cannot_be_used_is_named() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("src");
+    pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY)");
+    let setup = AgentSetup::jsonl(&pg.url(&db), "\"public.t\"");
+    // A file where the directory should be (root ignores permissions, so this is the case
+    // that fails for every user).
+    let config = std::fs::read_to_string(&setup.config).unwrap();
+    let blocker = setup.config.with_file_name("blocker");
+    std::fs::write(&blocker, "not a directory").unwrap();
+    std::fs::write(
+        &setup.config,
+        config.replace("data_dir = \"data\"", "data_dir = \"blocker/data\""),
+    )
+    .unwrap();
+    let output = setup.command("run");
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{error}");
+    assert!(error.contains("cannot use data_dir"), "{error}");
+    assert!(error.contains("blocker/data"), "{error}");
+    assert!(!error.contains("panicked"), "{error}");
+}
+
+#[test]
+fn a_log_that_lost_records_stops_the_agent_with_how_to_recover() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("src");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v int)");
+    let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &merge_sink(&pg, &warehouse));
+    let rows = || pg.try_psql(&warehouse, "SELECT count(*) FROM replica.t");
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(&db, "INSERT INTO t VALUES (1, 1)");
+    assert!(eventually(Duration::from_secs(30), || rows().as_deref() == Some("1")));
+    assert!(agent.terminate().success());
+    // An older copy of the log, as a restore from backup (or a damaged file) leaves it.
+    let older = setup.config.with_file_name("older");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(setup.data_dir())
+        .arg(&older)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(
+        &db,
+        "INSERT INTO t SELECT g, g FROM generate_series(2, 100) g",
+    );
+    assert!(eventually(Duration::from_secs(30), || rows().as_deref() == Some("100")));
+    assert!(agent.terminate().success());
+
+    std::fs::remove_dir_all(setup.data_dir()).unwrap();
+    std::fs::rename(&older, setup.data_dir()).unwrap();
+    let output = setup.command("run");
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{error}");
+    assert!(error.contains("is damaged"), "{error}");
+    assert!(
+        error.contains("sink \"mirror\" has applied records up to"),
+        "{error}"
+    );
+    assert!(error.contains("Move agent.data_dir aside"), "{error}");
+}
+
+#[test]
+fn sigterm_during_a_batch_exits_0_and_loses_nothing() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("src");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v text)");
+    let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &merge_sink(&pg, &warehouse));
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(
+        &db,
+        "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 100000) g",
+    );
+    // Stop while the merge sink is still working through the transaction.
+    let rows = || {
+        pg.try_psql(&warehouse, "SELECT count(*) FROM replica.t")
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || rows() > 0),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.terminate().success());
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    let want = pg.dump(&db, "public.t", "*");
+    assert!(
+        eventually(Duration::from_secs(90), || pg.dump(
+            &warehouse,
+            "replica.t",
+            "*"
+        ) == want),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.terminate().success());
+}
+
+#[test]
+fn a_data_dir_moved_aside_is_recovered_by_a_snapshot_that_replaces_the_targets() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("src");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(
+        &db,
+        "CREATE TABLE t (id int PRIMARY KEY, v int); \
+         INSERT INTO t SELECT g, g FROM generate_series(1, 100) g",
+    );
+    let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &merge_sink(&pg, &warehouse));
+    let config = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .replace("snapshot = \"never\"", "snapshot = \"initial\"");
+    std::fs::write(&setup.config, config).unwrap();
+    let mirrored = || pg.dump(&warehouse, "replica.t", "*") == pg.dump(&db, "public.t", "*");
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(&db, "INSERT INTO t VALUES (101, 101)");
+    assert!(
+        eventually(Duration::from_secs(30), mirrored),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.terminate().success());
+
+    // The operator's recovery: the data_dir goes; meanwhile the source changed.
+    std::fs::rename(setup.data_dir(), setup.config.with_file_name("aside")).unwrap();
+    pg.psql(
+        &db,
+        "DELETE FROM t WHERE id <= 10; INSERT INTO t VALUES (200, 200); \
+         UPDATE t SET v = -v WHERE id = 50",
+    );
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    assert!(
+        eventually(Duration::from_secs(30), mirrored),
+        "{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert!(log.contains("dropping the slot to snapshot again"), "{log}");
+    assert!(log.contains("belongs to another offset log"), "{log}");
+    assert!(agent.terminate().success());
+}
