@@ -7,15 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::agent::{eventually, AgentSetup};
+use common::agent::{eventually, mirror_sink, AgentSetup};
 use common::PgCluster;
-
-fn merge_sink(pg: &PgCluster, warehouse: &str) -> String {
-    format!(
-        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n",
-        pg.url(warehouse)
-    )
-}
 
 #[test]
 fn a_read_only_target_is_retried_and_nothing_is_lost() {
@@ -23,7 +16,11 @@ fn a_read_only_target_is_retried_and_nothing_is_lost() {
     let db = pg.fresh_database("src");
     let warehouse = pg.fresh_database("warehouse");
     pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v int)");
-    let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &merge_sink(&pg, &warehouse));
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.t\"",
+        &mirror_sink(&pg.url(&warehouse)),
+    );
     let mut agent = setup.start();
     agent.wait_streaming();
     pg.psql(&db, "INSERT INTO t VALUES (1, 1)");
@@ -120,7 +117,11 @@ fn a_log_that_lost_records_stops_the_agent_with_how_to_recover() {
     let db = pg.fresh_database("src");
     let warehouse = pg.fresh_database("warehouse");
     pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v int)");
-    let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &merge_sink(&pg, &warehouse));
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.t\"",
+        &mirror_sink(&pg.url(&warehouse)),
+    );
     let rows = || pg.try_psql(&warehouse, "SELECT count(*) FROM replica.t");
     let mut agent = setup.start();
     agent.wait_streaming();
@@ -165,7 +166,11 @@ fn sigterm_during_a_batch_exits_0_and_loses_nothing() {
     let db = pg.fresh_database("src");
     let warehouse = pg.fresh_database("warehouse");
     pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v text)");
-    let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &merge_sink(&pg, &warehouse));
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.t\"",
+        &mirror_sink(&pg.url(&warehouse)),
+    );
     let mut agent = setup.start();
     agent.wait_streaming();
     pg.psql(
@@ -209,7 +214,11 @@ fn a_data_dir_moved_aside_is_recovered_by_a_snapshot_that_replaces_the_targets()
         "CREATE TABLE t (id int PRIMARY KEY, v int); \
          INSERT INTO t SELECT g, g FROM generate_series(1, 100) g",
     );
-    let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &merge_sink(&pg, &warehouse));
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.t\"",
+        &mirror_sink(&pg.url(&warehouse)),
+    );
     let config = std::fs::read_to_string(&setup.config)
         .unwrap()
         .replace("snapshot = \"never\"", "snapshot = \"initial\"");

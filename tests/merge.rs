@@ -6,15 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::agent::{eventually, AgentSetup};
+use common::agent::{eventually, mirror_sink, AgentSetup};
 use common::PgCluster;
 
 fn merge_sink(pg: &PgCluster, warehouse: &str, extra: &str) -> String {
-    format!(
-        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n\
-         mode = \"merge\"\n{extra}",
-        pg.url(warehouse)
-    )
+    format!("{}{extra}", mirror_sink(&pg.url(warehouse)))
 }
 
 /// Starts an agent with a merge sink into `warehouse` and waits until it streams.
@@ -188,10 +184,7 @@ fn a_target_that_is_down_at_start_catches_up_when_it_returns() {
     let warehouse = target.fresh_database("warehouse");
     source.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v int)");
     target.stop();
-    let sink = format!(
-        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n",
-        target.url(&warehouse)
-    );
+    let sink = mirror_sink(&target.url(&warehouse));
     let setup = AgentSetup::with_sinks(&source.url(&db), "\"public.t\"", &sink);
     let mut agent = setup.start();
     agent.wait_streaming();
@@ -693,10 +686,7 @@ fn a_target_restart_mid_stream_is_retried_and_nothing_is_lost() {
     let db = source.fresh_database("src");
     let warehouse = target.fresh_database("warehouse");
     source.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v int)");
-    let sink = format!(
-        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n",
-        target.url(&warehouse)
-    );
+    let sink = mirror_sink(&target.url(&warehouse));
     let setup = AgentSetup::with_sinks(&source.url(&db), "\"public.t\"", &sink);
     let mut agent = setup.start();
     agent.wait_streaming();

@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::agent::{eventually, http_get, AgentSetup};
+use common::agent::{eventually, http_get, mirror_sink, AgentSetup};
 use common::{workload, PgCluster};
 use rand::SeedableRng;
 
@@ -150,10 +150,7 @@ fn ready_says_503_while_a_target_is_down_and_200_when_it_is_back() {
     let db = source.fresh_database("src");
     let warehouse = target.fresh_database("warehouse");
     source.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v int)");
-    let sink = format!(
-        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n",
-        target.url(&warehouse)
-    );
+    let sink = mirror_sink(&target.url(&warehouse));
     let setup = AgentSetup::with_sinks(&source.url(&db), "\"public.t\"", &sink);
     let mut agent = setup.start();
     agent.wait_streaming();
@@ -199,10 +196,7 @@ fn heartbeat_runs_its_query_and_retained_wal_over_the_limit_is_warned() {
         &db,
         "CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE beats (at timestamptz)",
     );
-    let sink = format!(
-        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n",
-        pg.url(&warehouse)
-    );
+    let sink = mirror_sink(&pg.url(&warehouse));
     let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &sink);
     let config = std::fs::read_to_string(&setup.config).unwrap().replace(
         "snapshot = \"never\"",
@@ -265,10 +259,7 @@ fn dlq_lists_shows_and_drops_dead_letters_only_while_the_agent_is_stopped() {
         &warehouse,
         "CREATE SCHEMA replica; CREATE TABLE replica.t (id int PRIMARY KEY, v int CHECK (v < 100))",
     );
-    let sink = format!(
-        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n",
-        pg.url(&warehouse)
-    );
+    let sink = mirror_sink(&pg.url(&warehouse));
     let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &sink);
     let mut agent = setup.start();
     agent.wait_streaming();
@@ -324,10 +315,7 @@ fn the_source_pauses_while_the_log_is_full_and_resumes_when_the_sinks_catch_up()
     let db = source.fresh_database("src");
     let warehouse = target.fresh_database("warehouse");
     source.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v text)");
-    let sink = format!(
-        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n",
-        target.url(&warehouse)
-    );
+    let sink = mirror_sink(&target.url(&warehouse));
     let setup = AgentSetup::with_sinks(&source.url(&db), "\"public.t\"", &sink);
     let config = std::fs::read_to_string(&setup.config).unwrap().replace(
         "data_dir = \"data\"",
@@ -389,10 +377,7 @@ fn a_snapshot_pauses_while_the_log_is_full_and_completes() {
         "CREATE TABLE t (id int PRIMARY KEY, v text); \
          INSERT INTO t SELECT g, repeat('x', 40) FROM generate_series(1, 120000) g",
     );
-    let sink = format!(
-        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{}\"\nschema = \"replica\"\n",
-        pg.url(&warehouse)
-    );
+    let sink = mirror_sink(&pg.url(&warehouse));
     let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &sink);
     let config = std::fs::read_to_string(&setup.config)
         .unwrap()

@@ -234,6 +234,13 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     Some(response)
 }
 
+/// A merge sink `mirror` into schema `replica` of the database at `url`.
+pub fn mirror_sink(url: &str) -> String {
+    format!(
+        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{url}\"\nschema = \"replica\"\n"
+    )
+}
+
 /// Polls `condition` every 100 ms for up to `timeout`; true when it held.
 pub fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
