@@ -213,6 +213,30 @@ impl Agent {
     }
 }
 
+impl Drop for AgentSetup {
+    /// A failed test keeps what the agent wrote (config, agent.log, data_dir, JSONL files).
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let kept = std::env::temp_dir().join(format!(
+            "tidemark-failed-{}",
+            self.dir.path().file_name().unwrap().to_string_lossy()
+        ));
+        match Command::new("cp")
+            .arg("-a")
+            .arg(self.dir.path())
+            .arg(&kept)
+            .status()
+        {
+            Ok(status) if status.success() => {
+                eprintln!("agent directory kept in {}", kept.display())
+            }
+            other => eprintln!("keeping the agent directory failed: {other:?}"),
+        }
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
