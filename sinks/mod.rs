@@ -65,6 +65,7 @@ pub trait Sink {
 }
 
 /// The closed set of sinks, built from config with one match.
+#[allow(clippy::large_enum_variant)] // a few per process, built once: boxing saves nothing
 pub enum AnySink {
     Jsonl(jsonl::JsonlSink),
     Postgres(postgres::PostgresSink),

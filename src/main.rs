@@ -71,6 +71,21 @@ enum DlqAction {
         /// Its number in `dlq list`.
         number: usize,
     },
+    /// Apply dead letters again once the target takes them (the refusal's cause fixed);
+    /// the agent must be stopped. A letter whose key a later change has reached is skipped:
+    /// applying it would put an older state back.
+    Retry {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        sink: String,
+        /// Their numbers in `dlq list`.
+        #[arg(required_unless_present = "all")]
+        numbers: Vec<usize>,
+        /// Every dead letter of the sink.
+        #[arg(long)]
+        all: bool,
+    },
     /// Remove dead letters once handled; the agent must be stopped.
     Drop {
         #[arg(short, long)]
@@ -107,7 +122,7 @@ fn main() -> ExitCode {
             Command::Run { config } => run(config).await,
             Command::Check { config } => check(config).await,
             Command::Status { config } => status(config).await,
-            Command::Dlq { action } => dlq(action),
+            Command::Dlq { action } => dlq(action).await,
         }
     })
 }
@@ -177,17 +192,18 @@ async fn status(path: PathBuf) -> ExitCode {
     }
 }
 
-fn dlq(action: DlqAction) -> ExitCode {
+async fn dlq(action: DlqAction) -> ExitCode {
     let path = match &action {
         DlqAction::List { config, .. }
         | DlqAction::Show { config, .. }
+        | DlqAction::Retry { config, .. }
         | DlqAction::Drop { config, .. } => config,
     };
     let config = match load(path) {
         Ok(config) => config,
         Err(code) => return code,
     };
-    match dead_letters(&config, action) {
+    match dead_letters(&config, action).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("tidemark: {message}");
@@ -196,7 +212,7 @@ fn dlq(action: DlqAction) -> ExitCode {
     }
 }
 
-fn dead_letters(config: &Config, action: DlqAction) -> Result<(), String> {
+async fn dead_letters(config: &Config, action: DlqAction) -> Result<(), String> {
     use tidemark::dead_letter;
     let data_dir = &config.agent.data_dir;
     let files = dead_letter::files(data_dir)
@@ -212,6 +228,15 @@ fn dead_letters(config: &Config, action: DlqAction) -> Result<(), String> {
     };
     let read = |path: &Path| {
         dead_letter::read(path).map_err(|e| format!("reading {}: {e}", path.display()))
+    };
+    let selected = |count: usize, numbers: &[usize], all: bool| match numbers
+        .iter()
+        .find(|n| **n == 0 || **n > count)
+    {
+        Some(missing) => Err(format!("sink has {count} dead letters, no #{missing}")),
+        None => Ok((0..count)
+            .map(|i| all || numbers.contains(&(i + 1)))
+            .collect::<Vec<bool>>()),
     };
     match action {
         DlqAction::List { sink, .. } => {
@@ -264,21 +289,93 @@ fn dead_letters(config: &Config, action: DlqAction) -> Result<(), String> {
             let _lock = tidemark::log::lock_data_dir(data_dir)
                 .map_err(|e| format!("{e}; stop the agent before dropping dead letters"))?;
             let letters = read(&path)?;
-            if let Some(missing) = numbers.iter().find(|n| **n == 0 || **n > letters.len()) {
-                return Err(format!(
-                    "sink {sink:?} has {} dead letters, no #{missing}",
-                    letters.len()
-                ));
-            }
+            let dropped =
+                selected(letters.len(), &numbers, all).map_err(|e| format!("{sink:?}: {e}"))?;
             let kept: Vec<_> = letters
                 .into_iter()
-                .enumerate()
-                .filter(|(i, _)| !all && !numbers.contains(&(i + 1)))
-                .map(|(_, letter)| letter)
+                .zip(dropped)
+                .filter(|(_, dropped)| !dropped)
+                .map(|(letter, _)| letter)
                 .collect();
             dead_letter::rewrite(&path, &kept)
                 .map_err(|e| format!("rewriting {}: {e}", path.display()))?;
             println!("sink {sink:?}: {} dead letters left", kept.len());
+            Ok(())
+        }
+        DlqAction::Retry {
+            sink, numbers, all, ..
+        } => {
+            let path =
+                file_of(&sink)?.ok_or_else(|| format!("sink {sink:?} has no dead letters"))?;
+            let Some(tidemark::config::SinkKind::Postgres(target)) = config
+                .sinks
+                .iter()
+                .find(|s| s.name == sink)
+                .map(|s| &s.kind)
+            else {
+                return Err(format!("sink {sink:?} is not a postgres sink"));
+            };
+            // Opening the log takes the data_dir's lock: the agent must be stopped.
+            let log = tidemark::log::OffsetLog::open(data_dir)
+                .map_err(|e| format!("{e}; stop the agent before retrying dead letters"))?;
+            let letters = read(&path)?;
+            let chosen =
+                selected(letters.len(), &numbers, all).map_err(|e| format!("{sink:?}: {e}"))?;
+            let touches = dead_letter::read_touches(&path)
+                .map_err(|e| format!("reading the touches next to {}: {e}", path.display()))?;
+            let mut target_sink =
+                tidemark::sinks::postgres::PostgresSink::new(&sink, target, log, data_dir)
+                    .map_err(|e| e.to_string())?;
+            let applied = tidemark::sinks::Sink::open(&mut target_sink)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut retried = vec![false; letters.len()];
+            let mut changes = Vec::new();
+            for (number, letter) in letters.iter().enumerate() {
+                if !chosen[number] {
+                    continue;
+                }
+                match &letter.change {
+                    _ if dead_letter::is_superseded(letter, &touches, applied) => println!(
+                        "#{}: skipped, a later change of its key has been applied since; \
+                         `tidemark dlq drop` removes it",
+                        number + 1
+                    ),
+                    None => println!(
+                        "#{}: skipped, written by a tidemark that did not record the change \
+                         to apply again; apply it by hand from `tidemark dlq show`, then drop it",
+                        number + 1
+                    ),
+                    Some(change) => {
+                        retried[number] = true;
+                        changes.push(change.clone());
+                    }
+                }
+            }
+            let refused = target_sink
+                .retry(&changes, applied)
+                .await
+                .map_err(|e| e.to_string())?;
+            // The retried letters go; the sink appended the ones refused again after them.
+            let now = read(&path)?;
+            let kept: Vec<_> = now
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| !retried.get(*i).copied().unwrap_or(false))
+                .map(|(_, letter)| letter)
+                .collect();
+            dead_letter::rewrite(&path, &kept)
+                .map_err(|e| format!("rewriting {}: {e}", path.display()))?;
+            println!(
+                "sink {sink:?}: {} applied, {refused} refused again, {} dead letters left",
+                changes.len() - refused,
+                kept.len()
+            );
+            if refused > 0 {
+                return Err(format!(
+                    "{refused} dead letters were refused again; `tidemark dlq list` shows why"
+                ));
+            }
             Ok(())
         }
     }

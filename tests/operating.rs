@@ -308,6 +308,129 @@ fn dlq_lists_shows_and_drops_dead_letters_only_while_the_agent_is_stopped() {
     assert_eq!(listed().trim(), "no dead letters");
 }
 
+/// `dlq retry` applies the refused changes once the targets take them, to the mirror and the
+/// history alike, and skips a letter whose key a later change has reached: applying it would
+/// put the older value back.
+#[test]
+fn dlq_retry_applies_refused_changes_once_the_target_takes_them() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("src");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v int)");
+    pg.psql(
+        &warehouse,
+        "CREATE SCHEMA replica; \
+         CREATE TABLE replica.t (id int PRIMARY KEY, v int CONSTRAINT small CHECK (v < 100))",
+    );
+    let url = pg.url(&warehouse);
+    let sinks = format!(
+        "{}\n[[sink]]\nname = \"history\"\ntype = \"postgres\"\nurl = \"{url}\"\n\
+         schema = \"history\"\nmode = \"scd2\"\n",
+        mirror_sink(&url)
+    );
+    let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &sinks);
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(&db, "INSERT INTO t VALUES (1, 1), (2, 2), (3, 3)");
+    let count = |sql: &str| pg.try_psql(&warehouse, sql).unwrap_or_default();
+    assert!(eventually(Duration::from_secs(30), || count(
+        "SELECT count(*) FROM history.t"
+    ) == "3"));
+    pg.psql(
+        &warehouse,
+        "ALTER TABLE history.t ADD CONSTRAINT small CHECK (v < 100)",
+    );
+    pg.psql(
+        &db,
+        "UPDATE t SET v = 500 WHERE id = 1; UPDATE t SET v = 600 WHERE id = 2; \
+         INSERT INTO t VALUES (4, 700)",
+    );
+    let listed = || dlq(&setup, &["list"]).1;
+    assert!(
+        eventually(Duration::from_secs(30), || listed().lines().count() == 6),
+        "{}\n{}",
+        listed(),
+        agent.log()
+    );
+    // Key 2 changes again, to a value both targets take: its letters are out of date.
+    pg.psql(&db, "UPDATE t SET v = 20 WHERE id = 2");
+    assert!(eventually(Duration::from_secs(30), || {
+        count("SELECT v FROM replica.t WHERE id = 2") == "20"
+            && count("SELECT v FROM history.t WHERE id = 2 AND is_current") == "20"
+    }));
+
+    let (code, _, error) = dlq(&setup, &["retry", "--sink", "mirror", "--all"]);
+    assert_eq!(code, Some(1), "{error}");
+    assert!(error.contains("stop the agent"), "{error}");
+    assert!(agent.terminate().success());
+
+    // The constraints still hold: refused again, kept with the new reason.
+    let (code, out, error) = dlq(&setup, &["retry", "--sink", "mirror", "--all"]);
+    assert_eq!(code, Some(1), "{out}{error}");
+    assert!(out.contains("#2: skipped, a later change"), "{out}");
+    assert!(
+        out.contains("0 applied, 2 refused again, 3 dead letters left"),
+        "{out}"
+    );
+    assert!(error.contains("refused again"), "{error}");
+    assert_eq!(listed().lines().count(), 6, "{}", listed());
+
+    pg.psql(
+        &warehouse,
+        "ALTER TABLE replica.t DROP CONSTRAINT small; ALTER TABLE history.t DROP CONSTRAINT small",
+    );
+    for sink in ["mirror", "history"] {
+        let (code, out, error) = dlq(&setup, &["retry", "--sink", sink, "--all"]);
+        assert_eq!(code, Some(0), "{sink}: {out}{error}");
+        assert!(
+            out.contains("2 applied, 0 refused again, 1 dead letters left"),
+            "{sink}: {out}"
+        );
+    }
+    let source = pg.psql(
+        &db,
+        "SELECT string_agg(id || ':' || v, ' ' ORDER BY id) FROM t",
+    );
+    assert_eq!(source, "1:500 2:20 3:3 4:700");
+    assert_eq!(
+        pg.psql(
+            &warehouse,
+            "SELECT string_agg(id || ':' || v, ' ' ORDER BY id) FROM replica.t"
+        ),
+        source
+    );
+    assert_eq!(
+        pg.psql(
+            &warehouse,
+            "SELECT string_agg(id || ':' || v, ' ' ORDER BY id) FROM history.t WHERE is_current"
+        ),
+        source
+    );
+    // Each retried version starts where the one it replaced ends: at the source's commit.
+    assert_eq!(
+        pg.psql(
+            &warehouse,
+            "SELECT string_agg(id || ':' || v || ':' || _tidemark_op || ':' || \
+                 (valid_to IS NULL) || ':' || coalesce((valid_to = next)::text, '-'), \
+                 ' ' ORDER BY id, valid_from) \
+             FROM (SELECT *, lead(valid_from) OVER (PARTITION BY id ORDER BY valid_from) \
+                   AS next FROM history.t) h"
+        ),
+        "1:1:c:false:true 1:500:u:true:- 2:2:c:false:true 2:20:u:true:- 3:3:c:true:- 4:700:c:true:-"
+    );
+    let list = listed();
+    assert_eq!(list.lines().count(), 2, "{list}");
+
+    // The agent goes on from where it was.
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(&db, "UPDATE t SET v = 800 WHERE id = 4");
+    assert!(eventually(Duration::from_secs(30), || count(
+        "SELECT v FROM replica.t WHERE id = 4"
+    ) == "800"));
+    assert!(agent.terminate().success());
+}
+
 #[test]
 fn the_source_pauses_while_the_log_is_full_and_resumes_when_the_sinks_catch_up() {
     let source = PgCluster::start();

@@ -25,12 +25,12 @@ use tokio_postgres::Client;
 
 use self::collapse::{Collapse, CollapseError, KeyState, TablePlan};
 use self::ddl::TargetTable;
-use self::history::{History, HistoryPlan};
+use self::history::{EventKind, History, HistoryPlan};
 use self::staging::{Pass, PlanSql};
 use super::{DeadLettered, Sink, SinkError};
 use crate::config::{PostgresSinkConfig, SinkMode};
-use crate::dead_letter::{self, DeadLetterQueue};
-use crate::event::{Lsn, Record, Relation, RelationId, Row};
+use crate::dead_letter::{self, DeadLetterQueue, LetterChange, Touch};
+use crate::event::{ChangeEvent, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit};
 use crate::log::{LogEntry, OffsetLog, SinkCursor};
 use crate::retry::is_transient;
 use crate::tls::ConnectError;
@@ -167,8 +167,12 @@ impl PostgresSink {
     }
 
     /// Plans the batch: creates missing target tables, then turns the records into one
-    /// piece of work per table and relation description.
-    async fn plan(&mut self, entries: &[LogEntry]) -> Result<(Vec<TableWork>, Lsn), SinkError> {
+    /// piece of work per table and relation description (`relation_of` resolves the ids).
+    async fn plan(
+        &mut self,
+        entries: &[LogEntry],
+        relation_of: impl Fn(RelationId) -> Result<Arc<Relation>, SinkError>,
+    ) -> Result<(Vec<TableWork>, Lsn), SinkError> {
         let mut planner = match self.config.mode {
             SinkMode::Scd2 => Planner::History(History::new(self.config.history_deletes)),
             _ => Planner::Merge(Collapse::default()),
@@ -177,7 +181,7 @@ impl PostgresSink {
         for entry in entries {
             match &entry.record {
                 Record::Change(change) => {
-                    let relation = self.log.relation(change.relation)?;
+                    let relation = relation_of(change.relation)?;
                     self.prepare(change.relation, &relation).await?;
                     let added = match &mut planner {
                         Planner::Merge(collapse) => {
@@ -241,6 +245,84 @@ enum Planner {
     History(History),
 }
 
+impl PostgresSink {
+    /// Applies dead letters again (`dlq retry`; the sink is open, the agent stopped), in one
+    /// target transaction, each as a transaction of its own in commit order. Letters the target
+    /// refuses again go back to the queue with the new reason; the checkpoint stays where it
+    /// is (`applied`, which `open` returned). Returns how many were refused again.
+    pub async fn retry(
+        &mut self,
+        letters: &[LetterChange],
+        applied: u64,
+    ) -> Result<usize, SinkError> {
+        let mut relations: Vec<Arc<Relation>> = Vec::new();
+        let mut order: Vec<&LetterChange> = letters.iter().collect();
+        order.sort_by_key(|letter| letter.commit.map(|(lsn, _)| lsn));
+        let mut entries = Vec::new();
+        let mut open: Option<(Lsn, i64)> = None;
+        for letter in order {
+            let relation = match relations.iter().position(|r| **r == letter.relation) {
+                Some(i) => i,
+                None => {
+                    relations.push(Arc::new(letter.relation.clone()));
+                    relations.len() - 1
+                }
+            };
+            let (commit_lsn, commit_ts) = letter.commit.unwrap_or_default();
+            if open != Some((commit_lsn, commit_ts)) {
+                if let Some((commit_lsn, commit_ts)) = open {
+                    entries.push(Record::Commit(TxCommit {
+                        commit_lsn,
+                        end_lsn: commit_lsn,
+                        commit_ts,
+                    }));
+                }
+                entries.push(Record::Begin(TxBegin {
+                    xid: 0,
+                    commit_lsn,
+                    commit_ts,
+                }));
+                open = Some((commit_lsn, commit_ts));
+            }
+            entries.push(Record::Change(ChangeEvent {
+                relation: RelationId(relation as u64),
+                lsn: commit_lsn,
+                op: letter.op,
+                before: letter.before.clone(),
+                after: letter.after.clone(),
+            }));
+        }
+        if let Some((commit_lsn, commit_ts)) = open {
+            entries.push(Record::Commit(TxCommit {
+                commit_lsn,
+                end_lsn: commit_lsn,
+                commit_ts,
+            }));
+        }
+        let entries: Vec<LogEntry> = entries
+            .into_iter()
+            .map(|record| LogEntry {
+                seq: applied,
+                record,
+            })
+            .collect();
+        let (tables, source_lsn) = self
+            .plan(&entries, |id| Ok(Arc::clone(&relations[id.0 as usize])))
+            .await?;
+        let batch = Batch {
+            tables,
+            log_position: applied,
+            source_lsn,
+            checkpoint: false,
+        };
+        let refused = self
+            .apply_batch(&batch, Pass::OneRow)
+            .await
+            .map_err(|e| e.into_sink_error(&self.name))?;
+        Ok(refused.len())
+    }
+}
+
 impl Sink for PostgresSink {
     async fn open(&mut self) -> Result<u64, SinkError> {
         let context = format!("connecting to {}", self.config.url.redacted());
@@ -281,6 +363,11 @@ impl Sink for PostgresSink {
         self.client = Some(client);
         self.prepared.clear();
         self.open_transaction.clear();
+        self.dead_letters.load().map_err(|source| SinkError::Io {
+            sink: self.name.clone(),
+            context: format!("reading {}", self.dead_letters.path().display()),
+            source,
+        })?;
         let Some(row) = row else {
             return Ok(0);
         };
@@ -304,11 +391,13 @@ impl Sink for PostgresSink {
         let Some(last) = entries.last() else {
             return Ok(DeadLettered::new());
         };
-        let (tables, source_lsn) = self.plan(&entries).await?;
+        let log = Arc::clone(&self.log);
+        let (tables, source_lsn) = self.plan(&entries, |id| Ok(log.relation(id)?)).await?;
         let batch = Batch {
             tables,
             log_position: last.seq,
             source_lsn,
+            checkpoint: true,
         };
         let mut result = self.apply_batch(&batch, Pass::Fresh).await;
         if matches!(&result, Err(e) if e.is_missing_target()) {
@@ -380,6 +469,8 @@ struct Batch {
     tables: Vec<TableWork>,
     log_position: u64,
     source_lsn: Lsn,
+    /// Advance the checkpoint to `log_position` (not for dead letters applied again).
+    checkpoint: bool,
 }
 
 /// One table's part of a batch: rows for a staging table and the statements that apply them.
@@ -480,12 +571,14 @@ impl TableWork {
         }
     }
 
-    /// What the dead-letter queue records for staged row `number`.
-    fn letter(&self, number: usize) -> (&'static str, &Row) {
+    /// Staged row `number`: what the dead-letter queue calls it, its row, and the key it
+    /// moved from, if it did.
+    fn staged(&self, number: usize) -> (&'static str, &Row, Option<&Row>) {
         match &self.plan {
             Plan::Merge(plan) => match &plan.states()[number] {
-                KeyState::Upsert(row) | KeyState::Move { row, .. } => ("upsert", row),
-                KeyState::Delete(row) => ("delete", row),
+                KeyState::Upsert(row) => ("upsert", row, None),
+                KeyState::Move { row, from } => ("upsert", row, Some(from)),
+                KeyState::Delete(row) => ("delete", row, None),
             },
             Plan::History(plan, _) => {
                 let event = &plan.events[number];
@@ -494,9 +587,70 @@ impl TableWork {
                 } else {
                     "close"
                 };
-                (action, &event.row)
+                (
+                    action,
+                    &event.row,
+                    event.carry_from.as_ref().map(|c| &c.from),
+                )
             }
         }
+    }
+
+    /// Staged row `number` as a change the planner turns into it again (`dlq retry`).
+    fn letter_change(&self, number: usize) -> LetterChange {
+        let (_, row, from) = self.staged(number);
+        let (row, from) = (Some(row.clone()), from.cloned());
+        let (op, before, after, commit) = match &self.plan {
+            Plan::Merge(plan) => match &plan.states()[number] {
+                KeyState::Upsert(_) | KeyState::Move { .. } => (Op::Update, from, row, None),
+                KeyState::Delete(_) => (Op::Delete, row, None, None),
+            },
+            Plan::History(plan, _) => {
+                let event = &plan.events[number];
+                let (op, before, after) = match event.kind {
+                    EventKind::Created => (Op::Insert, None, row),
+                    EventKind::Read => (Op::Read, None, row),
+                    EventKind::Updated => (Op::Update, from, row),
+                    EventKind::Tombstone | EventKind::Closed => (Op::Delete, row, None),
+                };
+                (op, before, after, Some((event.lsn, event.at)))
+            }
+        };
+        LetterChange {
+            relation: (*self.relation).clone(),
+            op,
+            before,
+            after,
+            commit,
+        }
+    }
+
+    /// The keys with dead letters this work touches (a truncate touches every one), as
+    /// records for the queue at `log_position`.
+    fn touches(&self, dead_letters: &DeadLetterQueue, log_position: u64) -> Vec<Touch> {
+        let table = self.relation.qualified_name();
+        let Some(lettered) = dead_letters.lettered_keys(&table) else {
+            return Vec::new();
+        };
+        let touch = |key: String| Touch {
+            table: table.clone(),
+            key,
+            log_position,
+        };
+        if self.truncate.is_some() {
+            return lettered.iter().cloned().map(touch).collect();
+        }
+        let mut touched = Vec::new();
+        for number in 0..self.staged_rows() {
+            let (_, row, from) = self.staged(number);
+            for row in std::iter::once(row).chain(from) {
+                let key = dead_letter::key_text(&self.relation, row);
+                if lettered.contains(&key) {
+                    touched.push(touch(key));
+                }
+            }
+        }
+        touched
     }
 }
 
@@ -587,7 +741,7 @@ impl PostgresSink {
                             .rollback()
                             .await
                             .map_err(ApplyError::with(context()))?;
-                        let (action, row) = table.letter(number);
+                        let (action, row, _) = table.staged(number);
                         refused_tables.push(table.relation.qualified_name());
                         letters.push(dead_letter::letter(
                             &self.name,
@@ -596,6 +750,7 @@ impl PostgresSink {
                             row,
                             batch.log_position,
                             reason,
+                            table.letter_change(number),
                         ));
                     }
                     None => savepoint
@@ -605,18 +760,30 @@ impl PostgresSink {
                 }
             }
         }
-        transaction
-            .execute(
-                checkpoint.as_str(),
-                &[
-                    &self.name,
-                    &(batch.log_position as i64),
-                    &batch.source_lsn.to_string(),
-                    &(self.log.id() as i64),
-                ],
-            )
-            .await
-            .map_err(ApplyError::at("writing the checkpoint"))?;
+        if batch.checkpoint {
+            transaction
+                .execute(
+                    checkpoint.as_str(),
+                    &[
+                        &self.name,
+                        &(batch.log_position as i64),
+                        &batch.source_lsn.to_string(),
+                        &(self.log.id() as i64),
+                    ],
+                )
+                .await
+                .map_err(ApplyError::at("writing the checkpoint"))?;
+        }
+        // Before the commit, like the letters: a touch lost in a crash after it would let
+        // `dlq retry` put an older state back.
+        let touches: Vec<Touch> = batch
+            .tables
+            .iter()
+            .flat_map(|table| table.touches(&self.dead_letters, batch.log_position))
+            .collect();
+        self.dead_letters
+            .record_touches(&touches)
+            .map_err(ApplyError::DeadLetters)?;
         self.dead_letters
             .append(&letters)
             .map_err(ApplyError::DeadLetters)?;
