@@ -94,6 +94,22 @@ pub fn render(report: &Report) -> String {
             .as_u64()
             .map_or_else(|| "-".to_string(), bytes),
     );
+    let snapshot = &source["snapshot"];
+    if let Some(tables) = snapshot["tables"].as_object() {
+        let tables: Vec<String> = tables
+            .iter()
+            .map(|(name, t)| format!("{name} {}/~{}", t["rows"], t["estimated"]))
+            .collect();
+        let _ = writeln!(
+            out,
+            "snapshot {} · {} rows in {:.0} s ({} rows/s) · {}",
+            text(&snapshot["state"]),
+            snapshot["rows"],
+            snapshot["seconds"].as_f64().unwrap_or(0.0),
+            snapshot["rows_per_second"],
+            tables.join(" · "),
+        );
+    }
     let log = &status["log"];
     let _ = writeln!(
         out,
@@ -164,7 +180,10 @@ mod tests {
         let report = Report {
             status: serde_json::json!({
                 "source": {"connected": true, "received_lsn": "0/10", "logged_lsn": "0/10",
-                           "confirmed_lsn": "0/10", "slot_retained_bytes": 3_145_728},
+                           "confirmed_lsn": "0/10", "slot_retained_bytes": 3_145_728,
+                           "snapshot": {"state": "running", "rows": 1500, "seconds": 2.0,
+                                        "rows_per_second": 750,
+                                        "tables": {"public.t": {"rows": 1500, "estimated": 4000}}}},
                 "log": {"bytes": 2048, "durable_position": 7, "durable_lsn": "0/10"},
                 "sinks": {"mirror": {"applying": false, "last_error": "connection refused",
                                      "applied_position": 5, "lag_bytes": 0, "lag_seconds": 1.5,
@@ -175,6 +194,10 @@ mod tests {
         let text = render(&report);
         assert!(text.contains("source  connected · received 0/10"), "{text}");
         assert!(text.contains("slot keeps 3.0 MiB"), "{text}");
+        assert!(
+            text.contains("snapshot running · 1500 rows in 2 s (750 rows/s) · public.t 1500/~4000"),
+            "{text}"
+        );
         assert!(
             text.contains("log     2.0 KiB on disk · durable position 7 (0/10)"),
             "{text}"

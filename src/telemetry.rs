@@ -54,6 +54,26 @@ pub struct SourceStatus {
     pub last_error: Option<String>,
     /// Why the source stopped reading WAL (backpressure), while it has.
     pub paused: Option<String>,
+    /// The initial snapshot, once one has started in this process.
+    pub snapshot: Option<SnapshotStatus>,
+}
+
+/// The initial snapshot as `/status` shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SnapshotStatus {
+    /// `running` or `done`.
+    pub state: &'static str,
+    pub rows: u64,
+    pub seconds: f64,
+    pub rows_per_second: u64,
+    /// `schema.table` → rows copied so far and the catalog's estimate.
+    pub tables: BTreeMap<String, TableProgress>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TableProgress {
+    pub rows: u64,
+    pub estimated: u64,
 }
 
 /// One sink as `/status` shows it.
@@ -204,6 +224,10 @@ impl Telemetry {
         state.source.received_lsn = Some(received.to_string());
         state.source.logged_lsn = Some(logged.to_string());
         state.source.confirmed_lsn = Some(confirmed.to_string());
+    }
+
+    pub fn snapshot_progress(&self, snapshot: SnapshotStatus) {
+        self.state().source.snapshot = Some(snapshot);
     }
 
     pub fn slot_retained(&self, bytes: i64) {

@@ -511,11 +511,26 @@ fn a_snapshot_pauses_while_the_log_is_full_and_completes() {
         );
     std::fs::write(&setup.config, config).unwrap();
     let agent = setup.start();
+    let snapshot = || {
+        get(setup.health_port, "/status")
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .map(|status| status["source"]["snapshot"].clone())
+            .unwrap_or_default()
+    };
+    let running = eventually(Duration::from_secs(60), || {
+        let snapshot = snapshot();
+        snapshot["state"] == "running" && snapshot["tables"]["public.t"]["rows"].as_u64() > Some(0)
+    });
+    assert!(running, "{}\n{}", snapshot(), agent.log());
     let want = pg.dump(&db, "public.t", "*");
     let copied = eventually(Duration::from_secs(120), || {
         pg.dump(&warehouse, "replica.t", "*") == want
     });
     assert!(copied, "{}", agent.log());
+    let done = snapshot();
+    assert_eq!(done["state"], "done", "{done}");
+    assert_eq!(done["rows"], 120_000, "{done}");
+    assert_eq!(done["tables"]["public.t"]["rows"], 120_000, "{done}");
     // Paused between the snapshot's transactions (50,000 rows each), not only afterwards.
     let log = agent.log();
     let paused = log.find("capture paused").expect("paused");

@@ -29,6 +29,7 @@ use crate::event::{
     ChangeEvent, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit, Value,
 };
 use crate::log::{LogWriter, SnapshotState};
+use crate::telemetry::{SnapshotStatus, TableProgress};
 
 /// A table smaller than this many heap blocks (8 MiB) is read in one range.
 const MIN_RANGE_BLOCKS: u32 = 1024;
@@ -37,6 +38,8 @@ const ROWS_PER_MESSAGE: usize = 1000;
 /// Rows of one logged snapshot transaction.
 const ROWS_PER_TRANSACTION: u64 = 50_000;
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+/// How often `/status` learns the rows copied.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the snapshot logged.
 #[derive(Debug, Clone, Copy)]
@@ -155,7 +158,9 @@ pub async fn copy(
         }
     }
     let mut rows = 0u64;
+    telemetry.snapshot_progress(progress(&described, rows, started, "running"));
     let mut last_progress = Instant::now();
+    let mut last_status = Instant::now();
     loop {
         let message = tokio::select! {
             _ = cancel.cancelled() => return Ok(None),
@@ -180,6 +185,10 @@ pub async fn copy(
             table.copied += 1;
             rows += 1;
         }
+        if last_status.elapsed() >= STATUS_INTERVAL {
+            last_status = Instant::now();
+            telemetry.snapshot_progress(progress(&described, rows, started, "running"));
+        }
         if last_progress.elapsed() >= PROGRESS_INTERVAL {
             last_progress = Instant::now();
             for table in &described {
@@ -202,6 +211,7 @@ pub async fn copy(
         rows,
         elapsed: started.elapsed(),
     };
+    telemetry.snapshot_progress(progress(&described, rows, started, "done"));
     for table in &described {
         let name = table.relation.qualified_name();
         telemetry.captured(&name, table.copied);
@@ -214,6 +224,27 @@ pub async fn copy(
         "snapshot done"
     );
     Ok(Some(summary))
+}
+
+/// Where the snapshot stands, for `/status`.
+fn progress(tables: &[Table], rows: u64, started: Instant, state: &'static str) -> SnapshotStatus {
+    let seconds = started.elapsed().as_secs_f64();
+    SnapshotStatus {
+        state,
+        rows,
+        seconds,
+        rows_per_second: (rows as f64 / seconds.max(1e-9)) as u64,
+        tables: tables
+            .iter()
+            .map(|t| {
+                let progress = TableProgress {
+                    rows: t.copied,
+                    estimated: t.estimated_rows,
+                };
+                (t.relation.qualified_name(), progress)
+            })
+            .collect(),
+    }
 }
 
 /// The snapshot's transactions in the log: all at the snapshot's position, numbered from 1 in
