@@ -24,6 +24,7 @@ const FORMAT_KEY: &[u8] = b"format_version";
 const ID_KEY: &[u8] = b"log_id";
 const SOURCE_KEY: &[u8] = b"source_identity";
 const SNAPSHOT_KEY: &[u8] = b"snapshot";
+const CONFIRMED_KEY: &[u8] = b"confirmed_without_commit";
 /// The record size `held_bytes` assumes before this process appended any.
 const DEFAULT_RECORD_BYTES: u64 = 256;
 /// Keeps sled's page cache from claiming its 1 GiB default (DESIGN, bounded memory).
@@ -237,6 +238,29 @@ impl OffsetLog {
     /// Records (durably) where the initial snapshot stands.
     pub async fn set_snapshot_state(&self, state: SnapshotState) -> Result<(), LogError> {
         self.meta.insert(SNAPSHOT_KEY, encode(&state))?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// The furthest position the source confirmed to the server past the log's last commit
+    /// (a new slot's start, an idle stream's keepalive), if any.
+    pub fn confirmed_without_commit(&self) -> Result<Lsn, LogError> {
+        Ok(self
+            .meta
+            .get(CONFIRMED_KEY)?
+            .map(|v| decode::<Lsn>(0, &v))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
+    /// Records (durably) a position the source is about to confirm past the log's last
+    /// commit, so that a slot confirmed further than the log reaches shows the log lost
+    /// records.
+    pub async fn set_confirmed_without_commit(&self, lsn: Lsn) -> Result<(), LogError> {
+        if lsn <= self.confirmed_without_commit()? {
+            return Ok(());
+        }
+        self.meta.insert(CONFIRMED_KEY, encode(&lsn))?;
         self.db.flush_async().await?;
         Ok(())
     }

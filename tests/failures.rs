@@ -253,3 +253,143 @@ fn a_data_dir_moved_aside_is_recovered_by_a_snapshot_that_replaces_the_targets()
     assert!(log.contains("belongs to another offset log"), "{log}");
     assert!(agent.terminate().success());
 }
+
+/// Bytes of the log overwritten on disk (a bad sector, a stray write): the agent refuses to
+/// start and says how to recover, whether sled reports the damage or takes it for a torn
+/// tail and drops what follows (then the slot, confirmed further than the log reaches, shows
+/// it). The log stays where it is for inspection.
+#[test]
+fn a_corrupt_log_file_is_refused_with_how_to_recover() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("src");
+    pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v text)");
+    let setup = AgentSetup::jsonl(&pg.url(&db), "\"public.t\"");
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(
+        &db,
+        "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g",
+    );
+    assert!(eventually(Duration::from_secs(60), || setup
+        .envelopes()
+        .len()
+        == 20000));
+    assert!(agent.terminate().success());
+
+    let db_file = setup.data_dir().join("log").join("db");
+    let mut bytes = std::fs::read(&db_file).unwrap();
+    for byte in &mut bytes[64 * 1024..] {
+        *byte = !*byte;
+    }
+    std::fs::write(&db_file, &bytes).unwrap();
+
+    let (code, error) = run_for_at_most(&setup, Duration::from_secs(60));
+    assert_eq!(code, Some(1), "{error}");
+    assert!(!error.contains("panicked"), "{error}");
+    assert!(
+        error.to_lowercase().contains("move agent.data_dir aside"),
+        "{error}"
+    );
+    assert!(db_file.exists());
+}
+
+/// A log restored from an older copy while no sink had applied past its end: the slot,
+/// confirmed further than the log reaches, stops the agent before it skips anything.
+#[test]
+fn a_log_older_than_the_slot_stops_the_agent_with_how_to_recover() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("src");
+    pg.psql(&db, "CREATE TABLE t (id int PRIMARY KEY)");
+    let setup = AgentSetup::jsonl(&pg.url(&db), "\"public.t\"");
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(&db, "INSERT INTO t VALUES (1)");
+    assert!(eventually(Duration::from_secs(30), || setup
+        .envelopes()
+        .len()
+        == 1));
+    assert!(agent.terminate().success());
+    let older = setup.config.with_file_name("older");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(setup.data_dir())
+        .arg(&older)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(&db, "INSERT INTO t VALUES (2)");
+    assert!(eventually(Duration::from_secs(30), || setup
+        .envelopes()
+        .len()
+        == 2));
+    assert!(agent.terminate().success());
+
+    std::fs::remove_dir_all(setup.data_dir()).unwrap();
+    std::fs::rename(&older, setup.data_dir()).unwrap();
+    let (code, error) = run_for_at_most(&setup, Duration::from_secs(60));
+    assert_eq!(code, Some(1), "{error}");
+    assert!(
+        error.contains("the log lost transactions it once held"),
+        "{error}"
+    );
+    assert!(
+        error.contains("pg_drop_replication_slot('tidemark_test')"),
+        "{error}"
+    );
+
+    // Started over: an idle stream confirms keepalive positions past its last commit (WAL
+    // of tables it does not capture), and that alone is no loss.
+    pg.psql(
+        &db,
+        "SELECT pg_drop_replication_slot('tidemark_test'); CREATE TABLE other (n int); \
+         ALTER SYSTEM SET wal_sender_timeout = '1s'; SELECT pg_reload_conf();",
+    );
+    std::fs::remove_dir_all(setup.data_dir()).unwrap();
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    let confirmed = || {
+        pg.psql(
+            &db,
+            "SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots",
+        )
+        .parse::<u64>()
+        .unwrap()
+    };
+    let created_at = confirmed();
+    let moved_on = eventually(Duration::from_secs(30), || {
+        pg.psql(&db, "INSERT INTO other VALUES (1)");
+        confirmed() > created_at
+    });
+    assert!(moved_on, "{}", agent.log());
+    assert!(agent.terminate().success());
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(&db, "INSERT INTO t VALUES (3)");
+    assert!(eventually(Duration::from_secs(30), || setup
+        .envelopes()
+        .iter()
+        .any(|e| e["after"]["id"] == 3)));
+    assert!(agent.terminate().success());
+}
+
+/// Runs the agent until it exits, or kills it after `limit`: exit code and stderr.
+fn run_for_at_most(setup: &AgentSetup, limit: Duration) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(common::agent::binary())
+        .args(["run", "-c"])
+        .arg(&setup.config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = eventually(limit, || child.try_wait().unwrap().is_some());
+    if !exited {
+        child.kill().unwrap();
+    }
+    let output = child.wait_with_output().unwrap();
+    let error = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(exited, "the agent did not stop within {limit:?}:\n{error}");
+    (output.status.code(), error)
+}

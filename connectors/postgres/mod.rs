@@ -330,7 +330,10 @@ impl PostgresSource {
             slot = None;
         }
         match slot {
-            Some(slot) => self.check_slot(&slot, &database)?,
+            Some(slot) => {
+                self.check_slot(&slot, &database)?;
+                self.check_log_reaches_slot(&slot, writer)?;
+            }
             None if !logged_nothing && !snapshot_again => {
                 return Err(SourceError::Diverged(format!(
                     "replication slot {:?} no longer exists (failover, or dropped by hand), but \
@@ -369,6 +372,7 @@ impl PostgresSource {
             }
             None => {
                 let lsn = connection.create_slot(&self.config.slot).await?;
+                writer.log().set_confirmed_without_commit(lsn).await?;
                 tracing::info!(slot = %self.config.slot, %lsn, "replication slot created");
             }
         }
@@ -469,6 +473,9 @@ impl PostgresSource {
                             log.durable().end_lsn
                         };
                         if reply_requested || end > session.confirmed {
+                            if end > log.durable().end_lsn {
+                                log.set_confirmed_without_commit(end).await?;
+                            }
                             connection.send_status(end.max(session.confirmed)).await?;
                             session.confirmed = end.max(session.confirmed);
                         }
@@ -511,6 +518,33 @@ impl PostgresSource {
         Ok(())
     }
 
+    /// The slot is never confirmed past what the log holds, so a slot that is shows the log
+    /// lost records it once held (restored from an older copy, damaged on disk): streaming
+    /// from the slot would skip the transactions in between.
+    fn check_log_reaches_slot(
+        &self,
+        slot: &catalog::SlotInfo,
+        writer: &LogWriter,
+    ) -> Result<(), SourceError> {
+        let logged = writer
+            .last_appended()
+            .end_lsn
+            .max(writer.log().confirmed_without_commit()?);
+        match slot.confirmed_flush {
+            Some(confirmed) if confirmed > logged => Err(SourceError::Diverged(format!(
+                "replication slot {:?} was confirmed up to {confirmed}, but the offset log in \
+                 agent.data_dir reaches only {logged}: the log lost transactions it once held \
+                 (restored from an older copy, or damaged), and streaming on would skip them. \
+                 Recover by re-snapshotting: stop the agent, move agent.data_dir aside (keep it \
+                 for inspection) and start again with snapshot = \"initial\" (the slot is \
+                 dropped and created again); or, to stream only what commits from now on, \
+                 drop the slot: SELECT pg_drop_replication_slot('{}')",
+                self.config.slot, self.config.slot
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     fn check_slot(&self, slot: &catalog::SlotInfo, database: &str) -> Result<(), SourceError> {
         if slot.plugin.as_deref() != Some("pgoutput") || slot.database.as_deref() != Some(database)
         {
@@ -548,7 +582,6 @@ pub async fn check_prerequisites(catalog: &Catalog) -> Result<(), SourceError> {
 }
 
 impl Session {
-    /// Tells the telemetry where the stream stands and how much WAL the slot keeps.
     /// Tells the telemetry where the stream stands and how much WAL the slot keeps, and
     /// warns (at most once a minute) while that is more than `slot_max_retained_bytes`.
     async fn report(&mut self, writer: &LogWriter, config: &PostgresSourceConfig) {
