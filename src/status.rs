@@ -127,11 +127,12 @@ pub fn render(report: &Report) -> String {
             };
             let _ = writeln!(
                 out,
-                "sink    {name}: {state} · position {} · lag {}, {:.1} s · {} batches · {} dead letters",
+                "sink    {name}: {state} · position {} · lag {}, {:.1} s · {} batches ({:.0} changes/s) · {} dead letters",
                 sink["applied_position"],
                 bytes(sink["lag_bytes"].as_u64().unwrap_or(0)),
                 sink["lag_seconds"].as_f64().unwrap_or(0.0),
                 sink["batches"],
+                sink["changes_per_second"].as_f64().unwrap_or(0.0),
                 sink["dead_letters"],
             );
         }

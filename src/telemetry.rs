@@ -6,9 +6,9 @@
 //! dead-lettered, so once the sinks have caught up, `captured = applied + dead_lettered` for
 //! each sink and table (counted since the process started).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -92,7 +92,32 @@ pub struct SinkStatus {
     pub lag_seconds: f64,
     pub batches: u64,
     pub dead_letters: u64,
+    /// Batches and changes applied per second over the last `RATE_WINDOW`.
+    pub batches_per_second: f64,
+    pub changes_per_second: f64,
     pub last_error: Option<String>,
+    /// The batches of the last `RATE_WINDOW`: when each was applied and its changes.
+    #[serde(skip)]
+    recent: VecDeque<(Instant, u64)>,
+}
+
+/// How far back `/status` looks for a sink's rates.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+impl SinkStatus {
+    /// Forgets batches older than `RATE_WINDOW` and sets the rates from the rest.
+    fn update_rates(&mut self, now: Instant) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > RATE_WINDOW)
+        {
+            self.recent.pop_front();
+        }
+        let window = RATE_WINDOW.as_secs_f64();
+        self.batches_per_second = self.recent.len() as f64 / window;
+        self.changes_per_second = self.recent.iter().map(|(_, n)| n).sum::<u64>() as f64 / window;
+    }
 }
 
 /// What one applied batch did, for the counters.
@@ -283,6 +308,9 @@ impl Telemetry {
         }
         status.batches += 1;
         status.dead_letters += batch.dead_lettered.values().sum::<u64>();
+        let now = Instant::now();
+        status.recent.push_back((now, batch.changes.values().sum()));
+        status.update_rates(now);
     }
 
     /// A sink's lag behind the log: WAL bytes, and the age of the oldest transaction it has
@@ -319,7 +347,12 @@ impl Telemetry {
     }
 
     pub fn sinks(&self) -> BTreeMap<String, SinkStatus> {
-        self.state().sinks.clone()
+        let now = Instant::now();
+        let mut state = self.state();
+        for status in state.sinks.values_mut() {
+            status.update_rates(now);
+        }
+        state.sinks.clone()
     }
 
     /// Why the agent is not ready, empty when it is: the source is connected, every sink
@@ -388,7 +421,10 @@ mod tests {
             .contains("tidemark_events_dead_lettered_total{sink=\"mirror\",table=\"public.t\"} 2"));
         assert!(text.contains("tidemark_log_bytes 1024"));
         assert!(text.contains("tidemark_batch_seconds_count{sink=\"mirror\"} 1"));
-        assert_eq!(telemetry.sinks()["mirror"].dead_letters, 2);
+        let mirror = &telemetry.sinks()["mirror"];
+        assert_eq!(mirror.dead_letters, 2);
+        assert_eq!(mirror.batches_per_second, 0.1);
+        assert_eq!(mirror.changes_per_second, 0.5);
     }
 
     #[test]
