@@ -66,10 +66,10 @@ pub fn write_envelopes<W: Write>(
                 connector: source.connector,
                 name: &source.name,
                 ts_ms: tx.commit_ts.div_euclid(1000),
-                snapshot: if change.op == Op::Read {
-                    "true"
-                } else {
-                    "false"
+                snapshot: match change.op {
+                    Op::Read => "true",
+                    Op::IncrementalRead => "incremental",
+                    _ => "false",
                 },
                 db: &source.database,
                 sequence: format!("[\"{}\",\"{}\"]", tx.commit_lsn.0, change.lsn.0),
@@ -92,7 +92,7 @@ pub fn write_envelopes<W: Write>(
     };
     match change.op {
         Op::Insert => emit("c", None, change.after.as_ref()),
-        Op::Read => emit("r", None, change.after.as_ref()),
+        Op::Read | Op::IncrementalRead => emit("r", None, change.after.as_ref()),
         Op::Delete => emit("d", change.before.as_ref(), None),
         Op::Truncate => emit("t", None, None),
         Op::Update => match (&change.before, &change.after) {

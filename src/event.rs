@@ -180,8 +180,11 @@ pub enum Op {
     Update,
     Delete,
     Truncate,
-    /// A row as the initial snapshot read it.
+    /// A row as the initial snapshot read it: the first of its key.
     Read,
+    /// A row as an incremental snapshot read it, alongside the stream: changes of its key
+    /// may come before it (Debezium's `snapshot = "incremental"`).
+    IncrementalRead,
 }
 
 /// One captured row change (or the truncation of one table).

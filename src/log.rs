@@ -8,7 +8,7 @@
 //! `open` removes. Each sink has a cursor; records below the slowest cursor's transaction are
 //! trimmed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +25,7 @@ const ID_KEY: &[u8] = b"log_id";
 const SOURCE_KEY: &[u8] = b"source_identity";
 const SNAPSHOT_KEY: &[u8] = b"snapshot";
 const CONFIRMED_KEY: &[u8] = b"confirmed_without_commit";
+const TABLE_SNAPSHOTS_KEY: &[u8] = b"table_snapshots";
 /// The record size `held_bytes` assumes before this process appended any.
 const DEFAULT_RECORD_BYTES: u64 = 256;
 /// Keeps sled's page cache from claiming its 1 GiB default (DESIGN, bounded memory).
@@ -106,6 +107,17 @@ pub struct SourceIdentity {
 pub enum SnapshotState {
     Running,
     Done,
+}
+
+/// Which captured tables the log holds the rows of (from the initial snapshot or an
+/// incremental one), and how far the incremental snapshot of the next one has come.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableSnapshots {
+    /// `schema.table` of each table snapshotted.
+    pub done: BTreeSet<String>,
+    /// The table being snapshotted incrementally, and the primary key (each column's text) of
+    /// the last row logged (None: no chunk yet).
+    pub in_progress: Option<(String, Option<Vec<String>>)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -233,6 +245,20 @@ impl OffsetLog {
             .get(SNAPSHOT_KEY)?
             .map(|v| decode(0, &v))
             .transpose()
+    }
+
+    pub fn table_snapshots(&self) -> Result<Option<TableSnapshots>, LogError> {
+        self.meta
+            .get(TABLE_SNAPSHOTS_KEY)?
+            .map(|v| decode(0, &v))
+            .transpose()
+    }
+
+    /// Records which tables are snapshotted. Not flushed here: it becomes durable with the
+    /// next flush, with (or after) the transaction that logged the rows it counts.
+    pub fn set_table_snapshots(&self, snapshots: &TableSnapshots) -> Result<(), LogError> {
+        self.meta.insert(TABLE_SNAPSHOTS_KEY, encode(snapshots))?;
+        Ok(())
     }
 
     /// Records (durably) where the initial snapshot stands.

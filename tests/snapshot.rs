@@ -1141,6 +1141,132 @@ fn a_snapshot_killed_midway_is_taken_again_and_replaces_what_it_delivered() {
     assert!(agent.terminate().success());
 }
 
+/// A table added to `source.tables` after the initial snapshot is snapshotted alone, in key
+/// chunks merged into the stream by watermarks: the other tables keep streaming meanwhile,
+/// writes on the new table land in commit order, a SIGKILL mid-way resumes after the last
+/// chunk logged, and every sink ends equal to the source.
+#[test]
+fn a_table_added_later_is_snapshotted_while_the_stream_goes_on() {
+    let pg = PgCluster::start();
+    let (db, warehouse) = big_databases(&pg);
+    let setup = snapshot_setup(
+        &pg,
+        &db,
+        "\"public.pairs\", \"public.tick\"",
+        &three_sinks(&pg, &warehouse),
+        2,
+    );
+    let mut agent = setup.start();
+    wait_log(&mut agent, "streaming changes", WAIT);
+    assert!(agent.terminate().success());
+    let config = std::fs::read_to_string(&setup.config).unwrap();
+    let added = config.replace(
+        "tables = [\"public.pairs\", \"public.tick\"]",
+        "tables = [\"public.pairs\", \"public.tick\", \"public.big\"]",
+    );
+    assert_ne!(config, added);
+    std::fs::write(&setup.config, added).unwrap();
+
+    let writes = Writes::start(pg.url(&db), 0x5a4b_0003);
+    let mut agent = setup.start();
+    wait_log(&mut agent, "incremental snapshot of tables added", WAIT);
+    let mirrored = || {
+        pg.try_psql(&warehouse, "SELECT count(*) FROM replica.big")
+            .and_then(|n| n.parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(eventually(WAIT, || mirrored() > 20_000), "{}", agent.log());
+    let log = agent.log();
+    agent.kill();
+    assert!(
+        !log.contains("table snapshotted (incremental)"),
+        "the incremental snapshot finished before the kill:\n{log}"
+    );
+    assert!(mirrored() < BIG_ROWS, "{}", mirrored());
+
+    // Chunks reach the log as the stream reaches their watermarks: the writes stop so that
+    // the stream (and the snapshot with it) catches up.
+    let mut agent = setup.start();
+    let resumed = writes.committed();
+    assert!(eventually(WAIT, || writes.committed() > resumed + 100));
+    writes.finish();
+    wait_log(&mut agent, "table snapshotted (incremental)", WAIT);
+    let log = agent.log();
+    assert!(
+        !log.contains("snapshot started"),
+        "no initial snapshot again:\n{log}"
+    );
+    sync(&pg, &db, &warehouse, &setup, &agent);
+    for table in ["big", "pairs"] {
+        assert_mirror(&pg, &db, &warehouse, table);
+        assert_current_history(&pg, &db, &warehouse, table);
+    }
+
+    // The JSONL stream, applied in order (a change may precede its row's read), ends equal to
+    // the source; `pairs` changes were streamed between `big`'s chunks.
+    let mut tables: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    let (mut first_read, mut last_read, mut pairs_streamed) = (None, None, Vec::new());
+    let mut position = 0u64;
+    for_each_line(&setup.events_dir(), |file, line| {
+        let e: Envelope = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("{}: bad envelope {line:?}: {e}", file.display()));
+        position += 1;
+        let table = e.source.table.as_str();
+        let key = |row: &EnvelopeRow| match table {
+            "pairs" => format!("{}|{}", text(row, "a"), text(row, "b")),
+            "tick" => text(row, "n"),
+            _ => text(row, "id"),
+        };
+        let rows = tables.entry(table.to_string()).or_default();
+        match (e.op.as_str(), &e.after, &e.before) {
+            ("r" | "c" | "u", Some(after), _) => {
+                let value = match table {
+                    "pairs" => text(after, "qty"),
+                    "big" => format!(
+                        "{}|{}|{}",
+                        text(after, "grp"),
+                        text(after, "v"),
+                        text(after, "note")
+                    ),
+                    _ => String::new(),
+                };
+                rows.insert(key(after), value);
+            }
+            ("d", _, Some(before)) => {
+                rows.remove(&key(before));
+            }
+            (op, _, _) => panic!("unexpected {op} envelope: {line}"),
+        }
+        if table == "big" && e.op == "r" {
+            first_read.get_or_insert(position);
+            last_read = Some(position);
+            assert_eq!(e.source.snapshot, "incremental", "{line}");
+        }
+        if table == "pairs" && e.op != "r" {
+            pairs_streamed.push(position);
+        }
+    });
+    let (first_read, last_read) = (first_read.unwrap(), last_read.unwrap());
+    let pairs_between = pairs_streamed
+        .iter()
+        .filter(|&&p| first_read < p && p < last_read)
+        .count();
+    assert_eq!(
+        tables.get("big").cloned().unwrap_or_default(),
+        keyed(
+            &pg,
+            &db,
+            "SELECT id, grp || '|' || v || '|' || coalesce(note, 'NULL') FROM big"
+        )
+    );
+    assert_eq!(
+        tables.get("pairs").cloned().unwrap_or_default(),
+        keyed(&pg, &db, "SELECT a || '|' || b, qty FROM pairs")
+    );
+    assert!(pairs_between > 0, "no pairs change between big's reads");
+    assert!(agent.terminate().success());
+}
+
 /// With `snapshot = "never"` the rows that exist at the first start are not copied: only the
 /// changes committed after it arrive.
 #[test]

@@ -87,6 +87,16 @@ impl Catalog {
         Ok(row.get(0))
     }
 
+    /// The server's version as a number (150004 for 15.4).
+    pub async fn server_version_num(&self) -> Result<i32, SourceError> {
+        let row = self
+            .client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(|e| SourceError::catalog("reading server_version_num", e))?;
+        Ok(row.get(0))
+    }
+
     /// Whether the connected role may open a replication connection.
     pub async fn can_replicate(&self) -> Result<(String, bool), SourceError> {
         let row = self

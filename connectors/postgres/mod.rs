@@ -7,19 +7,20 @@
 
 pub mod catalog;
 pub mod check;
+pub mod incremental;
 pub mod pgoutput;
 pub mod replication;
 pub mod snapshot;
 pub mod types;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
-use self::catalog::{db_message, Catalog};
+use self::catalog::{db_message, Catalog, SourceTable};
 use self::pgoutput::{LogicalMessage, OldTuple, TupleValue};
 use self::replication::{
     ReplicationConnection, ReplicationError, ReplicationMessage, PG_EPOCH_OFFSET_MICROS,
@@ -28,7 +29,7 @@ use crate::config::{ConnectionUrl, PostgresSourceConfig, SnapshotMode};
 use crate::event::{
     ChangeEvent, Column, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit, Value,
 };
-use crate::log::{LogError, LogWriter, SnapshotState, SourceIdentity};
+use crate::log::{LogError, LogWriter, SnapshotState, SourceIdentity, TableSnapshots};
 use crate::retry::{is_transient, RetryPolicy};
 use crate::telemetry::Telemetry;
 
@@ -216,6 +217,8 @@ struct Session {
     /// When the slot's retained WAL was last warned about.
     retention_warned: Option<Instant>,
     telemetry: Arc<Telemetry>,
+    /// The incremental snapshot of tables added after the initial one, while under way.
+    incremental: Option<incremental::Merge>,
 }
 
 #[derive(Clone, Copy)]
@@ -376,12 +379,14 @@ impl PostgresSource {
                 tracing::info!(slot = %self.config.slot, %lsn, "replication slot created");
             }
         }
+        let added = self.tables_to_snapshot(writer, &tables, &catalog).await?;
         let log_position = writer.last_appended();
         connection
             .start_replication(
                 &self.config.slot,
                 &self.config.publication,
                 log_position.end_lsn,
+                added.is_some(),
             )
             .await?;
         tracing::info!(
@@ -403,9 +408,50 @@ impl PostgresSource {
             captured: HashMap::new(),
             retention_warned: None,
             telemetry: Arc::clone(&self.telemetry),
+            incremental: None,
         };
+        let mut reader = None;
+        if let Some((pending, resume_after)) = added {
+            let tables_named = pending.iter().map(SourceTable::to_string).collect();
+            let (sender, chunks) = tokio::sync::mpsc::channel(1);
+            let run = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+                ^ u64::from(std::process::id());
+            tracing::info!(
+                tables = %pending.iter().map(SourceTable::to_string).collect::<Vec<_>>().join(", "),
+                "incremental snapshot of tables added since the initial one started"
+            );
+            let catalog = Catalog::connect(&self.config.url).await?;
+            reader = Some(AbortOnDrop(tokio::spawn(incremental::read_tables(
+                catalog,
+                pending,
+                resume_after,
+                self.config.slot.clone(),
+                run,
+                sender,
+            ))));
+            session.incremental = Some(incremental::Merge {
+                tables: tables_named,
+                slot: self.config.slot.clone(),
+                run,
+                chunks,
+                window: None,
+                relations: HashMap::new(),
+                logged: None,
+                progress: BTreeMap::new(),
+                started: Instant::now(),
+                last_progress_line: Instant::now(),
+            });
+        }
         let result = self
-            .stream_messages(&mut connection, &mut session, writer, cancel)
+            .stream_messages(
+                &mut connection,
+                &mut session,
+                writer,
+                cancel,
+                reader.as_mut(),
+            )
             .await;
         if result.is_ok() {
             // Shutdown: make everything received durable and say so before leaving.
@@ -422,6 +468,7 @@ impl PostgresSource {
         session: &mut Session,
         writer: &mut LogWriter,
         cancel: &CancellationToken,
+        mut reader: Option<&mut AbortOnDrop>,
     ) -> Result<(), SourceError> {
         let mut durable = writer.log().subscribe_durable();
         let mut status_timer = tokio::time::interval(self.config.status_interval);
@@ -453,6 +500,19 @@ impl PostgresSource {
                 _ = pressure_timer.tick() => {
                     let held = writer.log().held_bytes()?;
                     backpressure.update(held, &self.telemetry);
+                }
+                read = async {
+                    match reader.as_mut() {
+                        Some(reader) => (&mut reader.0).await,
+                        None => std::future::pending().await,
+                    }
+                }, if reader.is_some() => {
+                    // The reader has sent every chunk (or failed); the stream logs the rest.
+                    reader = None;
+                    match read {
+                        Ok(result) => result?,
+                        Err(e) => return Err(SourceError::Snapshot(format!("the incremental snapshot reader failed: {e}"))),
+                    }
                 }
                 message = connection.next_message(), if !backpressure.paused => match message? {
                     ReplicationMessage::XLogData { wal_start, data, .. } => {
@@ -516,6 +576,61 @@ impl PostgresSource {
             }
         }
         Ok(())
+    }
+
+    /// The tables added to `source.tables` since the initial snapshot, for an incremental
+    /// snapshot: the one under way first, with the key it stopped after. None when there are
+    /// none (or no initial snapshot to add to).
+    async fn tables_to_snapshot(
+        &self,
+        writer: &LogWriter,
+        tables: &[SourceTable],
+        catalog: &Catalog,
+    ) -> Result<Option<(Vec<SourceTable>, Option<Vec<String>>)>, SourceError> {
+        let log = writer.log();
+        if self.config.snapshot != SnapshotMode::Initial
+            || log.snapshot_state()? != Some(SnapshotState::Done)
+        {
+            return Ok(None);
+        }
+        let snapshots = match log.table_snapshots()? {
+            Some(snapshots) => snapshots,
+            None => {
+                // A log from before tidemark kept this: its snapshot had the tables of then.
+                let snapshots = TableSnapshots {
+                    done: tables.iter().map(SourceTable::to_string).collect(),
+                    in_progress: None,
+                };
+                log.set_table_snapshots(&snapshots)?;
+                snapshots
+            }
+        };
+        let mut pending: Vec<SourceTable> = tables
+            .iter()
+            .filter(|t| !snapshots.done.contains(&t.to_string()))
+            .cloned()
+            .collect();
+        if pending.is_empty() {
+            return Ok(None);
+        }
+        if catalog.server_version_num().await? < 140_000 {
+            tracing::warn!(
+                tables = %pending.iter().map(SourceTable::to_string).collect::<Vec<_>>().join(", "),
+                "these tables were added after the initial snapshot, and snapshotting them \
+                 alongside the stream needs PostgreSQL 14 or newer: only their changes from now \
+                 on are captured (move agent.data_dir aside to snapshot every table again)"
+            );
+            return Ok(None);
+        }
+        let mut resume_after = None;
+        if let Some((table, after)) = &snapshots.in_progress {
+            if let Some(i) = pending.iter().position(|t| t.to_string() == *table) {
+                let under_way = pending.remove(i);
+                pending.insert(0, under_way);
+                resume_after = after.clone();
+            }
+        }
+        Ok(Some((pending, resume_after)))
     }
 
     /// The slot is never confirmed past what the log holds, so a slot that is shows the log
@@ -666,6 +781,7 @@ impl Session {
                         end_lsn: Lsn(end_lsn),
                         commit_ts: unix_micros(commit_ts),
                     }))?;
+                    self.record_chunk(writer)?;
                 }
             }
             LogicalMessage::Relation(body) => {
@@ -700,6 +816,11 @@ impl Session {
                     self.change(writer, lsn, relation_id, Op::Truncate, None, None)?;
                 }
             }
+            LogicalMessage::Message {
+                prefix, content, ..
+            } if prefix == incremental::WATERMARK_PREFIX => {
+                self.watermark(writer, lsn, &content)?;
+            }
             // Origins, type descriptions (the catalog resolves types) and logical decoding
             // messages carry no row changes.
             _ => {}
@@ -733,6 +854,17 @@ impl Session {
         *self.captured.entry(relation_id).or_default() += 1;
         let before = before.map(|t| to_row(relation, lsn, t)).transpose()?;
         let after = after.map(|t| to_row(relation, lsn, t)).transpose()?;
+        let window = self
+            .incremental
+            .as_mut()
+            .and_then(|merge| merge.window.as_mut())
+            .filter(|window| window.table == relation.qualified_name());
+        if let Some(window) = window {
+            match op {
+                Op::Truncate => window.truncated(),
+                _ => window.changed(relation, [before.as_ref(), after.as_ref()]),
+            }
+        }
         writer.append(&Record::Change(ChangeEvent {
             relation: *id,
             lsn,
@@ -741,6 +873,124 @@ impl Session {
             after,
         }))?;
         Ok(())
+    }
+}
+
+impl Session {
+    /// A watermark of the incremental snapshot: a low one opens the chunk's window, a high
+    /// one logs the chunk's rows the window left (in the watermark's own transaction).
+    fn watermark(
+        &mut self,
+        writer: &mut LogWriter,
+        lsn: Lsn,
+        content: &[u8],
+    ) -> Result<(), SourceError> {
+        let Some(merge) = self.incremental.as_mut() else {
+            return Ok(());
+        };
+        let Ok(mark) = serde_json::from_slice::<incremental::Watermark>(content) else {
+            return Ok(());
+        };
+        // Another agent's, an earlier run's, or one the log already holds.
+        if mark.slot != merge.slot
+            || mark.run != merge.run
+            || !matches!(self.open, Some(OpenTransaction::Logging))
+        {
+            return Ok(());
+        }
+        if !mark.high {
+            merge.window = Some(incremental::Window::open(mark.chunk, mark.table));
+            return Ok(());
+        }
+        let Some(window) = merge.window.take().filter(|w| w.chunk == mark.chunk) else {
+            return Ok(());
+        };
+        let chunk = merge
+            .chunks
+            .try_recv()
+            .ok()
+            .filter(|chunk| chunk.id == mark.chunk)
+            .ok_or_else(|| {
+                SourceError::Snapshot(format!(
+                    "the rows of incremental snapshot chunk {} were not handed over before its                      high watermark",
+                    mark.chunk
+                ))
+            })?;
+        let table = chunk.relation.qualified_name();
+        let (relation_id, relation) = match merge.relations.get(&table) {
+            Some(known) => known.clone(),
+            None => {
+                let known = writer.relation(chunk.relation)?;
+                merge.relations.insert(table.clone(), known.clone());
+                known
+            }
+        };
+        let rows = window.close(&relation, chunk.rows);
+        let logged = rows.len() as u64;
+        for row in rows {
+            writer.append(&Record::Change(ChangeEvent {
+                relation: relation_id,
+                lsn,
+                op: Op::IncrementalRead,
+                before: None,
+                after: Some(row),
+            }))?;
+        }
+        merge.progress.entry(table.clone()).or_insert((0, 0)).1 = chunk.estimated_rows;
+        merge.logged = Some(incremental::Logged {
+            table,
+            rows: logged,
+            last_key: chunk.last_key,
+            last: chunk.last,
+        });
+        Ok(())
+    }
+
+    /// After the commit of a transaction that logged a chunk: records how far its table has
+    /// come (durable with the commit, by the next flush).
+    fn record_chunk(&mut self, writer: &LogWriter) -> Result<(), SourceError> {
+        let Some(merge) = self.incremental.as_mut() else {
+            return Ok(());
+        };
+        let Some(logged) = merge.logged.take() else {
+            return Ok(());
+        };
+        let log = writer.log();
+        let mut snapshots = log.table_snapshots()?.unwrap_or_default();
+        let copied = &mut merge.progress.entry(logged.table.clone()).or_default().0;
+        *copied += logged.rows;
+        let copied = *copied;
+        self.telemetry.captured(&logged.table, logged.rows);
+        if merge.last_progress_line.elapsed() >= snapshot::PROGRESS_INTERVAL {
+            merge.last_progress_line = Instant::now();
+            tracing::info!(
+                table = %logged.table,
+                rows = copied,
+                estimated = merge.progress.get(&logged.table).map_or(0, |p| p.1),
+                "snapshot progress"
+            );
+        }
+        if logged.last {
+            snapshots.in_progress = None;
+            snapshots.done.insert(logged.table.clone());
+            tracing::info!(table = %logged.table, rows = copied, "table snapshotted (incremental)");
+        } else {
+            snapshots.in_progress = Some((logged.table, logged.last_key));
+        }
+        log.set_table_snapshots(&snapshots)?;
+        let all_done = merge.tables.iter().all(|t| snapshots.done.contains(t));
+        let state = if all_done { "done" } else { "incremental" };
+        self.telemetry.snapshot_progress(merge.status(state));
+        Ok(())
+    }
+}
+
+/// Aborts the task when dropped: the incremental snapshot reader lives as long as the stream.
+struct AbortOnDrop(tokio::task::JoinHandle<Result<(), SourceError>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

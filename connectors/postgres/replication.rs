@@ -317,18 +317,21 @@ impl ReplicationConnection {
         Ok((lsn, row.and_then(|r| r.get(2).cloned().flatten())))
     }
 
-    /// Enters CopyBoth mode streaming pgoutput changes of `publication` from `start`.
+    /// Enters CopyBoth mode streaming pgoutput changes of `publication` from `start`, with
+    /// logical decoding messages too when `messages` (PostgreSQL 14+).
     pub async fn start_replication(
         &mut self,
         slot: &str,
         publication: &str,
         start: Lsn,
+        messages: bool,
     ) -> Result<(), ReplicationError> {
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {})",
+            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {}{})",
             quote_ident(slot),
             start,
             quote_literal(&quote_ident(publication)),
+            if messages { ", messages 'true'" } else { "" },
         );
         frontend::query(&sql, &mut self.write_buf)?;
         self.flush().await?;

@@ -28,7 +28,7 @@ use crate::config::PostgresSourceConfig;
 use crate::event::{
     ChangeEvent, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit, Value,
 };
-use crate::log::{LogWriter, SnapshotState};
+use crate::log::{LogWriter, SnapshotState, TableSnapshots};
 use crate::telemetry::{SnapshotStatus, TableProgress};
 
 /// A table smaller than this many heap blocks (8 MiB) is read in one range.
@@ -37,7 +37,7 @@ const MIN_RANGE_BLOCKS: u32 = 1024;
 const ROWS_PER_MESSAGE: usize = 1000;
 /// Rows of one logged snapshot transaction.
 const ROWS_PER_TRANSACTION: u64 = 50_000;
-const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 /// How often `/status` learns the rows copied.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -206,6 +206,13 @@ pub async fn copy(
     }
     logged.commit(writer)?;
     writer.log().flush().await?;
+    writer.log().set_table_snapshots(&TableSnapshots {
+        done: described
+            .iter()
+            .map(|t| t.relation.qualified_name())
+            .collect(),
+        in_progress: None,
+    })?;
     writer.log().set_snapshot_state(SnapshotState::Done).await?;
     let summary = SnapshotSummary {
         rows,

@@ -147,6 +147,11 @@ impl Collapse {
                 let after = change.after.as_ref().ok_or_else(|| missing("new"))?;
                 plan.set(key_of(after, &pk), KeyState::Upsert(after.clone()), true);
             }
+            // The target may hold the key already (changed before its chunk was read).
+            Op::IncrementalRead => {
+                let after = change.after.as_ref().ok_or_else(|| missing("new"))?;
+                plan.set(key_of(after, &pk), KeyState::Upsert(after.clone()), false);
+            }
             Op::Update => {
                 let after = change.after.as_ref().ok_or_else(|| missing("new"))?;
                 let new_key = key_of(after, &pk);
@@ -315,6 +320,18 @@ pub(crate) mod tests {
         );
     }
 
+    /// A snapshot read of the initial snapshot is a new row (copied straight in); one of an
+    /// incremental snapshot may meet the row in the target already.
+    #[test]
+    fn only_initial_snapshot_reads_are_new_rows() {
+        let plans = collapse(&[
+            change(Op::Read, None, Some(row(1, Some("a")))),
+            change(Op::IncrementalRead, None, Some(row(2, Some("b")))),
+        ]);
+        assert!(plans[0].is_new_row(0));
+        assert!(!plans[0].is_new_row(1));
+    }
+
     #[test]
     fn key_update_deletes_the_old_key() {
         let plans = collapse(&[change(
@@ -431,7 +448,7 @@ pub(crate) mod tests {
                 _ => old.cloned().unwrap_or_default(),
             };
             match ch.op {
-                Op::Insert | Op::Read => {
+                Op::Insert | Op::Read | Op::IncrementalRead => {
                     let after = ch.after.as_ref().unwrap();
                     state.insert(id(after), body(after, None));
                 }

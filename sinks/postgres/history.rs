@@ -33,6 +33,8 @@ pub enum EventKind {
     Closed,
     /// The first version of a key, as the initial snapshot read it.
     Read,
+    /// A version as an incremental snapshot read it: it may end one the stream recorded.
+    IncrementalRead,
 }
 
 impl EventKind {
@@ -43,7 +45,7 @@ impl EventKind {
             EventKind::Updated => "u",
             EventKind::Tombstone => "d",
             EventKind::Closed => "x",
-            EventKind::Read => "r",
+            EventKind::Read | EventKind::IncrementalRead => "r",
         }
     }
 
@@ -224,11 +226,16 @@ impl History {
                 pending.carry_from = carry_from;
             }
             // A snapshot reads each key once: its version is settled as it is read.
-            Op::Read => {
+            Op::Read | Op::IncrementalRead => {
                 let after = change.after.as_ref().ok_or_else(|| missing("new"))?;
                 if let Some(begin) = self.transaction {
                     let key = (oid, key_of(after, &pk));
-                    let event = KeyEvent::new(EventKind::Read, after.clone(), None, &begin);
+                    let kind = if change.op == Op::Read {
+                        EventKind::Read
+                    } else {
+                        EventKind::IncrementalRead
+                    };
+                    let event = KeyEvent::new(kind, after.clone(), None, &begin);
                     self.push(key, relation_id, relation, event);
                 }
             }
@@ -332,7 +339,10 @@ impl History {
             Some(&(plan, event)) => {
                 let event = &self.plans[plan].events[event];
                 match event.kind {
-                    EventKind::Created | EventKind::Updated | EventKind::Read => {
+                    EventKind::Created
+                    | EventKind::Updated
+                    | EventKind::Read
+                    | EventKind::IncrementalRead => {
                         (Some(event.row.clone()), event.carry_from.clone())
                     }
                     EventKind::Tombstone | EventKind::Closed => (None, None),
@@ -478,6 +488,29 @@ mod tests {
             ]
         );
         assert_eq!(plans[0].events[1].previous, Some(Lsn(100)));
+    }
+
+    /// An incremental snapshot's read may follow versions the stream recorded: it ends them
+    /// (a staged version, not a first one copied straight in), with `_tidemark_op = 'r'`.
+    #[test]
+    fn an_incremental_read_ends_the_version_before_it() {
+        let plans = plan(
+            1,
+            &[
+                vec![change(Op::Update, None, Some(row(1, Some("a"))))],
+                vec![change(Op::IncrementalRead, None, Some(row(1, Some("a"))))],
+            ],
+            false,
+        );
+        assert_eq!(
+            kinds(&plans),
+            vec![
+                (EventKind::Updated, row(1, Some("a")), Some(2_000)),
+                (EventKind::IncrementalRead, row(1, Some("a")), None),
+            ]
+        );
+        assert_eq!(plans[0].events[1].previous, Some(Lsn(100)));
+        assert_eq!(EventKind::IncrementalRead.code(), "r");
     }
 
     #[test]

@@ -610,6 +610,7 @@ impl TableWork {
                 let (op, before, after) = match event.kind {
                     EventKind::Created => (Op::Insert, None, row),
                     EventKind::Read => (Op::Read, None, row),
+                    EventKind::IncrementalRead => (Op::IncrementalRead, None, row),
                     EventKind::Updated => (Op::Update, from, row),
                     EventKind::Tombstone | EventKind::Closed => (Op::Delete, row, None),
                 };
