@@ -83,34 +83,46 @@ async fn status_and_metrics_add_up_after_a_random_workload() {
         "{status}"
     );
 
-    let (code, metrics) = get(port, "/metrics").unwrap();
-    assert_eq!(code, 200);
-    let samples = samples(&metrics);
-    let mut captured_total = 0.0;
-    for table in ["public.accounts", "public.lines", "public.docs"] {
-        let captured = sample(
-            &samples,
-            &format!("tidemark_events_captured_total{{table=\"{table}\"}}"),
-        );
-        captured_total += captured;
-        for sink in ["mirror", "events"] {
-            let applied = sample(
+    // The source counts a transaction as captured when it appends it, a moment before it is
+    // durable and the sinks can see it: the counters add up once the sinks have applied it.
+    let add_up = || -> Result<(String, f64), String> {
+        let (code, metrics) = get(port, "/metrics").ok_or("no /metrics")?;
+        assert_eq!(code, 200);
+        let samples = samples(&metrics);
+        let mut captured_total = 0.0;
+        for table in ["public.accounts", "public.lines", "public.docs"] {
+            let captured = sample(
                 &samples,
-                &format!("tidemark_events_applied_total{{sink=\"{sink}\",table=\"{table}\"}}"),
+                &format!("tidemark_events_captured_total{{table=\"{table}\"}}"),
             );
-            let dead = sample(
-                &samples,
-                &format!(
-                    "tidemark_events_dead_lettered_total{{sink=\"{sink}\",table=\"{table}\"}}"
-                ),
-            );
-            assert_eq!(
-                captured,
-                applied + dead,
-                "{sink} {table}: captured {captured}, applied {applied}, dead-lettered {dead}\n{metrics}"
-            );
+            captured_total += captured;
+            for sink in ["mirror", "events"] {
+                let applied = sample(
+                    &samples,
+                    &format!("tidemark_events_applied_total{{sink=\"{sink}\",table=\"{table}\"}}"),
+                );
+                let dead = sample(
+                    &samples,
+                    &format!(
+                        "tidemark_events_dead_lettered_total{{sink=\"{sink}\",table=\"{table}\"}}"
+                    ),
+                );
+                if captured != applied + dead {
+                    return Err(format!(
+                        "{sink} {table}: captured {captured}, applied {applied}, dead-lettered {dead}\n{metrics}"
+                    ));
+                }
+            }
         }
-    }
+        Ok((metrics, captured_total))
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || add_up().is_ok()),
+        "{}",
+        add_up().err().unwrap_or_default()
+    );
+    let (metrics, captured_total) = add_up().unwrap();
+    let samples = samples(&metrics);
     assert!(captured_total > 300.0, "{metrics}");
     let envelopes = setup.envelopes().len() as f64;
     assert!(
