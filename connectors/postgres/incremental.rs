@@ -139,6 +139,31 @@ pub struct Logged {
 }
 
 impl Merge {
+    /// The stream's side for snapshotting `tables`, and the sender the reader hands chunks
+    /// to. One chunk waits at a time: the reader selects the next while the stream reaches
+    /// the high watermark of the one before.
+    pub fn new(tables: &[SourceTable], slot: &str) -> (Merge, mpsc::Sender<Chunk>) {
+        let (sender, chunks) = mpsc::channel(1);
+        // Tells this run's watermarks from those an earlier run left in the WAL.
+        let run = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id());
+        let merge = Merge {
+            tables: tables.iter().map(SourceTable::to_string).collect(),
+            slot: slot.to_string(),
+            run,
+            chunks,
+            window: None,
+            relations: HashMap::new(),
+            logged: None,
+            progress: BTreeMap::new(),
+            started: Instant::now(),
+            last_progress_line: Instant::now(),
+        };
+        (merge, sender)
+    }
+
     /// Where the incremental snapshots stand, for `/status`.
     pub fn status(&self, state: &'static str) -> SnapshotStatus {
         let rows = self.progress.values().map(|(rows, _)| rows).sum();

@@ -13,7 +13,7 @@ pub mod replication;
 pub mod snapshot;
 pub mod types;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -412,14 +412,9 @@ impl PostgresSource {
         };
         let mut reader = None;
         if let Some((pending, resume_after)) = added {
-            let tables_named = pending.iter().map(SourceTable::to_string).collect();
-            let (sender, chunks) = tokio::sync::mpsc::channel(1);
-            let run = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64)
-                ^ u64::from(std::process::id());
+            let (merge, sender) = incremental::Merge::new(&pending, &self.config.slot);
             tracing::info!(
-                tables = %pending.iter().map(SourceTable::to_string).collect::<Vec<_>>().join(", "),
+                tables = %merge.tables.join(", "),
                 "incremental snapshot of tables added since the initial one started"
             );
             let catalog = Catalog::connect(&self.config.url).await?;
@@ -428,21 +423,10 @@ impl PostgresSource {
                 pending,
                 resume_after,
                 self.config.slot.clone(),
-                run,
+                merge.run,
                 sender,
             ))));
-            session.incremental = Some(incremental::Merge {
-                tables: tables_named,
-                slot: self.config.slot.clone(),
-                run,
-                chunks,
-                window: None,
-                relations: HashMap::new(),
-                logged: None,
-                progress: BTreeMap::new(),
-                started: Instant::now(),
-                last_progress_line: Instant::now(),
-            });
+            session.incremental = Some(merge);
         }
         let result = self
             .stream_messages(
