@@ -19,6 +19,9 @@
 //! - tidemark capture only: start the second agent, whose sink points at a port nothing
 //!   listens on, until its slot's `confirmed_flush_lsn` reaches the end of the workload
 //!   (everything is durably in the log); stop it;
+//! - reference for capture: `pg_recvlogical` draining a fourth slot (pgoutput, the same
+//!   publication) to /dev/null with `--endpos` at the end of the workload, from its start
+//!   until it exits;
 //! - tidemark merge apply alone: point that agent's sink at its real target and start it again
 //!   until the marker row is in the target (log → target only; the source has nothing new);
 //! - tidemark scd2 apply alone: the same from a copy of that agent's log (taken after the
@@ -311,6 +314,7 @@ struct Figures {
     native: Vec<f64>,
     end_to_end: Vec<f64>,
     capture: Vec<f64>,
+    recvlogical: Vec<f64>,
     apply: Vec<f64>,
     scd2: Vec<f64>,
     /// Versions in the SCD2 target after a round (the same every round).
@@ -365,6 +369,11 @@ fn run_round(
     let apply_name = format!("apply_r{round}");
     let apply = agent_setup(&apply_name, &source_url, &nowhere, "merge");
     create_slot_with(&apply);
+    let recv_slot = format!("recv_r{round}");
+    pg.psql(
+        &src,
+        &format!("SELECT pg_create_logical_replication_slot('{recv_slot}', 'pgoutput')"),
+    );
 
     let started = Instant::now();
     pg.psql(&src, &w.sql);
@@ -425,6 +434,25 @@ fn run_round(
         );
         stop(agent);
         figures.capture.push(took.as_secs_f64());
+
+        let started = Instant::now();
+        let drained = std::process::Command::new(pg.bindir().join("pg_recvlogical"))
+            .args(["-h", "127.0.0.1", "-U", "postgres", "--no-loop", "--start"])
+            .args([
+                "-p",
+                &pg.port().to_string(),
+                "-d",
+                &src,
+                "--slot",
+                &recv_slot,
+            ])
+            .args(["--endpos", &end_lsn, "-f", "/dev/null"])
+            .args(["-o", "proto_version=1", "-o"])
+            .arg(format!("publication_names={PUBLICATION}"))
+            .status()
+            .expect("pg_recvlogical");
+        assert!(drained.success(), "pg_recvlogical failed");
+        figures.recvlogical.push(started.elapsed().as_secs_f64());
 
         // The SCD2 agent reads a copy of the captured log, so both sinks apply the same
         // records from the same starting point.
@@ -488,7 +516,7 @@ fn run_round(
         &src,
         &format!(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-             WHERE slot_name IN ('tidemark_e2e_r{round}', 'tidemark_{apply_name}')"
+             WHERE slot_name IN ('tidemark_e2e_r{round}', 'tidemark_{apply_name}', '{recv_slot}')"
         ),
     );
     for db in [&src, &native_db, &e2e_db, &apply_db, &history_db] {
@@ -559,6 +587,7 @@ fn main() {
         ("native logical replication", &figures.native),
         ("tidemark end to end (capture + merge)", &figures.end_to_end),
         ("tidemark capture only (slot → log)", &figures.capture),
+        ("pg_recvlogical (slot → /dev/null)", &figures.recvlogical),
         ("tidemark merge apply alone (log → db)", &figures.apply),
         ("tidemark scd2 apply alone (log → db)", &figures.scd2),
     ];
@@ -573,7 +602,13 @@ fn main() {
     let end_to_end = support::rates(changes, &figures.end_to_end).0;
     let apply = support::rates(changes, &figures.apply).0;
     let scd2 = support::rates(changes, &figures.scd2).0;
+    let capture = support::rates(changes, &figures.capture).0;
+    let recvlogical = support::rates(changes, &figures.recvlogical).0;
     println!();
+    println!(
+        "tidemark capture / pg_recvlogical: {:.2}×   (goal ≥ 0.9×, issue 9)",
+        capture / recvlogical
+    );
     println!(
         "tidemark end to end / native:      {:.2}×   (goal ≥ 2.0×, DESIGN)",
         end_to_end / native

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Every headline figure of tidemark against its reference measured in the same run, as one
+# table (issue 9; DESIGN, Performance). Each bench starts its own throwaway PostgreSQL cluster.
+#
+#   bash benches/run.sh           # full sizes, 3 rounds each (the figures in benches/README.md)
+#   bash benches/run.sh --quick   # small sizes, 3 rounds each, a few minutes
+#
+# The benches' own output goes to target/bench-run/<bench>.log; the table is printed at the
+# end. Nothing is asserted about time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=false
+for arg in "$@"; do
+    case "$arg" in
+        --quick) quick=true ;;
+        *) echo "usage: bash benches/run.sh [--quick]" >&2; exit 2 ;;
+    esac
+done
+if $quick; then
+    apply_rows=20000 snapshot_rows=200000 memory_rows=200000 lag_seconds=5
+else
+    apply_rows=200000 snapshot_rows=2000000 memory_rows=1000000 lag_seconds=20
+fi
+logs="${CARGO_TARGET_DIR:-target}/bench-run"
+mkdir -p "$logs"
+
+bench() {
+    local name=$1 rows=$2
+    echo "running $name → $logs/$name.log" >&2
+    TIDEMARK_BENCH_ROWS=$rows TIDEMARK_BENCH_REPEAT=3 cargo bench --bench "$name" \
+        >"$logs/$name.log" 2>&1 || { tail -20 "$logs/$name.log" >&2; exit 1; }
+}
+bench merge_apply "$apply_rows"
+bench snapshot "$snapshot_rows"
+bench transaction_memory "$memory_rows"
+TIDEMARK_BENCH_SECONDS=$lag_seconds bench lag 0
+
+# The median rows/s of a bench's summary line that starts with $2 (column 3 from the end).
+rate() { grep -F -- "$2" "$logs/$1.log" | head -1 | awk '{ print $(NF-2) }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f×", a / b; else print "-" }'; }
+row() { printf '| %s | %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4" "$5"; }
+
+capture=$(rate merge_apply "tidemark capture only")
+recvlogical=$(rate merge_apply "pg_recvlogical")
+native=$(rate merge_apply "native logical replication")
+apply=$(rate merge_apply "tidemark merge apply alone")
+scd2=$(rate merge_apply "tidemark scd2 apply alone")
+copy=$(rate snapshot "COPY TO STDOUT | COPY FROM STDIN")
+one=$(rate snapshot "tidemark snapshot, 1 stream (end to end)")
+many=$(rate snapshot "streams (end to end)")
+p50=$(grep -F "p50 ms" "$logs/lag.log" | awk '{ print $(NF-2) }')
+p99=$(grep -F "p99 ms" "$logs/lag.log" | awk '{ print $(NF-2) }')
+rss=$(grep -F "agent peak RSS" "$logs/transaction_memory.log" | sed -E 's/.*\(VmHWM\): *([0-9.]+ MiB).*/\1/')
+
+echo
+echo "medians of 3 rounds, rows/s; $(nproc) cores; $(grep -o 'PostgreSQL [0-9.]*' "$logs/merge_apply.log" | head -1)"
+echo
+row metric tidemark "reference (same run)" ratio goal
+row --- --- --- --- ---
+row "capture: changes/s durably logged" "$capture" "pg_recvlogical: $recvlogical" "$(ratio "$capture" "$recvlogical")" "≥ 0.9×"
+row "merge apply: rows/s" "$apply" "native logical replication: $native" "$(ratio "$apply" "$native")" "≥ 3×"
+row "scd2 apply: changes/s" "$scd2" "merge apply: $apply" "$(ratio "$scd2" "$apply")" "≥ 0.7×"
+row "snapshot, 1 stream: rows/s" "$one" "COPY \\| COPY: $copy" "$(ratio "$one" "$copy")" "≥ 0.8×"
+row "snapshot, $(nproc) streams: rows/s" "$many" "COPY \\| COPY: $copy" "$(ratio "$many" "$copy")" "≥ 1.5×"
+row "end-to-end lag p50 / p99 at 2,000 tx/s (merge)" "$p50 / $p99 ms" "-" "-" "p99 < 250 ms"
+row "peak RSS, one $memory_rows-row transaction" "$rss" "-" "-" "< 64 MiB"
