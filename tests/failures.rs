@@ -129,14 +129,7 @@ fn a_log_that_lost_records_stops_the_agent_with_how_to_recover() {
     assert!(eventually(Duration::from_secs(30), || rows().as_deref() == Some("1")));
     assert!(agent.terminate().success());
     // An older copy of the log, as a restore from backup (or a damaged file) leaves it.
-    let older = setup.config.with_file_name("older");
-    let copied = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(setup.data_dir())
-        .arg(&older)
-        .status()
-        .unwrap();
-    assert!(copied.success());
+    let older = copy_data_dir(&setup);
 
     let mut agent = setup.start();
     agent.wait_streaming();
@@ -147,8 +140,7 @@ fn a_log_that_lost_records_stops_the_agent_with_how_to_recover() {
     assert!(eventually(Duration::from_secs(30), || rows().as_deref() == Some("100")));
     assert!(agent.terminate().success());
 
-    std::fs::remove_dir_all(setup.data_dir()).unwrap();
-    std::fs::rename(&older, setup.data_dir()).unwrap();
+    restore_data_dir(&setup, &older);
     let output = setup.command("run");
     let error = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{error}");
@@ -309,14 +301,7 @@ fn a_log_older_than_the_slot_stops_the_agent_with_how_to_recover() {
         .len()
         == 1));
     assert!(agent.terminate().success());
-    let older = setup.config.with_file_name("older");
-    let copied = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(setup.data_dir())
-        .arg(&older)
-        .status()
-        .unwrap();
-    assert!(copied.success());
+    let older = copy_data_dir(&setup);
 
     let mut agent = setup.start();
     agent.wait_streaming();
@@ -327,8 +312,7 @@ fn a_log_older_than_the_slot_stops_the_agent_with_how_to_recover() {
         == 2));
     assert!(agent.terminate().success());
 
-    std::fs::remove_dir_all(setup.data_dir()).unwrap();
-    std::fs::rename(&older, setup.data_dir()).unwrap();
+    restore_data_dir(&setup, &older);
     let (code, error) = run_for_at_most(&setup, Duration::from_secs(60));
     assert_eq!(code, Some(1), "{error}");
     assert!(
@@ -392,4 +376,23 @@ fn run_for_at_most(setup: &AgentSetup, limit: Duration) -> (Option<i32>, String)
     let error = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(exited, "the agent did not stop within {limit:?}:\n{error}");
     (output.status.code(), error)
+}
+
+/// A copy of the agent's data_dir as it is now, as a backup would keep it.
+fn copy_data_dir(setup: &AgentSetup) -> std::path::PathBuf {
+    let older = setup.config.with_file_name("older");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(setup.data_dir())
+        .arg(&older)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    older
+}
+
+/// Puts the copy back in place of the data_dir, as a restore from that backup would.
+fn restore_data_dir(setup: &AgentSetup, older: &std::path::Path) {
+    std::fs::remove_dir_all(setup.data_dir()).unwrap();
+    std::fs::rename(older, setup.data_dir()).unwrap();
 }
