@@ -593,6 +593,9 @@ impl Writes {
                         if sql.ends_with("COMMIT;") {
                             committed.fetch_add(1, Ordering::SeqCst);
                         }
+                        // A steady rate rather than as fast as the server goes: the backlog
+                        // the sinks work through stays in proportion on a loaded machine.
+                        tokio::time::sleep(Duration::from_millis(2)).await;
                     }
                 });
             }
