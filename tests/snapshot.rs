@@ -1267,6 +1267,46 @@ fn a_table_added_later_is_snapshotted_while_the_stream_goes_on() {
     assert!(agent.terminate().success());
 }
 
+/// A table added later without a primary key cannot be read in key order beside the stream:
+/// the agent stops and says what to do, before any of its rows are logged.
+#[test]
+fn a_table_added_later_without_a_primary_key_is_refused_with_the_fix() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("source");
+    pg.psql(
+        &db,
+        "CREATE TABLE tick (n int PRIMARY KEY);
+         CREATE TABLE loose (v text); ALTER TABLE loose REPLICA IDENTITY FULL;
+         INSERT INTO loose VALUES ('a'), ('b');",
+    );
+    let events = "[[sink]]\nname = \"events\"\ntype = \"jsonl\"\npath = \"events\"\n";
+    let setup = snapshot_setup(&pg, &db, "\"public.tick\"", events, 1);
+    let mut agent = setup.start();
+    wait_log(&mut agent, "streaming changes", WAIT);
+    assert!(agent.terminate().success());
+    let config = std::fs::read_to_string(&setup.config).unwrap();
+    let added = config.replace(
+        "tables = [\"public.tick\"]",
+        "tables = [\"public.tick\", \"public.loose\"]",
+    );
+    assert_ne!(config, added);
+    std::fs::write(&setup.config, added).unwrap();
+
+    let output = setup.command("run");
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{error}");
+    assert!(
+        error.contains("table public.loose was added to source.tables after the initial snapshot")
+            && error.contains("add a primary key"),
+        "{error}"
+    );
+    assert!(!error.contains("panicked"), "{error}");
+    assert!(!setup
+        .envelopes()
+        .iter()
+        .any(|e| e["source"]["table"] == "loose"));
+}
+
 /// With `snapshot = "never"` the rows that exist at the first start are not copied: only the
 /// changes committed after it arrive.
 #[test]
