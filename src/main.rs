@@ -89,28 +89,29 @@ enum DlqAction {
     Retry {
         #[arg(short, long)]
         config: PathBuf,
-        #[arg(long)]
-        sink: String,
-        /// Their numbers in `dlq list`.
-        #[arg(required_unless_present = "all")]
-        numbers: Vec<usize>,
-        /// Every dead letter of the sink.
-        #[arg(long)]
-        all: bool,
+        #[command(flatten)]
+        letters: ChosenLetters,
     },
     /// Remove dead letters once handled; the agent must be stopped.
     Drop {
         #[arg(short, long)]
         config: PathBuf,
-        #[arg(long)]
-        sink: String,
-        /// Their numbers in `dlq list`.
-        #[arg(required_unless_present = "all")]
-        numbers: Vec<usize>,
-        /// Every dead letter of the sink.
-        #[arg(long)]
-        all: bool,
+        #[command(flatten)]
+        letters: ChosenLetters,
     },
+}
+
+/// The dead letters of one sink that `retry` and `drop` act on.
+#[derive(clap::Args)]
+struct ChosenLetters {
+    #[arg(long)]
+    sink: String,
+    /// Their numbers in `dlq list`.
+    #[arg(required_unless_present = "all")]
+    numbers: Vec<usize>,
+    /// Every dead letter of the sink.
+    #[arg(long)]
+    all: bool,
 }
 
 const EXIT_RUNTIME: u8 = 1;
@@ -295,7 +296,8 @@ async fn dead_letters(config: &Config, action: DlqAction) -> Result<(), String> 
             Ok(())
         }
         DlqAction::Drop {
-            sink, numbers, all, ..
+            letters: ChosenLetters { sink, numbers, all },
+            ..
         } => {
             let path =
                 file_of(&sink)?.ok_or_else(|| format!("sink {sink:?} has no dead letters"))?;
@@ -317,7 +319,8 @@ async fn dead_letters(config: &Config, action: DlqAction) -> Result<(), String> 
             Ok(())
         }
         DlqAction::Retry {
-            sink, numbers, all, ..
+            letters: ChosenLetters { sink, numbers, all },
+            ..
         } => {
             let path =
                 file_of(&sink)?.ok_or_else(|| format!("sink {sink:?} has no dead letters"))?;

@@ -1141,6 +1141,19 @@ fn a_snapshot_killed_midway_is_taken_again_and_replaces_what_it_delivered() {
     assert!(agent.terminate().success());
 }
 
+/// Runs the agent until it streams (its initial snapshot done) and stops it, then adds
+/// `table` to its `source.tables`.
+fn start_then_add_table(setup: &AgentSetup, table: &str) {
+    let mut agent = setup.start();
+    wait_log(&mut agent, "streaming changes", WAIT);
+    assert!(agent.terminate().success());
+    let config = std::fs::read_to_string(&setup.config).unwrap();
+    let (before, rest) = config.split_once("tables = [").unwrap();
+    let (list, after) = rest.split_once(']').unwrap();
+    let added = format!("{before}tables = [{list}, \"{table}\"]{after}");
+    std::fs::write(&setup.config, added).unwrap();
+}
+
 /// A table added to `source.tables` after the initial snapshot is snapshotted alone, in key
 /// chunks merged into the stream by watermarks: the other tables keep streaming meanwhile,
 /// writes on the new table land in commit order, a SIGKILL mid-way resumes after the last
@@ -1156,16 +1169,7 @@ fn a_table_added_later_is_snapshotted_while_the_stream_goes_on() {
         &three_sinks(&pg, &warehouse),
         2,
     );
-    let mut agent = setup.start();
-    wait_log(&mut agent, "streaming changes", WAIT);
-    assert!(agent.terminate().success());
-    let config = std::fs::read_to_string(&setup.config).unwrap();
-    let added = config.replace(
-        "tables = [\"public.pairs\", \"public.tick\"]",
-        "tables = [\"public.pairs\", \"public.tick\", \"public.big\"]",
-    );
-    assert_ne!(config, added);
-    std::fs::write(&setup.config, added).unwrap();
+    start_then_add_table(&setup, "public.big");
 
     let writes = Writes::start(pg.url(&db), 0x5a4b_0003);
     let mut agent = setup.start();
@@ -1281,16 +1285,7 @@ fn a_table_added_later_without_a_primary_key_is_refused_with_the_fix() {
     );
     let events = "[[sink]]\nname = \"events\"\ntype = \"jsonl\"\npath = \"events\"\n";
     let setup = snapshot_setup(&pg, &db, "\"public.tick\"", events, 1);
-    let mut agent = setup.start();
-    wait_log(&mut agent, "streaming changes", WAIT);
-    assert!(agent.terminate().success());
-    let config = std::fs::read_to_string(&setup.config).unwrap();
-    let added = config.replace(
-        "tables = [\"public.tick\"]",
-        "tables = [\"public.tick\", \"public.loose\"]",
-    );
-    assert_ne!(config, added);
-    std::fs::write(&setup.config, added).unwrap();
+    start_then_add_table(&setup, "public.loose");
 
     let output = setup.command("run");
     let error = String::from_utf8_lossy(&output.stderr);
