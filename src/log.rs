@@ -7,8 +7,15 @@
 //! held whole in memory; a crash in the middle of one leaves a tail after the last Commit that
 //! `open` removes. Each sink has a cursor; records below the slowest cursor's transaction are
 //! trimmed.
+//!
+//! Changes the server streams before their transaction commits (pgoutput v2) wait in a file
+//! per transaction (`spill`) and move into the log at the commit: sinks see transactions whole
+//! and in commit order, and a crash or a reconnection discards them (the server sends an
+//! unfinished transaction again).
 
-use std::collections::{BTreeSet, HashMap};
+mod spill;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +23,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::event::{Lsn, Record, Relation, RelationId, TxBegin};
+use self::spill::Spill;
+
+use crate::event::{ChangeEvent, Lsn, Record, Relation, RelationId, TxBegin};
 
 /// Bumped whenever the on-disk encoding changes; `open` refuses other versions.
 const FORMAT_VERSION: u64 = 1;
@@ -69,6 +78,8 @@ pub enum LogError {
     Corrupt { seq: u64, reason: String },
     #[error("relation {0:?} is missing from the offset log")]
     MissingRelation(RelationId),
+    #[error(transparent)]
+    Spill(#[from] spill::SpillError),
     #[error("offset log background task failed: {0}")]
     Background(String),
 }
@@ -141,6 +152,8 @@ pub struct OffsetLog {
     relations: sled::Tree,
     cursors: sled::Tree,
     meta: sled::Tree,
+    /// Where streamed transactions wait for their commit.
+    spill_dir: PathBuf,
     /// The last Commit appended (durable or not), published by the writer for the flusher.
     appended: watch::Sender<Durable>,
     /// Records appended by this process and their encoded bytes: their average sizes the
@@ -190,6 +203,7 @@ impl OffsetLog {
             meta,
             entries,
             transactions,
+            spill_dir: dir.join("streams"),
             db,
             appended: watch::channel(durable).0,
             appended_records: AtomicU64::new(0),
@@ -215,6 +229,7 @@ impl OffsetLog {
             next_seq: last.unwrap_or(0) + 1,
             relations: HashMap::new(),
             open_begin: None,
+            spill: Spill::open(&self.spill_dir)?,
         })
     }
 
@@ -440,22 +455,20 @@ impl OffsetLog {
             None => slowest + 1,
         }
         .min(durable);
+        // One remove at a time: a sled batch keeps every page it replaces in memory until it
+        // is applied.
         let mut removed = 0;
-        let mut batch = sled::Batch::default();
         for item in self.entries.range(..seq_key(keep_from)).keys().take(max) {
-            batch.remove(item?);
+            self.entries.remove(item?)?;
             removed += 1;
         }
-        self.entries.apply_batch(batch)?;
-        let mut finished = sled::Batch::default();
         for item in self.transactions.range(..seq_key(keep_from)).keys() {
             let key = item?;
             if self.entries.get(&key)?.is_some() {
                 break;
             }
-            finished.remove(key);
+            self.transactions.remove(key)?;
         }
-        self.transactions.apply_batch(finished)?;
         Ok(removed)
     }
 
@@ -465,6 +478,9 @@ impl OffsetLog {
     }
 }
 
+/// Sees each change of a streamed transaction as it enters the log.
+pub type InspectChange<'a> = &'a mut dyn FnMut(&ChangeEvent) -> Result<(), LogError>;
+
 /// Appends records. Owned by the source task; its commits become durable through the flusher.
 pub struct LogWriter {
     log: Arc<OffsetLog>,
@@ -472,6 +488,8 @@ pub struct LogWriter {
     relations: HashMap<u32, (RelationId, Arc<Relation>)>,
     /// Sequence of the open transaction's Begin.
     open_begin: Option<u64>,
+    /// Changes of streamed transactions that have not committed yet.
+    spill: Spill,
 }
 
 impl LogWriter {
@@ -482,14 +500,7 @@ impl LogWriter {
     }
 
     pub fn append(&mut self, record: &Record) -> Result<u64, LogError> {
-        let seq = self.next_seq;
-        let bytes = encode(record);
-        self.log
-            .appended_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        self.log.appended_records.fetch_add(1, Ordering::Relaxed);
-        self.log.entries.insert(seq_key(seq), bytes)?;
-        self.next_seq += 1;
+        let seq = self.insert(&encode(record))?;
         match record {
             Record::Begin(_) => {
                 self.log.transactions.insert(seq_key(seq), &[])?;
@@ -514,9 +525,23 @@ impl LogWriter {
         Ok(seq)
     }
 
-    /// Removes the records of the transaction being appended, whose Commit has not come: a
-    /// source that lost its connection mid-transaction receives it again from its Begin.
-    pub fn discard_open_transaction(&mut self) -> Result<(), LogError> {
+    /// Stores an encoded record under the next sequence number, and returns that. One insert
+    /// at a time: a sled batch keeps every page it replaces in memory until it is applied.
+    fn insert(&mut self, record: &[u8]) -> Result<u64, LogError> {
+        let seq = self.next_seq;
+        self.log
+            .appended_bytes
+            .fetch_add(record.len() as u64, Ordering::Relaxed);
+        self.log.appended_records.fetch_add(1, Ordering::Relaxed);
+        self.log.entries.insert(seq_key(seq), record)?;
+        self.next_seq += 1;
+        Ok(seq)
+    }
+
+    /// Removes what the log holds of transactions whose commit has not come (the one being
+    /// appended, and the streamed ones): a source that lost its connection receives them again.
+    pub fn discard_uncommitted(&mut self) -> Result<(), LogError> {
+        self.spill.discard_all()?;
         let Some(begin) = self.open_begin.take() else {
             return Ok(());
         };
@@ -526,6 +551,49 @@ impl LogWriter {
         self.log.transactions.remove(seq_key(begin))?;
         self.next_seq = begin;
         Ok(())
+    }
+
+    /// Holds a change (a `Record::Change`) that the server streamed before transaction `xid`
+    /// committed; `subxid` is the subtransaction it belongs to (`xid` itself for none).
+    pub fn append_streamed(
+        &mut self,
+        xid: u32,
+        subxid: u32,
+        change: &Record,
+    ) -> Result<(), LogError> {
+        Ok(self.spill.append(xid, subxid, &encode(change))?)
+    }
+
+    /// Appends the changes streamed for transaction `xid`, in arrival order, leaving out those
+    /// of `aborted` subtransactions, and forgets them; `inspect` (when given) sees each change
+    /// appended. Goes through the transaction in batches, never holding it. Returns how many
+    /// changes were appended.
+    pub fn append_streamed_transaction(
+        &mut self,
+        xid: u32,
+        aborted: &HashSet<u32>,
+        mut inspect: Option<InspectChange<'_>>,
+    ) -> Result<u64, LogError> {
+        let mut reader = self.spill.read(xid)?;
+        let mut appended = 0;
+        while let Some((subxid, record)) = reader.next()? {
+            if aborted.contains(&subxid) {
+                continue;
+            }
+            if let Some(inspect) = inspect.as_mut() {
+                if let Record::Change(change) = decode(self.next_seq, record)? {
+                    inspect(&change)?;
+                }
+            }
+            self.insert(record)?;
+            appended += 1;
+        }
+        Ok(appended)
+    }
+
+    /// Forgets the changes streamed for transaction `xid` (it aborted, or the log holds it).
+    pub fn discard_streamed(&mut self, xid: u32) -> Result<(), LogError> {
+        Ok(self.spill.discard(xid)?)
     }
 
     /// Stores a relation description (once per distinct description) and returns its id.
@@ -618,7 +686,7 @@ pub fn lock_data_dir(dir: &Path) -> Result<std::fs::File, LogError> {
 
 /// Removes records after the last Commit (and the index entries of their transactions) and
 /// returns the position of that Commit. The tail is whatever a crash left of a transaction
-/// that never committed; it may be long, so it is removed in batches, never collected.
+/// that never committed; it may be long, so it is removed as it is read, never collected.
 fn drop_uncommitted_tail(
     entries: &sled::Tree,
     transactions: &sled::Tree,
@@ -643,17 +711,8 @@ fn drop_uncommitted_tail(
         }
     }
     let tail = seq_key(durable.seq + 1)..;
-    loop {
-        let mut batch = sled::Batch::default();
-        let mut removed = 0;
-        for key in entries.range(tail.clone()).keys().take(10_000) {
-            batch.remove(key?);
-            removed += 1;
-        }
-        entries.apply_batch(batch)?;
-        if removed == 0 {
-            break;
-        }
+    for key in entries.range(tail.clone()).keys() {
+        entries.remove(key?)?;
     }
     for key in transactions.range(tail).keys() {
         transactions.remove(key?)?;
@@ -789,7 +848,7 @@ mod tests {
         append_tx(&mut writer, 100, 2);
         writer.append(&begin(200)).unwrap();
         writer.append(&change(150)).unwrap();
-        writer.discard_open_transaction().unwrap();
+        writer.discard_uncommitted().unwrap();
         append_tx(&mut writer, 200, 1);
         log.flush().await.unwrap();
         let records: Vec<Record> = log
@@ -889,6 +948,85 @@ mod tests {
         let (c, _) = writer.relation(changed).unwrap();
         assert_ne!(a, c);
         assert_eq!(*log.relation(a).unwrap(), relation);
+    }
+
+    #[tokio::test]
+    async fn a_streamed_transaction_enters_the_log_at_its_commit_without_aborted_subtransactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = OffsetLog::open(dir.path()).unwrap();
+        let mut writer = log.writer().unwrap();
+        // Transaction 7 streams three changes, one of them in subtransaction 8, which aborts;
+        // transaction 9 streams one change and aborts; transaction 5 commits meanwhile.
+        writer.append_streamed(7, 7, &change(10)).unwrap();
+        writer.append_streamed(9, 9, &change(11)).unwrap();
+        writer.append_streamed(7, 8, &change(12)).unwrap();
+        append_tx(&mut writer, 20, 1);
+        writer.append_streamed(7, 7, &change(13)).unwrap();
+        writer.discard_streamed(9).unwrap();
+        writer.append(&begin(30)).unwrap();
+        let mut inspected = Vec::new();
+        let mut inspect = |c: &ChangeEvent| {
+            inspected.push(c.lsn.0);
+            Ok(())
+        };
+        let aborted = HashSet::from([8]);
+        let appended = writer
+            .append_streamed_transaction(7, &aborted, Some(&mut inspect))
+            .unwrap();
+        writer.append(&commit(30)).unwrap();
+        log.flush().await.unwrap();
+
+        assert_eq!(appended, 2);
+        assert_eq!(inspected, vec![10, 13]);
+        let records: Vec<Record> = log
+            .read(0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.record)
+            .collect();
+        assert_eq!(
+            records,
+            vec![
+                begin(20),
+                change(19),
+                commit(20),
+                begin(30),
+                change(10),
+                change(13),
+                commit(30)
+            ]
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("streams"))
+                .unwrap()
+                .count(),
+            0,
+            "files of finished streamed transactions remain"
+        );
+    }
+
+    #[test]
+    fn streamed_changes_left_by_a_crash_or_a_lost_connection_are_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = dir.path().join("streams");
+        {
+            let log = OffsetLog::open(dir.path()).unwrap();
+            let mut writer = log.writer().unwrap();
+            writer.append_streamed(7, 7, &change(10)).unwrap();
+            writer.append_streamed(8, 8, &change(11)).unwrap();
+            writer.discard_uncommitted().unwrap();
+            assert_eq!(std::fs::read_dir(&streams).unwrap().count(), 0);
+            writer.append_streamed(7, 7, &change(10)).unwrap();
+            assert_eq!(std::fs::read_dir(&streams).unwrap().count(), 1);
+        }
+        let log = OffsetLog::open(dir.path()).unwrap();
+        let mut writer = log.writer().unwrap();
+        assert_eq!(std::fs::read_dir(&streams).unwrap().count(), 0);
+        writer.append(&begin(30)).unwrap();
+        let appended = writer
+            .append_streamed_transaction(7, &HashSet::new(), None)
+            .unwrap();
+        assert_eq!(appended, 0, "a change of an earlier process was appended");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use super::catalog::{Catalog, SourceTable};
 use super::replication::quote_ident;
 use super::{parse_column, SourceError};
-use crate::event::{Relation, RelationId, Row, Value};
+use crate::event::{ChangeEvent, Op, Relation, RelationId, Row, Value};
 use crate::telemetry::{SnapshotStatus, TableProgress};
 
 /// Rows per chunk: small enough that the reader holds one or two in memory, large enough that
@@ -90,15 +90,18 @@ impl Window {
         }
     }
 
-    /// Notes a change of the table (both keys of a key update).
-    pub fn changed(&mut self, relation: &Relation, rows: [Option<&Row>; 2]) {
-        for row in rows.into_iter().flatten() {
+    /// Notes a change committed inside the window, if it is of the window's table (both keys
+    /// of a key update; a truncate makes every row of the chunk stale).
+    pub fn note(&mut self, relation: &Relation, change: &ChangeEvent) {
+        if relation.qualified_name() != self.table {
+            return;
+        }
+        if change.op == Op::Truncate {
+            self.truncated = true;
+        }
+        for row in [&change.before, &change.after].into_iter().flatten() {
             self.changed.insert(key_of(relation, row));
         }
-    }
-
-    pub fn truncated(&mut self) {
-        self.truncated = true;
     }
 
     /// The chunk's rows the stream did not change inside the window.
@@ -332,7 +335,7 @@ async fn select_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Column, ValueType};
+    use crate::event::{Column, Lsn, ValueType};
 
     fn relation() -> Relation {
         let column = |name: &str, primary_key| Column {
@@ -366,6 +369,16 @@ mod tests {
         }
     }
 
+    fn change(op: Op, before: Option<Row>, after: Option<Row>) -> ChangeEvent {
+        ChangeEvent {
+            relation: RelationId(1),
+            lsn: Lsn(1),
+            op,
+            before,
+            after,
+        }
+    }
+
     #[test]
     fn rows_changed_inside_the_window_are_left_to_the_stream() {
         let relation = relation();
@@ -373,8 +386,15 @@ mod tests {
         let updated = vec![Value::Int(2), Value::Int(20)];
         let moved_from = vec![Value::Int(3), Value::Null];
         let moved_to = vec![Value::Int(9), Value::Int(90)];
-        window.changed(&relation, [None, Some(&updated)]);
-        window.changed(&relation, [Some(&moved_from), Some(&moved_to)]);
+        window.note(&relation, &change(Op::Update, None, Some(updated)));
+        window.note(
+            &relation,
+            &change(Op::Update, Some(moved_from), Some(moved_to)),
+        );
+        let mut other = relation.clone();
+        other.table = "other".into();
+        let other_row = vec![Value::Int(4), Value::Int(40)];
+        window.note(&other, &change(Op::Insert, None, Some(other_row)));
         let chunk = chunk(&[(1, 1), (2, 2), (3, 3), (4, 4)]);
         let kept = window.close(&chunk.relation, chunk.rows);
         assert_eq!(
@@ -389,7 +409,7 @@ mod tests {
     #[test]
     fn a_truncate_inside_the_window_drops_the_whole_chunk() {
         let mut window = Window::open(1, "public.t".into());
-        window.truncated();
+        window.note(&relation(), &change(Op::Truncate, None, None));
         let chunk = chunk(&[(1, 1)]);
         assert!(window.close(&chunk.relation, chunk.rows).is_empty());
     }

@@ -4,6 +4,11 @@
 //! standby status updates carry the log's durable end LSN, never the received position.
 //! Transactions the server re-sends below the last logged commit are recognised by their
 //! commit LSN and skipped.
+//!
+//! On PostgreSQL 14 and newer the server streams a transaction that outgrows its
+//! `logical_decoding_work_mem` before it commits (pgoutput protocol version 2): the log holds
+//! those changes apart and appends them at the Stream Commit, so neither side keeps a large
+//! transaction in memory.
 
 pub mod catalog;
 pub mod check;
@@ -13,7 +18,7 @@ pub mod replication;
 pub mod snapshot;
 pub mod types;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -208,6 +213,10 @@ struct Session {
     relations: HashMap<u32, (RelationId, Arc<Relation>)>,
     /// The transaction being received; `None` between transactions.
     open: Option<OpenTransaction>,
+    /// The transaction whose streamed block is being received (Stream Start to Stream Stop).
+    streaming: Option<u32>,
+    /// Streamed transactions whose commit or abort has not come, by transaction id.
+    streamed: HashMap<u32, StreamedTransaction>,
     /// The last position reported to the server.
     confirmed: Lsn,
     /// The start of the last WAL data received.
@@ -219,6 +228,16 @@ struct Session {
     telemetry: Arc<Telemetry>,
     /// The incremental snapshot of tables added after the initial one, while under way.
     incremental: Option<incremental::Merge>,
+}
+
+/// What a streamed transaction needs at its commit besides the changes the log holds.
+#[derive(Default)]
+struct StreamedTransaction {
+    /// Changes per (subtransaction, relation oid), counted as captured at the commit.
+    captured: HashMap<(u32, u32), u64>,
+    aborted_subtransactions: HashSet<u32>,
+    /// Incremental snapshot watermarks it carries, handled at its commit like any other's.
+    watermarks: Vec<(Lsn, bytes::Bytes)>,
 }
 
 #[derive(Clone, Copy)]
@@ -311,8 +330,8 @@ impl PostgresSource {
         let database = system.database.clone().unwrap_or_default();
         self.check_identity(writer, &system.system_id, &database)
             .await?;
-        // A transaction the last connection was receiving comes again from its Begin.
-        writer.discard_open_transaction()?;
+        // Transactions the last connection was receiving come again from their start.
+        writer.discard_uncommitted()?;
         let snapshot = self.config.snapshot == SnapshotMode::Initial;
         let logged_nothing = writer.last_appended().seq == 0;
         // A snapshot cut short cannot resume (its exported snapshot is gone), and one the log
@@ -381,12 +400,16 @@ impl PostgresSource {
         }
         let added = self.tables_to_snapshot(writer, &tables, &catalog).await?;
         let log_position = writer.last_appended();
+        let streaming = catalog.server_version_num().await? >= 140_000;
         connection
             .start_replication(
                 &self.config.slot,
                 &self.config.publication,
                 log_position.end_lsn,
-                added.is_some(),
+                replication::StreamOptions {
+                    streaming,
+                    messages: added.is_some(),
+                },
             )
             .await?;
         tracing::info!(
@@ -403,6 +426,8 @@ impl PostgresSource {
             catalog,
             relations: HashMap::new(),
             open: None,
+            streaming: None,
+            streamed: HashMap::new(),
             confirmed: Lsn(0),
             received: Lsn(0),
             captured: HashMap::new(),
@@ -501,7 +526,7 @@ impl PostgresSource {
                 message = connection.next_message(), if !backpressure.paused => match message? {
                     ReplicationMessage::XLogData { wal_start, data, .. } => {
                         session.received = wal_start;
-                        let message = pgoutput::decode(&data, false)
+                        let message = pgoutput::decode(&data, session.streaming.is_some())
                             .map_err(|source| SourceError::Decode { lsn: wal_start, source })?;
                         session.handle(writer, wal_start, message).await?;
                     }
@@ -510,6 +535,7 @@ impl PostgresSource {
                         // WAL up to what it has sent, or an idle slot pins WAL forever.
                         let log = writer.log();
                         let caught_up = session.open.is_none()
+                            && session.streamed.is_empty()
                             && writer.last_appended().seq == log.durable().seq;
                         let end = if caught_up {
                             wal_end.max(log.durable().end_lsn)
@@ -736,37 +762,45 @@ impl Session {
                 final_lsn,
                 commit_ts,
                 xid,
-            } => {
-                if Lsn(final_lsn) <= writer.last_appended().commit_lsn {
-                    self.open = Some(OpenTransaction::Skipping);
-                    return Ok(());
-                }
-                self.open = Some(OpenTransaction::Logging);
-                writer.append(&Record::Begin(TxBegin {
-                    xid,
-                    commit_lsn: Lsn(final_lsn),
-                    commit_ts: unix_micros(commit_ts),
-                }))?;
-            }
+            } => self.begin(writer, xid, Lsn(final_lsn), commit_ts)?,
             LogicalMessage::Commit {
                 commit_lsn,
                 end_lsn,
                 commit_ts,
                 ..
-            } => {
-                if let Some(OpenTransaction::Logging) = self.open.take() {
-                    for (oid, changes) in self.captured.drain() {
-                        if let Some((_, relation)) = self.relations.get(&oid) {
-                            self.telemetry.captured(&relation.qualified_name(), changes);
-                        }
-                    }
-                    writer.append(&Record::Commit(TxCommit {
-                        commit_lsn: Lsn(commit_lsn),
-                        end_lsn: Lsn(end_lsn),
-                        commit_ts: unix_micros(commit_ts),
-                    }))?;
-                    self.record_chunk(writer)?;
+            } => self.commit(writer, commit_lsn, end_lsn, commit_ts)?,
+            LogicalMessage::StreamStart { xid, .. } => {
+                if self.open.is_some() || self.streaming.is_some() {
+                    return Err(protocol_error(format!(
+                        "Stream Start of transaction {xid} at {lsn} inside another transaction"
+                    )));
                 }
+                self.streaming = Some(xid);
+                self.streamed.entry(xid).or_default();
+            }
+            LogicalMessage::StreamStop => self.streaming = None,
+            LogicalMessage::StreamAbort { xid, subxid } => {
+                if xid == subxid {
+                    self.streamed.remove(&xid);
+                    writer.discard_streamed(xid)?;
+                } else if let Some(streamed) = self.streamed.get_mut(&xid) {
+                    streamed.aborted_subtransactions.insert(subxid);
+                }
+            }
+            LogicalMessage::StreamCommit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                commit_ts,
+                ..
+            } => {
+                let streamed = self.streamed.remove(&xid).unwrap_or_default();
+                self.begin(writer, xid, Lsn(commit_lsn), commit_ts)?;
+                if let Some(OpenTransaction::Logging) = self.open {
+                    self.append_streamed(writer, xid, streamed)?;
+                }
+                writer.discard_streamed(xid)?;
+                self.commit(writer, commit_lsn, end_lsn, commit_ts)?;
             }
             LogicalMessage::Relation(body) => {
                 let relation = self.catalog.describe(&body).await?;
@@ -774,37 +808,49 @@ impl Session {
                 self.relations.insert(body.relation_id, (id, relation));
             }
             LogicalMessage::Insert {
-                relation_id, new, ..
+                xid,
+                relation_id,
+                new,
             } => {
-                self.change(writer, lsn, relation_id, Op::Insert, None, Some(new))?;
+                self.change(writer, lsn, xid, relation_id, Op::Insert, None, Some(new))?;
             }
             LogicalMessage::Update {
+                xid,
                 relation_id,
                 old,
                 new,
-                ..
             } => {
                 let old = old.map(|o| match o {
                     OldTuple::Key(t) | OldTuple::Full(t) => t,
                 });
-                self.change(writer, lsn, relation_id, Op::Update, old, Some(new))?;
+                self.change(writer, lsn, xid, relation_id, Op::Update, old, Some(new))?;
             }
             LogicalMessage::Delete {
-                relation_id, old, ..
+                xid,
+                relation_id,
+                old,
             } => {
                 let (OldTuple::Key(old) | OldTuple::Full(old)) = old;
-                self.change(writer, lsn, relation_id, Op::Delete, Some(old), None)?;
+                self.change(writer, lsn, xid, relation_id, Op::Delete, Some(old), None)?;
             }
-            LogicalMessage::Truncate { relation_ids, .. } => {
+            LogicalMessage::Truncate {
+                xid, relation_ids, ..
+            } => {
                 for relation_id in relation_ids {
-                    self.change(writer, lsn, relation_id, Op::Truncate, None, None)?;
+                    self.change(writer, lsn, xid, relation_id, Op::Truncate, None, None)?;
                 }
             }
             LogicalMessage::Message {
                 prefix, content, ..
-            } if prefix == incremental::WATERMARK_PREFIX => {
-                self.watermark(writer, lsn, &content)?;
-            }
+            } if prefix == incremental::WATERMARK_PREFIX => match self.streaming {
+                Some(xid) => self
+                    .streamed
+                    .entry(xid)
+                    .or_default()
+                    .watermarks
+                    .push((lsn, content)),
+                None => self.watermark(writer, lsn, &content)?,
+            },
             // Origins, type descriptions (the catalog resolves types) and logical decoding
             // messages carry no row changes.
             _ => {}
@@ -812,50 +858,146 @@ impl Session {
         Ok(())
     }
 
+    /// Starts logging the transaction that commits at `commit_lsn`, or skipping it when the
+    /// log already holds it (the server re-sends from the slot's confirmed position).
+    fn begin(
+        &mut self,
+        writer: &mut LogWriter,
+        xid: u32,
+        commit_lsn: Lsn,
+        commit_ts: i64,
+    ) -> Result<(), SourceError> {
+        if commit_lsn <= writer.last_appended().commit_lsn {
+            self.open = Some(OpenTransaction::Skipping);
+            return Ok(());
+        }
+        self.open = Some(OpenTransaction::Logging);
+        writer.append(&Record::Begin(TxBegin {
+            xid,
+            commit_lsn,
+            commit_ts: unix_micros(commit_ts),
+        }))?;
+        Ok(())
+    }
+
+    fn commit(
+        &mut self,
+        writer: &mut LogWriter,
+        commit_lsn: u64,
+        end_lsn: u64,
+        commit_ts: i64,
+    ) -> Result<(), SourceError> {
+        if let Some(OpenTransaction::Logging) = self.open.take() {
+            for (oid, changes) in self.captured.drain() {
+                if let Some((_, relation)) = self.relations.get(&oid) {
+                    self.telemetry.captured(&relation.qualified_name(), changes);
+                }
+            }
+            writer.append(&Record::Commit(TxCommit {
+                commit_lsn: Lsn(commit_lsn),
+                end_lsn: Lsn(end_lsn),
+                commit_ts: unix_micros(commit_ts),
+            }))?;
+            self.record_chunk(writer)?;
+        }
+        Ok(())
+    }
+
+    /// Appends a committed streamed transaction's changes (after its Begin): what an
+    /// incremental snapshot's window must know of them, their count, its watermarks.
+    fn append_streamed(
+        &mut self,
+        writer: &mut LogWriter,
+        xid: u32,
+        streamed: StreamedTransaction,
+    ) -> Result<(), SourceError> {
+        let aborted = &streamed.aborted_subtransactions;
+        let window_open = self
+            .incremental
+            .as_ref()
+            .is_some_and(|merge| merge.window.is_some());
+        let log = Arc::clone(writer.log());
+        let mut note = |change: &ChangeEvent| -> Result<(), LogError> {
+            if let Some(window) = self
+                .incremental
+                .as_mut()
+                .and_then(|merge| merge.window.as_mut())
+            {
+                window.note(&*log.relation(change.relation)?, change);
+            }
+            Ok(())
+        };
+        let started = Instant::now();
+        let appended = writer.append_streamed_transaction(
+            xid,
+            aborted,
+            if window_open { Some(&mut note) } else { None },
+        )?;
+        tracing::debug!(
+            xid,
+            changes = appended,
+            seconds = started.elapsed().as_secs_f64(),
+            "streamed transaction appended"
+        );
+        for ((subxid, oid), changes) in streamed.captured {
+            if !aborted.contains(&subxid) {
+                *self.captured.entry(oid).or_default() += changes;
+            }
+        }
+        for (lsn, content) in streamed.watermarks {
+            self.watermark(writer, lsn, &content)?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn change(
         &mut self,
         writer: &mut LogWriter,
         lsn: Lsn,
+        xid: Option<u32>,
         relation_id: u32,
         op: Op,
         before: Option<Vec<TupleValue>>,
         after: Option<Vec<TupleValue>>,
     ) -> Result<(), SourceError> {
-        match self.open {
-            Some(OpenTransaction::Logging) => {}
-            Some(OpenTransaction::Skipping) => return Ok(()),
-            None => {
-                return Err(SourceError::Replication(ReplicationError::Protocol(
-                    format!("change at {lsn} outside a transaction"),
+        match (self.open, self.streaming) {
+            (Some(OpenTransaction::Logging), _) | (None, Some(_)) => {}
+            (Some(OpenTransaction::Skipping), _) => return Ok(()),
+            (None, None) => {
+                return Err(protocol_error(format!(
+                    "change at {lsn} outside a transaction"
                 )))
             }
         }
         let (id, relation) = self.relations.get(&relation_id).ok_or_else(|| {
-            SourceError::Replication(ReplicationError::Protocol(format!(
+            protocol_error(format!(
                 "change at {lsn} for relation {relation_id} before its Relation message"
-            )))
+            ))
         })?;
-        *self.captured.entry(relation_id).or_default() += 1;
-        let before = before.map(|t| to_row(relation, lsn, t)).transpose()?;
-        let after = after.map(|t| to_row(relation, lsn, t)).transpose()?;
-        let window = self
-            .incremental
-            .as_mut()
-            .and_then(|merge| merge.window.as_mut())
-            .filter(|window| window.table == relation.qualified_name());
-        if let Some(window) = window {
-            match op {
-                Op::Truncate => window.truncated(),
-                _ => window.changed(relation, [before.as_ref(), after.as_ref()]),
-            }
-        }
-        writer.append(&Record::Change(ChangeEvent {
+        let change = ChangeEvent {
             relation: *id,
             lsn,
             op,
-            before,
-            after,
-        }))?;
+            before: before.map(|t| to_row(relation, lsn, t)).transpose()?,
+            after: after.map(|t| to_row(relation, lsn, t)).transpose()?,
+        };
+        if let Some(top) = self.streaming {
+            let subxid = xid.unwrap_or(top);
+            let streamed = self.streamed.entry(top).or_default();
+            *streamed.captured.entry((subxid, relation_id)).or_default() += 1;
+            writer.append_streamed(top, subxid, &Record::Change(change))?;
+            return Ok(());
+        }
+        *self.captured.entry(relation_id).or_default() += 1;
+        if let Some(window) = self
+            .incremental
+            .as_mut()
+            .and_then(|merge| merge.window.as_mut())
+        {
+            window.note(relation, &change);
+        }
+        writer.append(&Record::Change(change))?;
         Ok(())
     }
 }
@@ -978,16 +1120,18 @@ impl Drop for AbortOnDrop {
     }
 }
 
+fn protocol_error(message: String) -> SourceError {
+    SourceError::Replication(ReplicationError::Protocol(message))
+}
+
 /// Converts a pgoutput tuple to a row of values.
 fn to_row(relation: &Relation, lsn: Lsn, tuple: Vec<TupleValue>) -> Result<Row, SourceError> {
     if tuple.len() != relation.columns.len() {
-        return Err(SourceError::Replication(ReplicationError::Protocol(
-            format!(
-                "change at {lsn} for {} has {} columns, its Relation message {}",
-                relation.qualified_name(),
-                tuple.len(),
-                relation.columns.len()
-            ),
+        return Err(protocol_error(format!(
+            "change at {lsn} for {} has {} columns, its Relation message {}",
+            relation.qualified_name(),
+            tuple.len(),
+            relation.columns.len()
         )));
     }
     tuple
@@ -998,16 +1142,16 @@ fn to_row(relation: &Relation, lsn: Lsn, tuple: Vec<TupleValue>) -> Result<Row, 
             TupleValue::UnchangedToast => Ok(Value::UnchangedToast),
             TupleValue::Text(bytes) => {
                 let text = std::str::from_utf8(&bytes).map_err(|_| {
-                    SourceError::Replication(ReplicationError::Protocol(format!(
+                    protocol_error(format!(
                         "change at {lsn}: column {}.{} is not valid UTF-8",
                         relation.qualified_name(),
                         column.name
-                    )))
+                    ))
                 })?;
                 Ok(parse_column(relation, column, text))
             }
-            TupleValue::Binary(_) => Err(SourceError::Replication(ReplicationError::Protocol(
-                format!("change at {lsn}: binary tuple data was not requested"),
+            TupleValue::Binary(_) => Err(protocol_error(format!(
+                "change at {lsn}: binary tuple data was not requested"
             ))),
         })
         .collect()

@@ -89,6 +89,16 @@ pub struct SystemIdentity {
 trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
 
+/// What START_REPLICATION asks pgoutput for (both need PostgreSQL 14 or newer).
+#[derive(Debug, Clone, Copy)]
+pub struct StreamOptions {
+    /// Protocol version 2: transactions larger than the server's `logical_decoding_work_mem`
+    /// arrive in blocks while they run, instead of spilling to the server's disk first.
+    pub streaming: bool,
+    /// Logical decoding messages (the incremental snapshot's watermarks).
+    pub messages: bool,
+}
+
 pub struct ReplicationConnection {
     stream: Box<dyn Transport>,
     read_buf: BytesMut,
@@ -317,21 +327,29 @@ impl ReplicationConnection {
         Ok((lsn, row.and_then(|r| r.get(2).cloned().flatten())))
     }
 
-    /// Enters CopyBoth mode streaming pgoutput changes of `publication` from `start`, with
-    /// logical decoding messages too when `messages` (PostgreSQL 14+).
+    /// Enters CopyBoth mode streaming pgoutput changes of `publication` from `start`.
     pub async fn start_replication(
         &mut self,
         slot: &str,
         publication: &str,
         start: Lsn,
-        messages: bool,
+        options: StreamOptions,
     ) -> Result<(), ReplicationError> {
+        let protocol = if options.streaming {
+            "proto_version '2', streaming 'on'"
+        } else {
+            "proto_version '1'"
+        };
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {}{})",
+            "START_REPLICATION SLOT {} LOGICAL {} ({protocol}, publication_names {}{})",
             quote_ident(slot),
             start,
             quote_literal(&quote_ident(publication)),
-            if messages { ", messages 'true'" } else { "" },
+            if options.messages {
+                ", messages 'true'"
+            } else {
+                ""
+            },
         );
         frontend::query(&sql, &mut self.write_buf)?;
         self.flush().await?;
