@@ -18,9 +18,9 @@ for arg in "$@"; do
     esac
 done
 if $quick; then
-    apply_rows=20000 snapshot_rows=200000 memory_rows=200000 lag_seconds=5
+    apply_rows=20000 snapshot_rows=200000 memory_rows=200000 backlog_mib=200 lag_seconds=5
 else
-    apply_rows=200000 snapshot_rows=2000000 memory_rows=1000000 lag_seconds=20
+    apply_rows=200000 snapshot_rows=2000000 memory_rows=1000000 backlog_mib=2048 lag_seconds=20
 fi
 logs="${CARGO_TARGET_DIR:-target}/bench-run"
 mkdir -p "$logs"
@@ -33,7 +33,7 @@ bench() {
 }
 bench merge_apply "$apply_rows"
 bench snapshot "$snapshot_rows"
-bench transaction_memory "$memory_rows"
+TIDEMARK_BENCH_BACKLOG_MIB=$backlog_mib bench transaction_memory "$memory_rows"
 TIDEMARK_BENCH_SECONDS=$lag_seconds bench lag 0
 
 # The median rows/s of a bench's summary line that starts with $2 (column 3 from the end).
@@ -51,7 +51,9 @@ one=$(rate snapshot "tidemark snapshot, 1 stream (end to end)")
 many=$(rate snapshot "streams (end to end)")
 p50=$(grep -F "p50 ms" "$logs/lag.log" | awk '{ print $(NF-2) }')
 p99=$(grep -F "p99 ms" "$logs/lag.log" | awk '{ print $(NF-2) }')
-rss=$(grep -F "agent peak RSS" "$logs/transaction_memory.log" | sed -E 's/.*\(VmHWM\): *([0-9.]+ MiB).*/\1/')
+peak_rss() { grep -F "agent peak RSS" "$logs/transaction_memory.log" | sed -n "$1p" | sed -E 's/.*\(VmHWM\): *([0-9.]+ MiB).*/\1/'; }
+rss=$(peak_rss 1)
+backlog_rss=$(peak_rss 2)
 
 echo
 echo "medians of 3 rounds, rows/s; $(nproc) cores; $(grep -o 'PostgreSQL [0-9.]*' "$logs/merge_apply.log" | head -1)"
@@ -65,3 +67,4 @@ row "snapshot, 1 stream: rows/s" "$one" "COPY \\| COPY: $copy" "$(ratio "$one" "
 row "snapshot, $(nproc) streams: rows/s" "$many" "COPY \\| COPY: $copy" "$(ratio "$many" "$copy")" "≥ 1.5×"
 row "end-to-end lag p50 / p99 at 2,000 tx/s (merge)" "$p50 / $p99 ms" "-" "-" "p99 < 250 ms"
 row "peak RSS, one $memory_rows-row transaction" "$rss" "-" "-" "< 64 MiB"
+row "peak RSS, catching up on $backlog_mib MiB of WAL" "$backlog_rss" "-" "-" "< 64 MiB"

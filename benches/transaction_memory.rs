@@ -1,10 +1,11 @@
 //! Peak RSS of the agent while one large transaction passes through capture, the log and the
-//! JSONL sink. Memory must not grow with transaction size (DESIGN invariant 8).
+//! JSONL sink, and while it catches up on a backlog of WAL written while it was stopped.
+//! Memory must not grow with transaction size or backlog (DESIGN invariant 8).
 //!
-//!   cargo bench --bench transaction_memory              # 200,000 rows
-//!   TIDEMARK_BENCH_ROWS=1000000 cargo bench --bench transaction_memory
+//!   cargo bench --bench transaction_memory              # 200,000 rows, 200 MiB of WAL
+//!   TIDEMARK_BENCH_ROWS=1000000 TIDEMARK_BENCH_BACKLOG_MIB=2048 cargo bench --bench transaction_memory
 //!
-//! Prints the peak RSS (VmHWM from /proc) and, for scale, the rows/s of the whole pass.
+//! Prints the peak RSS (VmHWM from /proc) of each and, for scale, the rows/s of each pass.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -15,7 +16,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use common::agent::{eventually, AgentSetup};
+use common::agent::{eventually, http_get, AgentSetup};
 use common::PgCluster;
 
 fn status_kib(pid: u32, field: &str) -> Option<u64> {
@@ -89,6 +90,75 @@ fn main() {
     );
     println!(
         "  commit start → all envelopes written: {:.2} s ({:.0} rows/s)",
+        elapsed.as_secs_f64(),
+        rows as f64 / elapsed.as_secs_f64()
+    );
+    assert!(agent.terminate().success());
+    // The next agent has the same name, so the same slot name, in another database.
+    pg.psql(&db, "SELECT pg_drop_replication_slot('tidemark_test')");
+
+    backlog(
+        &pg,
+        support::setting("TIDEMARK_BENCH_BACKLOG_MIB", 200) as u64 * 1024 * 1024,
+    );
+}
+
+/// Stops the agent, writes `bytes` of WAL in transactions of 10,000 rows, starts the agent
+/// again and reports its peak RSS until the JSONL sink has applied all of it.
+fn backlog(pg: &PgCluster, bytes: u64) {
+    let db = pg.fresh_database("backlog");
+    pg.psql(
+        &db,
+        "CREATE TABLE backlog (id bigint PRIMARY KEY, payload text NOT NULL)",
+    );
+    let setup = AgentSetup::jsonl(&pg.url(&db), "\"public.backlog\"");
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    assert!(agent.terminate().success());
+    let start = pg.psql(&db, "SELECT pg_current_wal_lsn()");
+    let mut rows = 0;
+    loop {
+        let written: u64 = pg
+            .psql(
+                &db,
+                &format!("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{start}')::bigint"),
+            )
+            .parse()
+            .expect("a WAL distance");
+        if written >= bytes {
+            break;
+        }
+        pg.psql(
+            &db,
+            &format!(
+                "INSERT INTO backlog SELECT g, repeat(md5(g::text), 3) \
+                 FROM generate_series({}, {}) g",
+                rows + 1,
+                rows + 10_000
+            ),
+        );
+        rows += 10_000;
+    }
+    let started = Instant::now();
+    let agent = setup.start();
+    let applied =
+        format!("tidemark_events_applied_total{{sink=\"events\",table=\"public.backlog\"}} {rows}");
+    let caught_up = eventually(Duration::from_secs(3600), || {
+        http_get(setup.health_port, "/metrics").is_some_and(|metrics| metrics.contains(&applied))
+    });
+    assert!(caught_up, "the agent did not catch up on the backlog");
+    let elapsed = started.elapsed();
+    let peak = status_kib(agent.pid(), "VmHWM:").expect("agent's /proc status");
+    println!(
+        "catching up on a backlog of {} MiB of WAL ({rows} rows in transactions of 10,000)",
+        bytes / 1024 / 1024
+    );
+    println!(
+        "  agent peak RSS (VmHWM):  {:>8.1} MiB   (goal: < 64 MiB DESIGN)",
+        peak as f64 / 1024.0
+    );
+    println!(
+        "  start → caught up: {:.2} s ({:.0} rows/s)",
         elapsed.as_secs_f64(),
         rows as f64 / elapsed.as_secs_f64()
     );
