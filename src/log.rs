@@ -786,6 +786,15 @@ mod tests {
         })
     }
 
+    /// Every record readers see, in log order.
+    fn durable_records(log: &OffsetLog) -> Vec<Record> {
+        log.read(0, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.record)
+            .collect()
+    }
+
     fn append_tx(writer: &mut LogWriter, lsn: u64, changes: u64) {
         writer.append(&begin(lsn)).unwrap();
         for i in 0..changes {
@@ -851,12 +860,7 @@ mod tests {
         writer.discard_uncommitted().unwrap();
         append_tx(&mut writer, 200, 1);
         log.flush().await.unwrap();
-        let records: Vec<Record> = log
-            .read(0, 100)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.record)
-            .collect();
+        let records = durable_records(&log);
         assert_eq!(records.len(), 7);
         assert!(matches!(records[4], Record::Begin(b) if b.commit_lsn == Lsn(200)));
         assert_eq!(log.transaction_of(6).unwrap().map(|(seq, _)| seq), Some(5));
@@ -978,12 +982,7 @@ mod tests {
 
         assert_eq!(appended, 2);
         assert_eq!(inspected, vec![10, 13]);
-        let records: Vec<Record> = log
-            .read(0, 100)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.record)
-            .collect();
+        let records = durable_records(&log);
         assert_eq!(
             records,
             vec![
