@@ -566,8 +566,8 @@ impl LogWriter {
 
     /// Appends the changes streamed for transaction `xid`, in arrival order, leaving out those
     /// of `aborted` subtransactions, and forgets them; `inspect` (when given) sees each change
-    /// appended. Goes through the transaction in batches, never holding it. Returns how many
-    /// changes were appended.
+    /// appended. Reads the transaction one change at a time, never holding it. Returns how
+    /// many changes were appended.
     pub fn append_streamed_transaction(
         &mut self,
         xid: u32,
