@@ -219,7 +219,8 @@ struct Session {
     streamed: HashMap<u32, StreamedTransaction>,
     /// The last position reported to the server.
     confirmed: Lsn,
-    /// The start of the last WAL data received.
+    /// The furthest WAL position of the data received (messages the server writes ahead of
+    /// the change they belong to, such as Relation, carry none).
     received: Lsn,
     /// Changes of the open transaction per relation oid, counted as captured at its Commit.
     captured: HashMap<u32, u64>,
@@ -525,7 +526,7 @@ impl PostgresSource {
                 }
                 message = connection.next_message(), if !backpressure.paused => match message? {
                     ReplicationMessage::XLogData { wal_start, data, .. } => {
-                        session.received = wal_start;
+                        session.received = session.received.max(wal_start);
                         let message = pgoutput::decode(&data, session.streaming.is_some())
                             .map_err(|source| SourceError::Decode { lsn: wal_start, source })?;
                         session.handle(writer, wal_start, message).await?;
