@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use self::spill::Spill;
+use self::spill::{Spill, SpillReader};
 
 use crate::event::{ChangeEvent, Lsn, Record, Relation, RelationId, TxBegin};
 
@@ -230,6 +230,7 @@ impl OffsetLog {
             relations: HashMap::new(),
             open_begin: None,
             spill: Spill::open(&self.spill_dir)?,
+            moving: None,
         })
     }
 
@@ -490,6 +491,8 @@ pub struct LogWriter {
     open_begin: Option<u64>,
     /// Changes of streamed transactions that have not committed yet.
     spill: Spill,
+    /// The committed streamed transaction being appended, and where its reading stands.
+    moving: Option<(u32, SpillReader)>,
 }
 
 impl LogWriter {
@@ -541,6 +544,7 @@ impl LogWriter {
     /// Removes what the log holds of transactions whose commit has not come (the one being
     /// appended, and the streamed ones): a source that lost its connection receives them again.
     pub fn discard_uncommitted(&mut self) -> Result<(), LogError> {
+        self.moving = None;
         self.spill.discard_all()?;
         let Some(begin) = self.open_begin.take() else {
             return Ok(());
@@ -564,19 +568,27 @@ impl LogWriter {
         Ok(self.spill.append(xid, subxid, &encode(change))?)
     }
 
-    /// Appends the changes streamed for transaction `xid`, in arrival order, leaving out those
-    /// of `aborted` subtransactions, and forgets them; `inspect` (when given) sees each change
-    /// appended. Reads the transaction one change at a time, never holding it. Returns how
-    /// many changes were appended.
+    /// Appends up to `max` of the changes streamed for transaction `xid`, in arrival order,
+    /// leaving out those of `aborted` subtransactions, and forgets them; `inspect` (when given)
+    /// sees each change appended. Reads the transaction one change at a time, never holding
+    /// it; the next call goes on where this one stopped. Returns how many changes were
+    /// appended and whether the transaction's changes are all in the log.
     pub fn append_streamed_transaction(
         &mut self,
         xid: u32,
         aborted: &HashSet<u32>,
         mut inspect: Option<InspectChange<'_>>,
-    ) -> Result<u64, LogError> {
-        let mut reader = self.spill.read(xid)?;
+        max: usize,
+    ) -> Result<(u64, bool), LogError> {
+        let mut reader = match self.moving.take() {
+            Some((moving, reader)) if moving == xid => reader,
+            _ => self.spill.read(xid)?,
+        };
         let mut appended = 0;
-        while let Some((subxid, record)) = reader.next()? {
+        for _ in 0..max {
+            let Some((subxid, record)) = reader.next()? else {
+                return Ok((appended, true));
+            };
             if aborted.contains(&subxid) {
                 continue;
             }
@@ -588,7 +600,8 @@ impl LogWriter {
             self.insert(record)?;
             appended += 1;
         }
-        Ok(appended)
+        self.moving = Some((xid, reader));
+        Ok((appended, false))
     }
 
     /// Forgets the changes streamed for transaction `xid` (it aborted, or the log holds it).
@@ -960,7 +973,7 @@ mod tests {
         let log = OffsetLog::open(dir.path()).unwrap();
         let mut writer = log.writer().unwrap();
         // Transaction 7 streams three changes, one of them in subtransaction 8, which aborts;
-        // transaction 9 streams one change and aborts; transaction 5 commits meanwhile.
+        // transaction 9 streams one change and aborts; another commits meanwhile.
         writer.append_streamed(7, 7, &change(10)).unwrap();
         writer.append_streamed(9, 9, &change(11)).unwrap();
         writer.append_streamed(7, 8, &change(12)).unwrap();
@@ -975,12 +988,16 @@ mod tests {
         };
         let aborted = HashSet::from([8]);
         let appended = writer
-            .append_streamed_transaction(7, &aborted, Some(&mut inspect))
+            .append_streamed_transaction(7, &aborted, Some(&mut inspect), 1)
+            .unwrap();
+        assert_eq!(appended, (1, false), "one change per call");
+        let appended = writer
+            .append_streamed_transaction(7, &aborted, Some(&mut inspect), 10)
             .unwrap();
         writer.append(&commit(30)).unwrap();
         log.flush().await.unwrap();
 
-        assert_eq!(appended, 2);
+        assert_eq!(appended, (1, true));
         assert_eq!(inspected, vec![10, 13]);
         let records = durable_records(&log);
         assert_eq!(
@@ -1023,9 +1040,13 @@ mod tests {
         assert_eq!(std::fs::read_dir(&streams).unwrap().count(), 0);
         writer.append(&begin(30)).unwrap();
         let appended = writer
-            .append_streamed_transaction(7, &HashSet::new(), None)
+            .append_streamed_transaction(7, &HashSet::new(), None, 10)
             .unwrap();
-        assert_eq!(appended, 0, "a change of an earlier process was appended");
+        assert_eq!(
+            appended,
+            (0, true),
+            "a change of an earlier process was appended"
+        );
     }
 
     #[test]

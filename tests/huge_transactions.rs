@@ -79,7 +79,13 @@ impl Scenario {
     /// Starts it all with [`SCHEMA`] and `more_schema` in the source, and waits until the
     /// agent streams.
     fn start(more_schema: &str, sinks: &'static [Sink]) -> Scenario {
-        let pg = PgCluster::start_with(&[("logical_decoding_work_mem", "1MB")]);
+        // A walsender ends a connection silent for longer than its timeout: appending a
+        // committed streamed transaction of a million changes takes the agent longer than
+        // this, so it must keep telling the server it is alive meanwhile.
+        let pg = PgCluster::start_with(&[
+            ("logical_decoding_work_mem", "1MB"),
+            ("wal_sender_timeout", "2s"),
+        ]);
         let db = pg.fresh_database("source");
         let wh = pg.fresh_database("warehouse");
         pg.psql(&db, &format!("{SCHEMA}\n{more_schema}"));
@@ -294,6 +300,11 @@ fn a_million_row_transaction_replicates_exactly_to_merge_and_scd2() {
     );
 
     s.assert_streamed(3);
+    assert!(
+        !s.agent.log().contains("source interrupted"),
+        "the replication connection was lost:\n{}",
+        s.agent.log()
+    );
     assert!(s.agent.terminate().success());
 }
 

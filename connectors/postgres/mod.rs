@@ -34,7 +34,9 @@ use crate::config::{ConnectionUrl, PostgresSourceConfig, SnapshotMode};
 use crate::event::{
     ChangeEvent, Column, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit, Value,
 };
-use crate::log::{LogError, LogWriter, SnapshotState, SourceIdentity, TableSnapshots};
+use crate::log::{
+    InspectChange, LogError, LogWriter, SnapshotState, SourceIdentity, TableSnapshots,
+};
 use crate::retry::{is_transient, RetryPolicy};
 use crate::telemetry::Telemetry;
 
@@ -154,6 +156,9 @@ pub struct PostgresSource {
 
 /// How often the log's size is compared with `agent.log_max_bytes`.
 const BACKPRESSURE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Changes of a committed streamed transaction appended between two status updates (well
+/// under a second).
+const STREAMED_PART_CHANGES: usize = 50_000;
 
 /// Capture (reading WAL, or copying the snapshot) stops while the log holds more than `max`
 /// bytes (the slowest sink is that far behind) and goes on below nine tenths of it; the
@@ -529,7 +534,7 @@ impl PostgresSource {
                         session.received = session.received.max(wal_start);
                         let message = pgoutput::decode(&data, session.streaming.is_some())
                             .map_err(|source| SourceError::Decode { lsn: wal_start, source })?;
-                        session.handle(writer, wal_start, message).await?;
+                        session.handle(connection, writer, wal_start, message).await?;
                     }
                     ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested } => {
                         // Idle and everything received is durable: the server may forget
@@ -754,6 +759,7 @@ impl Session {
 
     async fn handle(
         &mut self,
+        connection: &mut ReplicationConnection,
         writer: &mut LogWriter,
         lsn: Lsn,
         message: LogicalMessage,
@@ -798,7 +804,8 @@ impl Session {
                 let streamed = self.streamed.remove(&xid).unwrap_or_default();
                 self.begin(writer, xid, Lsn(commit_lsn), commit_ts)?;
                 if let Some(OpenTransaction::Logging) = self.open {
-                    self.append_streamed(writer, xid, streamed)?;
+                    self.append_streamed(connection, writer, xid, streamed)
+                        .await?;
                 }
                 writer.discard_streamed(xid)?;
                 self.commit(writer, commit_lsn, end_lsn, commit_ts)?;
@@ -905,9 +912,13 @@ impl Session {
     }
 
     /// Appends a committed streamed transaction's changes (after its Begin): what an
-    /// incremental snapshot's window must know of them, their count, its watermarks.
-    fn append_streamed(
+    /// incremental snapshot's window must know of them, their count, its watermarks. A large
+    /// one takes seconds: a status update between parts tells the server the agent is alive
+    /// (it ends a connection silent for `wal_sender_timeout`, and would send the transaction
+    /// again, and again).
+    async fn append_streamed(
         &mut self,
+        connection: &mut ReplicationConnection,
         writer: &mut LogWriter,
         xid: u32,
         streamed: StreamedTransaction,
@@ -929,11 +940,18 @@ impl Session {
             Ok(())
         };
         let started = Instant::now();
-        let appended = writer.append_streamed_transaction(
-            xid,
-            aborted,
-            if window_open { Some(&mut note) } else { None },
-        )?;
+        let mut appended = 0;
+        loop {
+            let inspect: Option<InspectChange<'_>> =
+                if window_open { Some(&mut note) } else { None };
+            let (part, done) =
+                writer.append_streamed_transaction(xid, aborted, inspect, STREAMED_PART_CHANGES)?;
+            appended += part;
+            if done {
+                break;
+            }
+            connection.send_status(self.confirmed).await?;
+        }
         tracing::debug!(
             xid,
             changes = appended,
