@@ -1,42 +1,44 @@
-//! The durable offset log on sled: every captured transaction as Begin, its changes, Commit,
-//! under big-endian sequence numbers so sled's byte order is log order.
+//! The durable offset log: every captured transaction as Begin, its changes, Commit, under
+//! consecutive sequence numbers. The records are in append-only segment files (`segments`);
+//! sled keeps what is small and changes in place: sink cursors, relations, metadata.
 //!
-//! The invariant it keeps: a position is *durable* only after `flush_async` has returned for
-//! everything up to it, and only durable, committed transactions are visible to readers or
-//! may be confirmed to the source. Changes are written as they arrive, so a transaction is never
+//! The invariant it keeps: a position is *durable* only after the records up to it (and sled,
+//! for the relations they name) are fsynced, and only durable, committed transactions are
+//! visible to readers or may be confirmed to the source. Changes are written as they arrive, so a transaction is never
 //! held whole in memory; a crash in the middle of one leaves a tail after the last Commit that
 //! `open` removes. Each sink has a cursor; records below the slowest cursor's transaction are
-//! trimmed.
+//! trimmed (their segment files removed once wholly below it).
 //!
 //! Changes the server streams before their transaction commits (pgoutput v2) wait in a file
 //! per transaction (`spill`) and move into the log at the commit: sinks see transactions whole
 //! and in commit order, and a crash or a reconnection discards them (the server sends an
 //! unfinished transaction again).
 
+mod segments;
 mod spill;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use self::segments::{Kind, Location, SegmentError, SegmentReader, SegmentWriter, Segments};
 use self::spill::{Spill, SpillReader};
 
 use crate::event::{ChangeEvent, Lsn, Record, Relation, RelationId, TxBegin};
 
-/// Bumped whenever the on-disk encoding changes; `open` refuses other versions.
-const FORMAT_VERSION: u64 = 1;
+/// Bumped whenever the on-disk encoding changes; `open` refuses other versions. Version 2 moved
+/// the records from sled into segment files.
+const FORMAT_VERSION: u64 = 2;
 const FORMAT_KEY: &[u8] = b"format_version";
 const ID_KEY: &[u8] = b"log_id";
 const SOURCE_KEY: &[u8] = b"source_identity";
 const SNAPSHOT_KEY: &[u8] = b"snapshot";
 const CONFIRMED_KEY: &[u8] = b"confirmed_without_commit";
 const TABLE_SNAPSHOTS_KEY: &[u8] = b"table_snapshots";
-/// The record size `held_bytes` assumes before this process appended any.
-const DEFAULT_RECORD_BYTES: u64 = 256;
 /// Keeps sled's page cache from claiming its 1 GiB default (DESIGN, bounded memory).
 const CACHE_CAPACITY_BYTES: u64 = 4 * 1024 * 1024;
 
@@ -71,6 +73,8 @@ pub enum LogError {
     Format { path: PathBuf, found: u64 },
     #[error("offset log I/O: {0}")]
     Io(#[from] sled::Error),
+    #[error(transparent)]
+    Records(SegmentError),
     #[error(
         "offset log record {seq} is corrupt ({reason}); the log cannot be trusted: move \
          agent.data_dir aside and re-snapshot"
@@ -85,6 +89,15 @@ pub enum LogError {
 }
 
 /// The position of the last committed transaction that is durable in the log.
+impl From<SegmentError> for LogError {
+    fn from(error: SegmentError) -> LogError {
+        match error {
+            SegmentError::Damaged { path, reason } => LogError::Damaged { path, reason },
+            io => LogError::Records(io),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Durable {
     /// Sequence number of its Commit record; 0 when the log holds nothing yet.
@@ -145,10 +158,12 @@ pub struct OffsetLog {
     /// Held for the life of the log: one agent per data_dir.
     _lock: std::fs::File,
     db: sled::Db,
-    entries: sled::Tree,
-    /// Begin sequence → Commit sequence (empty while the transaction is open), so finding the
-    /// transaction a position is in never walks the records of a large transaction.
-    transactions: sled::Tree,
+    /// The segment files of the records; locked only to look up or note a place, never
+    /// across I/O.
+    records: Mutex<Segments>,
+    records_dir: PathBuf,
+    /// sled holds something the next flush must make durable (a relation, the snapshot list).
+    meta_dirty: AtomicBool,
     relations: sled::Tree,
     cursors: sled::Tree,
     meta: sled::Tree,
@@ -156,10 +171,6 @@ pub struct OffsetLog {
     spill_dir: PathBuf,
     /// The last Commit appended (durable or not), published by the writer for the flusher.
     appended: watch::Sender<Durable>,
-    /// Records appended by this process and their encoded bytes: their average sizes the
-    /// records the log holds.
-    appended_records: AtomicU64,
-    appended_bytes: AtomicU64,
     durable: watch::Sender<Durable>,
     relation_cache: Mutex<HashMap<RelationId, Arc<Relation>>>,
 }
@@ -190,10 +201,25 @@ impl OffsetLog {
                 id
             }
         };
-        let entries = db.open_tree("entries")?;
-        let transactions = db.open_tree("transactions")?;
-        let durable = drop_uncommitted_tail(&entries, &transactions)?;
         db.flush()?;
+        let records_dir = dir.join("records");
+        let opened = Segments::open(&records_dir)?;
+        let durable = match opened.last_commit {
+            Some((seq, payload)) => match decode(seq, &payload)? {
+                Record::Commit(commit) => Durable {
+                    seq,
+                    commit_lsn: commit.commit_lsn,
+                    end_lsn: commit.end_lsn,
+                },
+                _ => {
+                    return Err(LogError::Corrupt {
+                        seq,
+                        reason: "a record marked Commit holds something else".into(),
+                    })
+                }
+            },
+            None => Durable::default(),
+        };
         Ok(Arc::new(OffsetLog {
             id,
             path,
@@ -201,13 +227,12 @@ impl OffsetLog {
             relations: db.open_tree("relations")?,
             cursors: db.open_tree("cursors")?,
             meta,
-            entries,
-            transactions,
+            records: Mutex::new(opened.segments),
+            records_dir,
+            meta_dirty: AtomicBool::new(false),
             spill_dir: dir.join("streams"),
             db,
             appended: watch::channel(durable).0,
-            appended_records: AtomicU64::new(0),
-            appended_bytes: AtomicU64::new(0),
             durable: watch::channel(durable).0,
             relation_cache: Mutex::new(HashMap::new()),
         }))
@@ -223,10 +248,20 @@ impl OffsetLog {
 
     /// The writer side. There is one writer: the source task.
     pub fn writer(self: &Arc<Self>) -> Result<LogWriter, LogError> {
-        let last = self.entries.last()?.map(|(k, _)| key_seq(&k)).transpose()?;
+        let next_seq = self.durable().seq + 1;
+        let (file, committed_end) = {
+            let mut records = lock(&self.records);
+            let end = records.end().unwrap_or(Location {
+                segment: next_seq,
+                offset: 0,
+            });
+            (SegmentWriter::open(&mut records, end)?, end)
+        };
         Ok(LogWriter {
             log: Arc::clone(self),
-            next_seq: last.unwrap_or(0) + 1,
+            next_seq,
+            file,
+            committed_end,
             relations: HashMap::new(),
             open_begin: None,
             spill: Spill::open(&self.spill_dir)?,
@@ -274,6 +309,7 @@ impl OffsetLog {
     /// next flush, with (or after) the transaction that logged the rows it counts.
     pub fn set_table_snapshots(&self, snapshots: &TableSnapshots) -> Result<(), LogError> {
         self.meta.insert(TABLE_SNAPSHOTS_KEY, encode(snapshots))?;
+        self.meta_dirty.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -314,7 +350,7 @@ impl OffsetLog {
         loop {
             let target = *appended.borrow_and_update();
             if target.seq > self.durable().seq {
-                self.db.flush_async().await?;
+                self.sync().await?;
                 self.durable.send_replace(target);
                 continue;
             }
@@ -327,58 +363,87 @@ impl OffsetLog {
     /// Flushes everything appended and publishes it; used at shutdown.
     pub async fn flush(&self) -> Result<Durable, LogError> {
         let target = *self.appended.borrow();
-        self.db.flush_async().await?;
+        self.sync().await?;
         if target.seq > self.durable().seq {
             self.durable.send_replace(target);
         }
         Ok(self.durable())
     }
 
+    /// Makes everything appended before the call durable: the segment being appended to
+    /// (full ones were fsynced when closed) and sled if it holds something new.
+    async fn sync(&self) -> Result<(), LogError> {
+        let active = lock(&self.records).active();
+        if let Some(file) = active {
+            let dir = self.records_dir.clone();
+            tokio::task::spawn_blocking(move || file.sync_data())
+                .await
+                .map_err(|e| LogError::Background(e.to_string()))?
+                .map_err(|source| LogError::Records(SegmentError::Io { path: dir, source }))?;
+        }
+        if self.meta_dirty.swap(false, Ordering::AcqRel) {
+            self.db.flush_async().await?;
+        }
+        Ok(())
+    }
+
     /// Up to `max` durable records after `after`, in log order.
     pub fn read(&self, after: u64, max: usize) -> Result<Vec<LogEntry>, LogError> {
         let limit = self.durable().seq;
-        let mut out = Vec::new();
-        if after >= limit {
-            return Ok(out);
-        }
-        for item in self
-            .entries
-            .range(seq_key(after + 1)..=seq_key(limit))
-            .take(max)
-        {
-            let (k, v) = item?;
-            let seq = key_seq(&k)?;
+        let Some(mut reader) = self.reader_at((after + 1).max(self.floor()), limit)? else {
+            return Ok(Vec::new());
+        };
+        let wanted = (limit - reader.position().0 + 1).min(max as u64);
+        let mut out = Vec::with_capacity(wanted as usize);
+        while (out.len() as u64) < wanted {
+            let Some(frame) = reader.next()? else {
+                return Err(self.missing(reader.position().0));
+            };
             out.push(LogEntry {
-                seq,
-                record: decode(seq, &v)?,
+                seq: frame.seq,
+                record: decode(frame.seq, &frame.payload)?,
             });
         }
+        let (next, at) = reader.position();
+        lock(&self.records).remember(next, at);
         Ok(out)
     }
 
-    /// Sequence number of the oldest record the log still holds.
-    pub fn first_seq(&self) -> Result<Option<u64>, LogError> {
-        self.entries
-            .first()?
-            .map(|(key, _)| key_seq(&key))
-            .transpose()
+    /// A reader whose next record is `seq`, if `seq` is durable (at most `limit`).
+    fn reader_at(&self, seq: u64, limit: u64) -> Result<Option<SegmentReader>, LogError> {
+        if seq > limit || limit == 0 {
+            return Ok(None);
+        }
+        let (from, at) = lock(&self.records).nearest(seq);
+        let mut reader = SegmentReader::at(&self.records_dir, from, at)?;
+        while reader.position().0 < seq {
+            if reader.skip()?.is_none() {
+                return Err(self.missing(reader.position().0));
+            }
+        }
+        Ok(Some(reader))
     }
 
-    /// About how many bytes of records the log holds (what the sinks have not all applied
-    /// plus what the trimmer has not removed yet): the records between the first and the
-    /// last appended, times the average size of the records this process appended.
+    fn missing(&self, seq: u64) -> LogError {
+        LogError::Corrupt {
+            seq,
+            reason: format!(
+                "the record is missing from {} although the log reaches {}",
+                self.records_dir.display(),
+                self.durable().seq
+            ),
+        }
+    }
+
+    /// The oldest record readers see: records below it are trimmed.
+    fn floor(&self) -> u64 {
+        lock(&self.records).floor()
+    }
+
+    /// Bytes of records the log holds from its oldest on (what the sinks have not all
+    /// applied plus what the trimmer has not removed yet), durable or not.
     pub fn held_bytes(&self) -> Result<u64, LogError> {
-        let Some(first) = self.first_seq()? else {
-            return Ok(0);
-        };
-        let last = self.appended.borrow().seq;
-        let records = self.appended_records.load(Ordering::Relaxed);
-        let average = self
-            .appended_bytes
-            .load(Ordering::Relaxed)
-            .checked_div(records)
-            .unwrap_or(DEFAULT_RECORD_BYTES);
-        Ok((last + 1).saturating_sub(first) * average)
+        Ok(lock(&self.records).held_bytes())
     }
 
     /// Waits until the durable position passes `after`.
@@ -389,28 +454,35 @@ impl OffsetLog {
 
     /// The Begin of the transaction that contains `seq`, so a reader resuming in the middle
     /// of a transaction knows which transaction it is in. `None` between transactions.
+    /// Only durable records count: past the durable position this is `None`.
     pub fn transaction_of(&self, seq: u64) -> Result<Option<(u64, TxBegin)>, LogError> {
-        let Some((key, commit)) = self
-            .transactions
-            .range(..=seq_key(seq))
-            .next_back()
-            .transpose()?
-        else {
-            return Ok(None);
-        };
-        let begin_seq = key_seq(&key)?;
-        if decode_u64(&commit).is_some_and(|commit_seq| commit_seq < seq) {
+        let limit = self.durable().seq;
+        if seq < self.floor() {
             return Ok(None);
         }
-        match self.entries.get(key)? {
-            Some(bytes) => match decode(begin_seq, &bytes)? {
-                Record::Begin(begin) => Ok(Some((begin_seq, begin))),
-                _ => Err(LogError::Corrupt {
-                    seq: begin_seq,
-                    reason: "the transaction index points at a record that is not a Begin".into(),
-                }),
-            },
-            None => Ok(None),
+        let Some(mut reader) = self.reader_at(seq, limit)? else {
+            return Ok(None);
+        };
+        let Some((begin_seq, _)) = reader.skip()? else {
+            return Err(self.missing(seq));
+        };
+        if begin_seq < self.floor() {
+            return Ok(None);
+        }
+        let Some(frame) = self
+            .reader_at(begin_seq, limit)?
+            .map(|mut r| r.next())
+            .transpose()?
+            .flatten()
+        else {
+            return Err(self.missing(begin_seq));
+        };
+        match decode(begin_seq, &frame.payload)? {
+            Record::Begin(begin) if frame.kind == Kind::Begin => Ok(Some((begin_seq, begin))),
+            _ => Err(LogError::Corrupt {
+                seq: begin_seq,
+                reason: format!("record {seq} names it as its transaction's Begin, it is not"),
+            }),
         }
     }
 
@@ -441,11 +513,11 @@ impl OffsetLog {
         Ok(())
     }
 
-    /// Removes records every listed sink has applied, keeping the transaction the slowest
-    /// sink is in and the last Commit (which anchors the log's position). Removes at most
-    /// `max` records per call, so a trim after a large transaction holds little in memory.
-    /// Returns how many records were removed.
-    pub fn trim(&self, sinks: &[&str], max: usize) -> Result<usize, LogError> {
+    /// Trims records every listed sink has applied, keeping the transaction the slowest sink
+    /// is in and the last Commit (which anchors the log's position): readers no longer see
+    /// them, and segment files wholly below are removed. Returns how many records were
+    /// trimmed.
+    pub fn trim(&self, sinks: &[&str]) -> Result<u64, LogError> {
         let durable = self.durable().seq;
         let mut slowest = durable;
         for sink in sinks {
@@ -456,26 +528,26 @@ impl OffsetLog {
             None => slowest + 1,
         }
         .min(durable);
-        // One remove at a time: a sled batch keeps every page it replaces in memory until it
-        // is applied.
-        let mut removed = 0;
-        for item in self.entries.range(..seq_key(keep_from)).keys().take(max) {
-            self.entries.remove(item?)?;
-            removed += 1;
+        let floor = self.floor();
+        if keep_from <= floor {
+            return Ok(0);
         }
-        for item in self.transactions.range(..seq_key(keep_from)).keys() {
-            let key = item?;
-            if self.entries.get(&key)?.is_some() {
-                break;
-            }
-            self.transactions.remove(key)?;
+        let Some(reader) = self.reader_at(keep_from, durable)? else {
+            return Ok(0);
+        };
+        let (_, at) = reader.position();
+        drop(reader);
+        let below = lock(&self.records).raise_floor(keep_from, at);
+        for path in below {
+            std::fs::remove_file(&path)
+                .map_err(|source| LogError::Records(SegmentError::Io { path, source }))?;
         }
-        Ok(removed)
+        Ok(keep_from - floor)
     }
 
     /// Bytes the log occupies on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.db.size_on_disk().unwrap_or(0) + lock(&self.records).bytes()
     }
 }
 
@@ -486,6 +558,9 @@ pub type InspectChange<'a> = &'a mut dyn FnMut(&ChangeEvent) -> Result<(), LogEr
 pub struct LogWriter {
     log: Arc<OffsetLog>,
     next_seq: u64,
+    file: SegmentWriter,
+    /// Where the last Commit appended ends: what discarding an open transaction goes back to.
+    committed_end: Location,
     relations: HashMap<u32, (RelationId, Arc<Relation>)>,
     /// Sequence of the open transaction's Begin.
     open_begin: Option<u64>,
@@ -503,22 +578,20 @@ impl LogWriter {
     }
 
     pub fn append(&mut self, record: &Record) -> Result<u64, LogError> {
-        let seq = self.insert(&encode(record))?;
+        let kind = match record {
+            Record::Begin(_) => Kind::Begin,
+            Record::Change(_) => Kind::Change,
+            Record::Commit(_) => Kind::Commit,
+        };
+        let seq = self.insert(kind, &encode(record))?;
         match record {
-            Record::Begin(_) => {
-                self.log.transactions.insert(seq_key(seq), &[])?;
-                self.open_begin = Some(seq);
-            }
-            Record::Commit(_) => {
-                if let Some(begin) = self.open_begin.take() {
-                    self.log
-                        .transactions
-                        .insert(seq_key(begin), &seq.to_be_bytes())?;
-                }
-            }
+            Record::Begin(_) => self.open_begin = Some(seq),
+            Record::Commit(_) => self.open_begin = None,
             Record::Change(_) => {}
         }
         if let Record::Commit(commit) = record {
+            self.file.write_out(&mut lock(&self.log.records))?;
+            self.committed_end = self.file.end();
             self.log.appended.send_replace(Durable {
                 seq,
                 commit_lsn: commit.commit_lsn,
@@ -528,15 +601,18 @@ impl LogWriter {
         Ok(seq)
     }
 
-    /// Stores an encoded record under the next sequence number, and returns that. One insert
-    /// at a time: a sled batch keeps every page it replaces in memory until it is applied.
-    fn insert(&mut self, record: &[u8]) -> Result<u64, LogError> {
+    /// Stores an encoded record under the next sequence number, and returns that.
+    fn insert(&mut self, kind: Kind, record: &[u8]) -> Result<u64, LogError> {
         let seq = self.next_seq;
-        self.log
-            .appended_bytes
-            .fetch_add(record.len() as u64, Ordering::Relaxed);
-        self.log.appended_records.fetch_add(1, Ordering::Relaxed);
-        self.log.entries.insert(seq_key(seq), record)?;
+        if self.file.full() {
+            self.file.start_segment(&mut lock(&self.log.records), seq)?;
+        }
+        let begin = match kind {
+            Kind::Begin => seq,
+            Kind::Change | Kind::Commit => self.open_begin.unwrap_or(seq),
+        };
+        let at = self.file.append(seq, begin, kind, record)?;
+        lock(&self.log.records).appended(seq, at);
         self.next_seq += 1;
         Ok(seq)
     }
@@ -549,10 +625,8 @@ impl LogWriter {
         let Some(begin) = self.open_begin.take() else {
             return Ok(());
         };
-        for seq in begin..self.next_seq {
-            self.log.entries.remove(seq_key(seq))?;
-        }
-        self.log.transactions.remove(seq_key(begin))?;
+        self.file
+            .truncate(&mut lock(&self.log.records), begin, self.committed_end)?;
         self.next_seq = begin;
         Ok(())
     }
@@ -597,7 +671,7 @@ impl LogWriter {
                     inspect(&change)?;
                 }
             }
-            self.insert(record)?;
+            self.insert(Kind::Change, record)?;
             appended += 1;
         }
         self.moving = Some((xid, reader));
@@ -623,6 +697,7 @@ impl LogWriter {
         self.log
             .relations
             .insert(id.0.to_be_bytes(), encode(&relation))?;
+        self.log.meta_dirty.store(true, Ordering::Release);
         let relation = Arc::new(relation);
         self.relations
             .insert(relation.oid, (id, Arc::clone(&relation)));
@@ -695,53 +770,6 @@ pub fn lock_data_dir(dir: &Path) -> Result<std::fs::File, LogError> {
         }),
         Err(std::fs::TryLockError::Error(e)) => Err(data_dir_error(e)),
     }
-}
-
-/// Removes records after the last Commit (and the index entries of their transactions) and
-/// returns the position of that Commit. The tail is whatever a crash left of a transaction
-/// that never committed; it may be long, so it is removed as it is read, never collected.
-fn drop_uncommitted_tail(
-    entries: &sled::Tree,
-    transactions: &sled::Tree,
-) -> Result<Durable, LogError> {
-    // An open transaction in the index: its Commit-less records start at its Begin, and the
-    // last Commit lies just before it.
-    let search_below = match transactions.last()? {
-        Some((begin, commit)) if commit.is_empty() => key_seq(&begin)?,
-        _ => u64::MAX,
-    };
-    let mut durable = Durable::default();
-    for item in entries.range(..seq_key(search_below)).rev() {
-        let (k, v) = item?;
-        let seq = key_seq(&k)?;
-        if let Record::Commit(commit) = decode(seq, &v)? {
-            durable = Durable {
-                seq,
-                commit_lsn: commit.commit_lsn,
-                end_lsn: commit.end_lsn,
-            };
-            break;
-        }
-    }
-    let tail = seq_key(durable.seq + 1)..;
-    for key in entries.range(tail.clone()).keys() {
-        entries.remove(key?)?;
-    }
-    for key in transactions.range(tail).keys() {
-        transactions.remove(key?)?;
-    }
-    Ok(durable)
-}
-
-fn seq_key(seq: u64) -> [u8; 8] {
-    seq.to_be_bytes()
-}
-
-fn key_seq(key: &[u8]) -> Result<u64, LogError> {
-    decode_u64(key).ok_or_else(|| LogError::Corrupt {
-        seq: 0,
-        reason: format!("key of {} bytes, expected 8", key.len()),
-    })
 }
 
 fn decode_u64(bytes: &[u8]) -> Option<u64> {
@@ -923,7 +951,7 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!(log.trim(&["a", "b"], usize::MAX).unwrap(), 5);
+        assert_eq!(log.trim(&["a", "b"]).unwrap(), 5);
         assert_eq!(log.read(0, 100).unwrap().first().map(|e| e.seq), Some(6));
         assert_eq!(log.transaction_of(8).unwrap().map(|(s, _)| s), Some(6));
         log.store_cursor(
@@ -935,7 +963,7 @@ mod tests {
         )
         .await
         .unwrap();
-        log.trim(&["a", "b"], usize::MAX).unwrap();
+        log.trim(&["a", "b"]).unwrap();
         let left = log.read(0, 100).unwrap();
         assert_eq!(left.len(), 1, "the last Commit anchors the position");
         assert_eq!(left[0].record, commit(200));
@@ -1047,6 +1075,235 @@ mod tests {
             (0, true),
             "a change of an earlier process was appended"
         );
+    }
+
+    /// A change of about 4 KiB: a few thousand of them fill a segment.
+    fn wide_change(lsn: u64) -> Record {
+        Record::Change(ChangeEvent {
+            relation: RelationId(1),
+            lsn: Lsn(lsn),
+            op: Op::Insert,
+            before: None,
+            after: Some(vec![Value::Int(lsn as i64), Value::Text("x".repeat(4096))]),
+        })
+    }
+
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("records"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// Appends transactions of `changes` wide changes, with commit LSNs from `first_lsn` on,
+    /// until the log has `segments` segment files; returns the last commit LSN.
+    fn append_wide(writer: &mut LogWriter, first_lsn: u64, changes: u64, segments: usize) -> u64 {
+        let dir = writer.log().records_dir.clone();
+        let mut lsn = first_lsn;
+        while std::fs::read_dir(&dir).unwrap().count() < segments {
+            writer.append(&begin(lsn)).unwrap();
+            for i in 0..changes {
+                writer.append(&wide_change(lsn * 1000 + i)).unwrap();
+            }
+            writer.append(&commit(lsn)).unwrap();
+            lsn += 1;
+        }
+        lsn - 1
+    }
+
+    #[tokio::test]
+    async fn records_span_segments_and_trimming_removes_whole_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = OffsetLog::open(dir.path()).unwrap();
+        let mut writer = log.writer().unwrap();
+        let last = append_wide(&mut writer, 1, 10, 4);
+        log.flush().await.unwrap();
+        assert_eq!(segment_files(dir.path()).len(), 4);
+
+        // Read in odd-sized pieces: every record once, in order, across the boundaries.
+        let mut after = 0;
+        let mut seen = 0;
+        loop {
+            let batch = log.read(after, 777).unwrap();
+            let Some(end) = batch.last() else { break };
+            for (i, entry) in batch.iter().enumerate() {
+                assert_eq!(entry.seq, after + 1 + i as u64);
+            }
+            after = end.seq;
+            seen += batch.len() as u64;
+        }
+        assert_eq!(seen, log.durable().seq);
+        assert_eq!(log.durable().commit_lsn, Lsn(last));
+        // A record in the third segment knows its transaction's Begin.
+        let in_third = log.durable().seq * 2 / 3;
+        let (begin_seq, tx) = log.transaction_of(in_third).unwrap().unwrap();
+        assert_eq!((in_third - begin_seq) / 12, 0, "12 records per transaction");
+        assert_eq!((in_third - 1) / 12 * 12 + 1, begin_seq);
+        assert_eq!(tx.commit_lsn, Lsn((begin_seq - 1) / 12 + 1));
+
+        let held = log.held_bytes().unwrap();
+        log.store_cursor(
+            "a",
+            &SinkCursor {
+                seq: in_third,
+                state: vec![],
+            },
+        )
+        .await
+        .unwrap();
+        let (keep_from, _) = log.transaction_of(in_third + 1).unwrap().unwrap();
+        assert_eq!(log.trim(&["a"]).unwrap(), keep_from - 1);
+        assert_eq!(
+            segment_files(dir.path()).len(),
+            2,
+            "the first two segments remain"
+        );
+        assert!(log.held_bytes().unwrap() < held / 2 + segments::SEGMENT_BYTES / 4);
+        assert_eq!(log.read(0, 1).unwrap()[0].seq, keep_from);
+
+        // Reopened: the same durable position, reading starts at a transaction's Begin.
+        drop(writer);
+        drop(log);
+        let log = OffsetLog::open(dir.path()).unwrap();
+        assert_eq!(log.durable().commit_lsn, Lsn(last));
+        let first = log.read(0, 1).unwrap();
+        assert!(matches!(first[0].record, Record::Begin(_)), "{first:?}");
+        assert!(first[0].seq <= keep_from);
+        let mut writer = log.writer().unwrap();
+        append_tx(&mut writer, last + 1, 1);
+        log.flush().await.unwrap();
+        let tail = log.read(log.durable().seq - 3, 10).unwrap();
+        assert_eq!(tail[0].record, begin(last + 1));
+        assert_eq!(tail.len(), 3);
+    }
+
+    /// Appends a transaction whose changes fill two segments, leaving it open.
+    fn append_open_wide(writer: &mut LogWriter, lsn: u64) {
+        writer.append(&begin(lsn)).unwrap();
+        for i in 0..(2 * segments::SEGMENT_BYTES / 4096) {
+            writer.append(&wide_change(i)).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn an_open_transaction_larger_than_a_segment_is_discarded_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = OffsetLog::open(dir.path()).unwrap();
+        let mut writer = log.writer().unwrap();
+        append_tx(&mut writer, 100, 2);
+        append_open_wide(&mut writer, 200);
+        assert_eq!(segment_files(dir.path()).len(), 3);
+        writer.discard_uncommitted().unwrap();
+        assert_eq!(segment_files(dir.path()).len(), 1);
+        append_tx(&mut writer, 300, 1);
+        log.flush().await.unwrap();
+        let read = log.read(0, 100).unwrap();
+        assert_eq!(
+            read.iter().map(|e| e.record.clone()).collect::<Vec<_>>(),
+            vec![
+                begin(100),
+                change(98),
+                change(99),
+                commit(100),
+                begin(300),
+                change(299),
+                commit(300)
+            ]
+        );
+        assert_eq!(read.last().map(|e| e.seq), Some(7));
+    }
+
+    #[tokio::test]
+    async fn a_crash_inside_a_transaction_larger_than_a_segment_leaves_the_last_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = OffsetLog::open(dir.path()).unwrap();
+            let mut writer = log.writer().unwrap();
+            append_tx(&mut writer, 100, 2);
+            append_open_wide(&mut writer, 200);
+            log.flush().await.unwrap();
+        }
+        let log = OffsetLog::open(dir.path()).unwrap();
+        assert_eq!(segment_files(dir.path()).len(), 1);
+        assert_eq!(log.durable().seq, 4);
+        let mut writer = log.writer().unwrap();
+        append_tx(&mut writer, 300, 1);
+        log.flush().await.unwrap();
+        assert_eq!(durable_records(&log)[4], begin(300));
+        assert_eq!(log.durable().seq, 7);
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_is_cut_off_at_the_last_whole_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = OffsetLog::open(dir.path()).unwrap();
+            let mut writer = log.writer().unwrap();
+            append_tx(&mut writer, 100, 2);
+            append_tx(&mut writer, 200, 2);
+            log.flush().await.unwrap();
+        }
+        // The last Commit half written, then garbage where the next record would be.
+        let segment = segment_files(dir.path()).remove(0);
+        let length = std::fs::metadata(&segment).unwrap().len();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .unwrap();
+        file.set_len(length - 5).unwrap();
+        drop(file);
+        let mut bytes = std::fs::read(&segment).unwrap();
+        bytes.extend_from_slice(&[0xAB; 40]);
+        std::fs::write(&segment, &bytes).unwrap();
+
+        let log = OffsetLog::open(dir.path()).unwrap();
+        assert_eq!(log.durable().commit_lsn, Lsn(100));
+        let mut writer = log.writer().unwrap();
+        append_tx(&mut writer, 300, 1);
+        log.flush().await.unwrap();
+        assert_eq!(
+            durable_records(&log)[4..],
+            [begin(300), change(299), commit(300)]
+        );
+    }
+
+    #[tokio::test]
+    async fn damage_before_the_last_segment_is_refused_and_a_damaged_record_is_not_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = OffsetLog::open(dir.path()).unwrap();
+            let mut writer = log.writer().unwrap();
+            append_wide(&mut writer, 1, 10, 2);
+            log.flush().await.unwrap();
+        }
+        let first = segment_files(dir.path()).remove(0);
+        let mut bytes = std::fs::read(&first).unwrap();
+        // A payload byte of a record in the middle: only its checksum shows it.
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xFF;
+        std::fs::write(&first, &bytes).unwrap();
+        let log = OffsetLog::open(dir.path()).unwrap();
+        let mut after = 0;
+        let error = loop {
+            match log.read(after, 1000) {
+                Ok(batch) => after = batch.last().unwrap().seq,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(error, LogError::Damaged { .. }), "{error}");
+        assert!(
+            error.to_string().contains("Move agent.data_dir aside"),
+            "{error}"
+        );
+        drop(log);
+
+        // A header damaged: the segment cannot be walked, and the log is refused at open.
+        bytes[0] ^= 0xFF;
+        std::fs::write(&first, &bytes).unwrap();
+        let error = OffsetLog::open(dir.path()).err().unwrap();
+        assert!(matches!(error, LogError::Damaged { .. }), "{error}");
     }
 
     #[test]

@@ -21,9 +21,6 @@ use crate::sinks::{AnySink, DeadLettered, SinkError};
 use crate::telemetry::{AppliedBatch, Telemetry};
 
 const TRIM_INTERVAL: Duration = Duration::from_secs(5);
-const TRIM_MAX_RECORDS: usize = 5_000;
-/// How many applied records may wait for trimming while a sink is still behind.
-const TRIM_DEFER_RECORDS: u64 = 500_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -355,27 +352,9 @@ async fn run_trimmer(
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(TRIM_INTERVAL) => {}
         }
-        // Removing a record costs about what logging it did: while the sinks work through a
-        // backlog it would compete with them, so it waits until they have caught up or the
-        // part of the log they are done with is large.
-        let mut slowest = log.durable().seq;
-        for name in &names {
-            slowest = slowest.min(log.cursor(name)?.map_or(0, |c| c.seq));
-        }
-        let done_with = slowest.saturating_sub(log.first_seq()?.unwrap_or(slowest));
-        if slowest < log.durable().seq && done_with < TRIM_DEFER_RECORDS {
-            continue;
-        }
-        // Bounded passes keep the memory of a large trim small; loop until caught up.
-        loop {
-            let removed = log.trim(&names, TRIM_MAX_RECORDS)?;
-            if removed > 0 {
-                tracing::debug!(removed, "log trimmed");
-            }
-            if removed < TRIM_MAX_RECORDS || stop.is_cancelled() {
-                break;
-            }
-            tokio::task::yield_now().await;
+        let trimmed = log.trim(&names)?;
+        if trimmed > 0 {
+            tracing::debug!(trimmed, "log trimmed");
         }
     }
 }

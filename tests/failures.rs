@@ -247,7 +247,7 @@ fn a_data_dir_moved_aside_is_recovered_by_a_snapshot_that_replaces_the_targets()
 }
 
 /// Bytes of the log overwritten on disk (a bad sector, a stray write): the agent refuses to
-/// start and says how to recover, whether sled reports the damage or takes it for a torn
+/// start and says how to recover, whether the log reports the damage or takes it for a torn
 /// tail and drops what follows (then the slot, confirmed further than the log reaches, shows
 /// it). The log stays where it is for inspection.
 #[test]
@@ -268,7 +268,10 @@ fn a_corrupt_log_file_is_refused_with_how_to_recover() {
         == 20000));
     assert!(agent.terminate().success());
 
-    let db_file = setup.data_dir().join("log").join("db");
+    let db_file = setup
+        .data_dir()
+        .join("records")
+        .join("00000000000000000001.seg");
     let mut bytes = std::fs::read(&db_file).unwrap();
     for byte in &mut bytes[64 * 1024..] {
         *byte = !*byte;
