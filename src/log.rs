@@ -15,7 +15,7 @@
 //! unfinished transaction again).
 
 mod segments;
-mod spill;
+pub mod spill;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -39,6 +39,8 @@ const SOURCE_KEY: &[u8] = b"source_identity";
 const SNAPSHOT_KEY: &[u8] = b"snapshot";
 const CONFIRMED_KEY: &[u8] = b"confirmed_without_commit";
 const TABLE_SNAPSHOTS_KEY: &[u8] = b"table_snapshots";
+/// Buffer of each streamed transaction's file: a streamed block is written in few system calls.
+const STREAM_BUFFER_BYTES: usize = 64 * 1024;
 /// Keeps sled's page cache from claiming its 1 GiB default (DESIGN, bounded memory).
 const CACHE_CAPACITY_BYTES: u64 = 4 * 1024 * 1024;
 
@@ -264,7 +266,7 @@ impl OffsetLog {
             committed_end,
             relations: HashMap::new(),
             open_begin: None,
-            spill: Spill::open(&self.spill_dir)?,
+            spill: Spill::open(&self.spill_dir, STREAM_BUFFER_BYTES)?,
             moving: None,
         })
     }
@@ -486,6 +488,26 @@ impl OffsetLog {
         }
     }
 
+    /// The sequence number of the Commit of the durable transaction whose Begin is
+    /// `begin_seq`, found without decoding the records between.
+    pub fn commit_of(&self, begin_seq: u64) -> Result<Option<u64>, LogError> {
+        let limit = self.durable().seq;
+        let Some(mut reader) = self.reader_at(begin_seq, limit)? else {
+            return Ok(None);
+        };
+        loop {
+            let (seq, _) = reader.position();
+            if seq > limit {
+                return Ok(None);
+            }
+            match reader.skip()? {
+                Some((_, Kind::Commit)) => return Ok(Some(seq)),
+                Some(_) => {}
+                None => return Err(self.missing(seq)),
+            }
+        }
+    }
+
     pub fn relation(&self, id: RelationId) -> Result<Arc<Relation>, LogError> {
         if let Some(r) = lock(&self.relation_cache).get(&id) {
             return Ok(Arc::clone(r));
@@ -660,7 +682,7 @@ impl LogWriter {
         };
         let mut appended = 0;
         for _ in 0..max {
-            let Some((subxid, record)) = reader.next()? else {
+            let Some((subxid, record)) = reader.next_record()? else {
                 return Ok((appended, true));
             };
             if aborted.contains(&subxid) {
@@ -1139,6 +1161,7 @@ mod tests {
         // A record in the third segment knows its transaction's Begin.
         let in_third = log.durable().seq * 2 / 3;
         let (begin_seq, tx) = log.transaction_of(in_third).unwrap().unwrap();
+        assert_eq!(log.commit_of(begin_seq).unwrap(), Some(begin_seq + 11));
         assert_eq!((in_third - begin_seq) / 12, 0, "12 records per transaction");
         assert_eq!((in_third - 1) / 12 * 12 + 1, begin_seq);
         assert_eq!(tx.commit_lsn, Lsn((begin_seq - 1) / 12 + 1));

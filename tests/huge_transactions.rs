@@ -334,8 +334,66 @@ fn one_version_per_key_when_a_transaction_spans_many_batches() {
         "0",
         "a key deleted in the transaction that created it has a version"
     );
+    assert!(
+        s.agent.log().contains("splitting it by key"),
+        "{}",
+        s.agent.log()
+    );
 
     s.assert_streamed(1);
+    assert!(s.agent.terminate().success());
+}
+
+#[test]
+fn a_large_transaction_that_truncates_or_moves_keys_is_one_version_per_key() {
+    let s = Scenario::start("", &[Sink::History]);
+    s.pg.psql(
+        &s.db,
+        "INSERT INTO big SELECT g, md5(g::text), g FROM generate_series(1, 30000) g",
+    );
+    // Every row updated, the table truncated, rows written again (some under old keys): split
+    // by key, each partition ends the versions before the truncate.
+    s.pg.psql(
+        &s.db,
+        "BEGIN;
+         UPDATE big SET n = n + 1;
+         TRUNCATE big;
+         INSERT INTO big SELECT g, md5(g::text), -g FROM generate_series(1, 40000) g;
+         COMMIT;",
+    );
+    s.sync();
+    assert_eq!(
+        s.history_shape(),
+        "versions 70000, current 40000, keys 40000, commits 2, ops c:70000"
+    );
+    assert_eq!(s.history_big("is_current"), s.source_big());
+    assert_eq!(
+        s.pg.psql(
+            &s.wh,
+            "SELECT count(DISTINCT valid_to) FROM history.big WHERE NOT is_current"
+        ),
+        "1",
+        "the truncate ends every earlier version at its commit"
+    );
+    assert!(
+        s.agent.log().contains("splitting it by key"),
+        "{}",
+        s.agent.log()
+    );
+
+    // Half the rows move to new keys: applied whole.
+    s.pg.psql(&s.db, "UPDATE big SET id = id + 1000000 WHERE id % 2 = 0");
+    s.sync();
+    assert_eq!(
+        s.history_shape(),
+        "versions 90000, current 40000, keys 60000, commits 3, ops c:90000"
+    );
+    assert_eq!(s.history_big("is_current"), s.source_big());
+    assert!(
+        s.agent.log().contains("applying it whole"),
+        "{}",
+        s.agent.log()
+    );
     assert!(s.agent.terminate().success());
 }
 

@@ -10,12 +10,13 @@ pub mod collapse;
 pub mod copy_text;
 pub mod ddl;
 pub mod history;
+mod large;
 pub mod merge;
 pub mod scd2;
 pub mod staging;
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ use tokio_postgres::Client;
 use self::collapse::{Collapse, CollapseError, KeyState, TablePlan};
 use self::ddl::TargetTable;
 use self::history::{EventKind, History, HistoryPlan};
+use self::large::{partition_entries, LargeTransaction, PartitionError};
 use self::staging::{Pass, PlanSql};
 use super::{DeadLettered, Sink, SinkError};
 use crate::config::{PostgresSinkConfig, SinkMode};
@@ -45,9 +47,10 @@ pub struct PostgresSink {
     /// Source `schema.table` → target, from `[[sink.table]]`.
     renames: HashMap<String, TargetTable>,
     dead_letters: DeadLetterQueue,
-    /// SCD2: the records of a transaction whose commit has not arrived yet (it is larger than
-    /// a batch); a version is the committed state, so it waits for the rest.
-    open_transaction: Vec<LogEntry>,
+    /// SCD2: a transaction larger than a batch, being split by key (`large`), and where its
+    /// partition files go.
+    large: Option<LargeTransaction>,
+    large_dir: PathBuf,
 }
 
 impl PostgresSink {
@@ -85,7 +88,8 @@ impl PostgresSink {
             prepared: HashSet::new(),
             renames,
             dead_letters: DeadLetterQueue::new(data_dir, name),
-            open_transaction: Vec::new(),
+            large: None,
+            large_dir: data_dir.join("large_transactions").join(name),
         })
     }
 
@@ -143,27 +147,6 @@ impl PostgresSink {
             naming: self.config.columns,
             tombstones: self.config.history_deletes,
         }
-    }
-
-    /// The whole transactions to apply now: SCD2 holds back a transaction whose commit is not
-    /// in the batch yet and prepends it to the next one.
-    fn whole_transactions<'a>(
-        &mut self,
-        entries: &'a [LogEntry],
-    ) -> Option<std::borrow::Cow<'a, [LogEntry]>> {
-        let is_commit = |e: &LogEntry| matches!(e.record, Record::Commit(_));
-        if self.config.mode != SinkMode::Scd2
-            || (self.open_transaction.is_empty() && entries.last().is_some_and(is_commit))
-        {
-            return Some(std::borrow::Cow::Borrowed(entries));
-        }
-        self.open_transaction.extend_from_slice(entries);
-        let end = self.open_transaction.iter().rposition(is_commit)?;
-        let rest = self.open_transaction.split_off(end + 1);
-        Some(std::borrow::Cow::Owned(std::mem::replace(
-            &mut self.open_transaction,
-            rest,
-        )))
     }
 
     /// Plans the batch: creates missing target tables, then turns the records into one
@@ -362,7 +345,7 @@ impl Sink for PostgresSink {
             .map_err(self.error("reading the checkpoint".into()))?;
         self.client = Some(client);
         self.prepared.clear();
-        self.open_transaction.clear();
+        self.large = None;
         self.dead_letters.load().map_err(|source| SinkError::Io {
             sink: self.name.clone(),
             context: format!("reading {}", self.dead_letters.path().display()),
@@ -385,21 +368,57 @@ impl Sink for PostgresSink {
     }
 
     async fn apply(&mut self, entries: &[LogEntry]) -> Result<DeadLettered, SinkError> {
-        let Some(entries) = self.whole_transactions(entries) else {
-            return Ok(DeadLettered::new());
-        };
-        let Some(last) = entries.last() else {
-            return Ok(DeadLettered::new());
-        };
-        let log = Arc::clone(&self.log);
-        let (tables, source_lsn) = self.plan(&entries, |id| Ok(log.relation(id)?)).await?;
-        let batch = Batch {
-            tables,
-            log_position: last.seq,
-            source_lsn,
-            checkpoint: true,
-        };
-        let mut result = self.apply_batch(&batch, Pass::Fresh).await;
+        let mut rejected = Vec::new();
+        let mut entries = entries;
+        let is_commit = |e: &LogEntry| matches!(e.record, Record::Commit(_));
+        if self.config.mode == SinkMode::Scd2
+            && (self.large.is_some() || !entries.iter().any(is_commit))
+        {
+            // A chunk of a transaction larger than a batch (a batch that holds a Commit ends
+            // with whole transactions).
+            let end = entries.iter().position(is_commit);
+            self.split_large(&entries[..end.unwrap_or(entries.len())])?;
+            let Some(end) = end else {
+                return Ok(DeadLettered::new());
+            };
+            rejected = self.apply_large(&entries[end]).await?;
+            entries = &entries[end + 1..];
+        }
+        if let Some(last) = entries.last() {
+            let log = Arc::clone(&self.log);
+            let (tables, source_lsn) = self.plan(entries, |id| Ok(log.relation(id)?)).await?;
+            let batch = Batch {
+                tables,
+                log_position: last.seq,
+                source_lsn,
+                checkpoint: true,
+            };
+            rejected.extend(self.apply_planned(&batch).await?);
+        }
+        if !rejected.is_empty() {
+            tracing::warn!(
+                sink = %self.name,
+                rows = rejected.len(),
+                file = %self.dead_letters.path().display(),
+                "rows dead-lettered"
+            );
+        }
+        Ok(rejected
+            .into_iter()
+            .fold(DeadLettered::new(), |mut counts, table| {
+                *counts.entry(table).or_default() += 1;
+                counts
+            }))
+    }
+}
+
+impl PostgresSink {
+    /// Applies a planned batch and its checkpoint, handling what the target may answer: a
+    /// dropped table is created again, rows it holds already are skipped, rows it refuses are
+    /// dead-lettered. Stores the log cursor once the checkpoint is written. Returns the tables
+    /// of the rows dead-lettered.
+    async fn apply_planned(&mut self, batch: &Batch) -> Result<Vec<String>, SinkError> {
+        let mut result = self.apply_batch(batch, Pass::Fresh).await;
         if matches!(&result, Err(e) if e.is_missing_target()) {
             // Someone dropped a target table or column: create it again and go on. Rows it
             // held before are gone from the mirror until the table is re-snapshotted.
@@ -413,7 +432,7 @@ impl Sink for PostgresSink {
             for table in &batch.tables {
                 self.prepare(table.relation_id, &table.relation).await?;
             }
-            result = self.apply_batch(&batch, Pass::Fresh).await;
+            result = self.apply_batch(batch, Pass::Fresh).await;
         }
         if matches!(&result, Err(e) if e.is_unique_violation()) {
             // The target holds part of the batch already (its checkpoint was older than its
@@ -423,7 +442,7 @@ impl Sink for PostgresSink {
                 sink = %self.name,
                 "the target holds part of the batch already; applying it as a replay"
             );
-            result = self.apply_batch(&batch, Pass::Replay).await;
+            result = self.apply_batch(batch, Pass::Replay).await;
         }
         let rejected = match result {
             Err(e) if e.is_data_error() => {
@@ -432,35 +451,143 @@ impl Sink for PostgresSink {
                     error = %e,
                     "the target refused the batch; applying it row by row to dead-letter the refused rows"
                 );
-                self.apply_batch(&batch, Pass::OneRow).await
+                self.apply_batch(batch, Pass::OneRow).await
             }
             result => result,
         }
         .map_err(|e| e.into_sink_error(&self.name))?;
-        if !rejected.is_empty() {
+        if batch.checkpoint {
+            // The target's checkpoint is what resumes the sink; the log's cursor only lets
+            // the log trim what the target holds.
+            self.log
+                .store_cursor(
+                    &self.name,
+                    &SinkCursor {
+                        seq: batch.log_position,
+                        state: Vec::new(),
+                    },
+                )
+                .await?;
+        }
+        Ok(rejected)
+    }
+
+    /// Adds a chunk of a large transaction (its Begin first, for the first chunk) to its
+    /// partitions.
+    fn split_large(&mut self, chunk: &[LogEntry]) -> Result<(), SinkError> {
+        let inconsistent = |message: String| SinkError::Inconsistent {
+            sink: self.name.clone(),
+            message,
+        };
+        for entry in chunk {
+            match &entry.record {
+                Record::Begin(begin) => {
+                    let commit = self.log.commit_of(entry.seq)?.ok_or_else(|| {
+                        inconsistent(format!(
+                            "the transaction that begins at log record {} has no commit",
+                            entry.seq
+                        ))
+                    })?;
+                    let large = LargeTransaction::start(
+                        &self.large_dir,
+                        entry.seq,
+                        *begin,
+                        commit - entry.seq,
+                        // The first chunk is a whole batch: partitions of about its size.
+                        chunk.len(),
+                    )
+                    .map_err(|e| self.large_error(e.into()))?;
+                    tracing::info!(
+                        sink = %self.name,
+                        records = commit - entry.seq,
+                        partitions = large.partitions(),
+                        "a transaction larger than a batch: splitting it by key"
+                    );
+                    self.large = Some(large);
+                }
+                Record::Change(change) => {
+                    let relation = self.log.relation(change.relation)?;
+                    let encoded = postcard::to_allocvec(&entry.record)
+                        .map_err(|e| inconsistent(e.to_string()))?;
+                    let large = self.large.as_mut().ok_or_else(|| {
+                        inconsistent(format!(
+                            "log record {} is not inside a transaction",
+                            entry.seq
+                        ))
+                    })?;
+                    large
+                        .add(change, &relation, &encoded)
+                        .map_err(|e| self.large_error(e.into()))?;
+                }
+                Record::Commit(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the large transaction that `commit` ends, partition by partition; the last
+    /// writes the checkpoint. Returns the tables of the rows dead-lettered.
+    async fn apply_large(&mut self, commit: &LogEntry) -> Result<Vec<String>, SinkError> {
+        let Some(mut large) = self.large.take() else {
+            return Ok(Vec::new());
+        };
+        let begin = LogEntry {
+            seq: large.begin_seq,
+            record: Record::Begin(large.begin),
+        };
+        let log = Arc::clone(&self.log);
+        if large.whole {
             tracing::warn!(
                 sink = %self.name,
-                rows = rejected.len(),
-                file = %self.dead_letters.path().display(),
-                "rows dead-lettered"
+                records = commit.seq - large.begin_seq,
+                "a transaction larger than a batch moves rows to other keys: applying it \
+                 whole, in memory"
             );
+            let mut entries = Vec::new();
+            while entries.last().is_none_or(|e: &LogEntry| e.seq < commit.seq) {
+                let after = entries.last().map_or(large.begin_seq - 1, |e| e.seq);
+                let chunk = log.read(after, large.batch_records)?;
+                if chunk.is_empty() {
+                    break;
+                }
+                entries.extend(chunk);
+            }
+            entries.retain(|e| e.seq <= commit.seq);
+            let (tables, source_lsn) = self.plan(&entries, |id| Ok(log.relation(id)?)).await?;
+            let batch = Batch {
+                tables,
+                log_position: commit.seq,
+                source_lsn,
+                checkpoint: true,
+            };
+            return self.apply_planned(&batch).await;
         }
-        // The target's checkpoint is what resumes the sink; the log's cursor only lets the
-        // log trim what the target holds.
-        self.log
-            .store_cursor(
-                &self.name,
-                &SinkCursor {
-                    seq: last.seq,
-                    state: Vec::new(),
-                },
-            )
-            .await?;
-        let mut dead_lettered = DeadLettered::new();
-        for table in rejected {
-            *dead_lettered.entry(table).or_default() += 1;
+        let mut rejected = Vec::new();
+        for number in 0..large.partitions() {
+            let mut reader = large.read(number).map_err(|e| self.large_error(e.into()))?;
+            let entries =
+                partition_entries(&begin, &mut reader, commit).map_err(|e| self.large_error(e))?;
+            let (tables, source_lsn) = self.plan(&entries, |id| Ok(log.relation(id)?)).await?;
+            let batch = Batch {
+                tables,
+                log_position: commit.seq,
+                source_lsn,
+                checkpoint: number + 1 == large.partitions(),
+            };
+            rejected.extend(self.apply_planned(&batch).await?);
         }
-        Ok(dead_lettered)
+        Ok(rejected)
+    }
+
+    fn large_error(&self, error: PartitionError) -> SinkError {
+        SinkError::Io {
+            sink: self.name.clone(),
+            context: format!(
+                "splitting a large transaction under {}",
+                self.large_dir.display()
+            ),
+            source: std::io::Error::other(error.to_string()),
+        }
     }
 }
 

@@ -1,16 +1,14 @@
-//! Files that hold the changes of streamed transactions (pgoutput v2) until the transaction
-//! commits or aborts: one append-only file per transaction under `data_dir/streams`, read back
-//! once, in arrival order, when the commit moves the changes into the log. They need no fsync:
-//! after a crash or a reconnection the server sends an unfinished transaction again, so every
-//! file left then is removed.
+//! Files that hold records for a while, one append-only file per number, each read back once
+//! in the order written and then removed: the changes of streamed transactions (pgoutput v2)
+//! until the transaction commits or aborts (`data_dir/streams`, one file per transaction), and
+//! an SCD2 sink's large transaction split by key (`sinks/postgres/large.rs`). They need no
+//! fsync: after a crash what they held is received or read again, so every file left then is
+//! removed.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
-
-/// Buffer of each open file: a streamed block is written in few system calls.
-const BUFFER_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -25,14 +23,17 @@ pub struct SpillError {
 
 pub struct Spill {
     dir: PathBuf,
+    /// Buffer of each open file.
+    buffer_bytes: usize,
     open: HashMap<u32, BufWriter<File>>,
 }
 
 impl Spill {
     /// Opens the directory, removing whatever an earlier process left in it.
-    pub fn open(dir: &Path) -> Result<Spill, SpillError> {
+    pub fn open(dir: &Path, buffer_bytes: usize) -> Result<Spill, SpillError> {
         let mut spill = Spill {
             dir: dir.to_path_buf(),
+            buffer_bytes,
             open: HashMap::new(),
         };
         std::fs::create_dir_all(dir).map_err(|source| spill.error_at(dir, source))?;
@@ -50,7 +51,7 @@ impl Spill {
                     path: path.clone(),
                     source,
                 })?;
-                e.insert(BufWriter::with_capacity(BUFFER_BYTES, file))
+                e.insert(BufWriter::with_capacity(self.buffer_bytes, file))
             }
         };
         let length = u32::try_from(record.len()).map_err(|_| SpillError {
@@ -83,7 +84,7 @@ impl Spill {
                 source,
             })?;
         Ok(SpillReader {
-            file: Some(BufReader::with_capacity(BUFFER_BYTES, file)),
+            file: Some(BufReader::with_capacity(self.buffer_bytes, file)),
             path,
             record: Vec::new(),
         })
@@ -133,7 +134,7 @@ pub struct SpillReader {
 
 impl SpillReader {
     /// The next change: its subtransaction and encoded record.
-    pub fn next(&mut self) -> Result<Option<(u32, &[u8])>, SpillError> {
+    pub fn next_record(&mut self) -> Result<Option<(u32, &[u8])>, SpillError> {
         let Some(file) = self.file.as_mut() else {
             return Ok(None);
         };
