@@ -53,7 +53,8 @@ p50=$(grep -F "p50 ms" "$logs/lag.log" | awk '{ print $(NF-2) }')
 p99=$(grep -F "p99 ms" "$logs/lag.log" | awk '{ print $(NF-2) }')
 peak_rss() { grep -F "agent peak RSS" "$logs/transaction_memory.log" | sed -n "$1p" | sed -E 's/.*\(VmHWM\): *([0-9.]+ MiB).*/\1/'; }
 rss=$(peak_rss 1)
-backlog_rss=$(peak_rss 2)
+tables_rss=$(peak_rss 2)
+backlog_rss=$(peak_rss 3)
 
 echo
 echo "medians of 3 rounds, rows/s; $(nproc) cores; $(grep -o 'PostgreSQL [0-9.]*' "$logs/merge_apply.log" | head -1)"
@@ -67,4 +68,5 @@ row "snapshot, 1 stream: rows/s" "$one" "COPY \\| COPY: $copy" "$(ratio "$one" "
 row "snapshot, $(nproc) streams: rows/s" "$many" "COPY \\| COPY: $copy" "$(ratio "$many" "$copy")" "≥ 1.5×"
 row "end-to-end lag p50 / p99 at 2,000 tx/s (merge)" "$p50 / $p99 ms" "-" "-" "p99 < 250 ms"
 row "peak RSS, one $memory_rows-row transaction" "$rss" "-" "-" "< 64 MiB"
+row "peak RSS, the same into merge + SCD2 sinks" "$tables_rss" "-" "-" "< 64 MiB"
 row "peak RSS, catching up on $backlog_mib MiB of WAL" "$backlog_rss" "-" "-" "< 64 MiB"

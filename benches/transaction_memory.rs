@@ -1,6 +1,7 @@
 //! Peak RSS of the agent while one large transaction passes through capture, the log and the
-//! JSONL sink, and while it catches up on a backlog of WAL written while it was stopped.
-//! Memory must not grow with transaction size or backlog (DESIGN invariant 8).
+//! JSONL sink, the same transaction into a merge and an SCD2 sink, and while it catches up on
+//! a backlog of WAL written while it was stopped. Memory must not grow with transaction size
+//! or backlog (DESIGN invariant 8).
 //!
 //!   cargo bench --bench transaction_memory              # 200,000 rows, 200 MiB of WAL
 //!   TIDEMARK_BENCH_ROWS=1000000 TIDEMARK_BENCH_BACKLOG_MIB=2048 cargo bench --bench transaction_memory
@@ -16,7 +17,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use common::agent::{eventually, http_get, AgentSetup};
+use common::agent::{eventually, http_get, mirror_sink, AgentSetup};
 use common::PgCluster;
 
 fn status_kib(pid: u32, field: &str) -> Option<u64> {
@@ -97,10 +98,73 @@ fn main() {
     // The next agent has the same name, so the same slot name, in another database.
     pg.psql(&db, "SELECT pg_drop_replication_slot('tidemark_test')");
 
+    into_tables(&pg, rows);
     backlog(
         &pg,
         support::setting("TIDEMARK_BENCH_BACKLOG_MIB", 200) as u64 * 1024 * 1024,
     );
+}
+
+/// One transaction of `rows` rows into a merge and an SCD2 sink (in a warehouse database of
+/// the same cluster): the SCD2 sink splits it by key instead of holding it.
+fn into_tables(pg: &PgCluster, rows: usize) {
+    let db = pg.fresh_database("tables");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(
+        &db,
+        "CREATE TABLE big (id int PRIMARY KEY, payload text NOT NULL)",
+    );
+    let sinks = format!(
+        "{}
+[[sink]]
+name = \"history\"
+type = \"postgres\"
+url = \"{}\"
+\
+         schema = \"history\"
+mode = \"scd2\"
+",
+        mirror_sink(&pg.url(&warehouse)),
+        pg.url(&warehouse)
+    );
+    let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.big\"", &sinks);
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    let started = Instant::now();
+    pg.psql(
+        &db,
+        &format!(
+            "INSERT INTO big SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, {rows}) g"
+        ),
+    );
+    // Zero until the sink has created the table.
+    let count = |table: &str| {
+        pg.try_psql(&warehouse, &format!("SELECT count(*) FROM {table}"))
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    let done = eventually(Duration::from_secs(3600), || {
+        count("replica.big") == rows && count("history.big") == rows
+    });
+    assert!(
+        done,
+        "the sinks did not apply the transaction\n{}",
+        agent.log()
+    );
+    let elapsed = started.elapsed();
+    let peak = status_kib(agent.pid(), "VmHWM:").expect("agent's /proc status");
+    println!("one transaction of {rows} rows through capture → log → merge and SCD2 sinks");
+    println!(
+        "  agent peak RSS (VmHWM):  {:>8.1} MiB   (goal: < 64 MiB DESIGN)",
+        peak as f64 / 1024.0
+    );
+    println!(
+        "  commit start → both sinks applied: {:.2} s ({:.0} rows/s)",
+        elapsed.as_secs_f64(),
+        rows as f64 / elapsed.as_secs_f64()
+    );
+    assert!(agent.terminate().success());
+    pg.psql(&db, "SELECT pg_drop_replication_slot('tidemark_test')");
 }
 
 /// Stops the agent, writes `bytes` of WAL in transactions of 10,000 rows, starts the agent
