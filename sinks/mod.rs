@@ -101,10 +101,48 @@ impl AnySink {
         }
     }
 
-    pub async fn apply(&mut self, entries: &[LogEntry]) -> Result<DeadLettered, SinkError> {
+    /// Applies a batch; `ahead` is what the sink's planner made of it while the batch
+    /// before was applied, if it did.
+    pub async fn apply(
+        &mut self,
+        entries: &[LogEntry],
+        ahead: Option<Planned>,
+    ) -> Result<DeadLettered, SinkError> {
         match self {
             AnySink::Jsonl(sink) => sink.apply(entries).await,
-            AnySink::Postgres(sink) => sink.apply(entries).await,
+            AnySink::Postgres(sink) => {
+                let planned = ahead.map(|Planned::Postgres(planned)| planned);
+                sink.apply_planned_ahead(entries, planned).await
+            }
+        }
+    }
+
+    /// What plans this sink's batches without its connection (None: it has nothing to do
+    /// ahead of applying one).
+    pub fn planner(&self) -> Option<Planner> {
+        match self {
+            AnySink::Jsonl(_) => None,
+            AnySink::Postgres(sink) => Some(Planner::Postgres(sink.planner())),
+        }
+    }
+}
+
+/// Plans a sink's next batch on a blocking thread while its current batch is applied: the
+/// agent's work on one batch overlaps the target's on the other.
+#[derive(Clone)]
+pub enum Planner {
+    Postgres(postgres::BatchPlanner),
+}
+
+pub enum Planned {
+    Postgres(postgres::PlannedBatch),
+}
+
+impl Planner {
+    /// None when the batch is not worth planning ahead (the sink plans it as it applies it).
+    pub fn plan(&self, entries: &[LogEntry]) -> Option<Planned> {
+        match self {
+            Planner::Postgres(planner) => planner.plan_ahead(entries).map(Planned::Postgres),
         }
     }
 }

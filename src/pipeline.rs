@@ -17,7 +17,7 @@ use crate::event::{Record, RelationId};
 use crate::health;
 use crate::log::{LogEntry, LogError, OffsetLog};
 use crate::retry::RetryPolicy;
-use crate::sinks::{AnySink, DeadLettered, SinkError};
+use crate::sinks::{AnySink, DeadLettered, Planned, SinkError};
 use crate::telemetry::{AppliedBatch, Telemetry};
 
 const TRIM_INTERVAL: Duration = Duration::from_secs(5);
@@ -186,10 +186,11 @@ async fn run_sink(
     }
     tracing::info!(sink = %config.name, from = applied, "sink started");
     let mut policy = RetryPolicy::new();
-    // The next batch, read from the log while the current one is applied.
-    let mut ahead: Option<tokio::task::JoinHandle<Result<Vec<LogEntry>, LogError>>> = None;
+    let planner = sink.planner();
+    // The next batch, read from the log (and planned) while the current one is applied.
+    let mut ahead: Option<tokio::task::JoinHandle<Result<ReadAhead, LogError>>> = None;
     loop {
-        let batch = match ahead.take() {
+        let (batch, planned) = match ahead.take() {
             Some(read) => read
                 .await
                 .map_err(|e| LogError::Background(e.to_string()))??,
@@ -205,7 +206,7 @@ async fn run_sink(
                         _ = tokio::time::sleep(config.batch_max_wait) => {}
                     }
                 }
-                read_batch(&log, applied, config.batch_max_rows)?
+                (read_batch(&log, applied, config.batch_max_rows)?, None)
             }
         };
         let Some(last) = batch.last().map(|e| e.seq) else {
@@ -214,12 +215,15 @@ async fn run_sink(
         if log.durable().seq > last {
             let log = Arc::clone(&log);
             let max = config.batch_max_rows;
+            let planner = planner.clone();
             ahead = Some(tokio::task::spawn_blocking(move || {
-                read_batch(&log, last, max)
+                let batch = read_batch(&log, last, max)?;
+                let planned = planner.and_then(|p| p.plan(&batch));
+                Ok((batch, planned))
             }));
         }
         let started = Instant::now();
-        match sink.apply(&batch).await {
+        match sink.apply(&batch, planned).await {
             Ok(dead_lettered) => report_batch(
                 &config.name,
                 &batch,
@@ -252,6 +256,9 @@ async fn run_sink(
         applied = last;
     }
 }
+
+/// A batch read from the log ahead of its turn, and what the sink's planner made of it.
+type ReadAhead = (Vec<LogEntry>, Option<Planned>);
 
 /// Counts what a batch did and how far its sink still lags.
 fn report_batch(

@@ -44,8 +44,7 @@ pub struct PostgresSink {
     client: Option<Client>,
     /// Relation descriptions whose target table is known to exist with all their columns.
     prepared: HashSet<RelationId>,
-    /// Source `schema.table` → target, from `[[sink.table]]`.
-    renames: HashMap<String, TargetTable>,
+    planner: BatchPlanner,
     dead_letters: DeadLetterQueue,
     /// SCD2: a transaction larger than a batch, being split by key (`large`), and where its
     /// partition files go.
@@ -83,24 +82,19 @@ impl PostgresSink {
         Ok(PostgresSink {
             name: name.to_string(),
             config: config.clone(),
+            planner: BatchPlanner {
+                sink: name.to_string(),
+                config: config.clone(),
+                renames,
+                log: Arc::clone(&log),
+            },
             log,
             client: None,
             prepared: HashSet::new(),
-            renames,
             dead_letters: DeadLetterQueue::new(data_dir, name),
             large: None,
             large_dir: data_dir.join("large_transactions").join(name),
         })
-    }
-
-    fn target_of(&self, relation: &Relation) -> TargetTable {
-        self.renames
-            .get(&relation.qualified_name())
-            .cloned()
-            .unwrap_or_else(|| TargetTable {
-                schema: self.config.schema.clone(),
-                name: relation.table.clone(),
-            })
     }
 
     fn error(&self, context: String) -> impl FnOnce(tokio_postgres::Error) -> SinkError + '_ {
@@ -119,11 +113,13 @@ impl PostgresSink {
         if self.prepared.contains(&id) {
             return Ok(());
         }
-        let target = self.target_of(relation);
+        let target = self.planner.target_of(relation);
         let client = self.client()?;
         let mut sql = vec![ddl::create_schema(&target.schema)];
         match self.config.mode {
-            SinkMode::Scd2 => sql.push(scd2::create_table(&target, relation, self.layout())),
+            SinkMode::Scd2 => {
+                sql.push(scd2::create_table(&target, relation, self.planner.layout()))
+            }
             _ => sql.push(ddl::create_table(&target, relation)),
         }
         sql.extend(relation.columns.iter().map(|c| ddl::add_column(&target, c)));
@@ -142,6 +138,73 @@ impl PostgresSink {
         Ok(())
     }
 
+    /// Plans the batch and creates the target tables it needs (or the columns they lack).
+    async fn plan(
+        &mut self,
+        entries: &[LogEntry],
+        relation_of: impl Fn(RelationId) -> Result<Arc<Relation>, SinkError>,
+    ) -> Result<PlannedBatch, SinkError> {
+        let planned = self.planner.plan(entries, relation_of)?;
+        self.prepare_tables(planned).await
+    }
+
+    async fn prepare_tables(&mut self, planned: PlannedBatch) -> Result<PlannedBatch, SinkError> {
+        for table in &planned.tables {
+            self.prepare(table.relation_id, &table.relation).await?;
+        }
+        Ok(planned)
+    }
+
+    /// What plans batches without the connection, so the pipeline can plan the next batch
+    /// while this one is applied.
+    pub fn planner(&self) -> BatchPlanner {
+        self.planner.clone()
+    }
+}
+
+/// Turns batches of log records into the work each target table gets, without touching the
+/// target: a pure step that runs on a blocking thread for the batch after the one being
+/// applied.
+#[derive(Clone)]
+pub struct BatchPlanner {
+    sink: String,
+    config: PostgresSinkConfig,
+    /// Source `schema.table` → target, from `[[sink.table]]`.
+    renames: HashMap<String, TargetTable>,
+    log: Arc<OffsetLog>,
+}
+
+/// A planned batch: its records (by sequence number), each table's work with the fresh
+/// pass's rows already encoded, and the furthest source LSN it holds.
+pub struct PlannedBatch {
+    pub first: u64,
+    pub last: u64,
+    tables: Vec<TableWork>,
+    source_lsn: Lsn,
+}
+
+impl PlannedBatch {
+    fn into_batch(self, log_position: u64, checkpoint: bool) -> Batch {
+        Batch {
+            tables: self.tables,
+            log_position,
+            source_lsn: self.source_lsn,
+            checkpoint,
+        }
+    }
+}
+
+impl BatchPlanner {
+    fn target_of(&self, relation: &Relation) -> TargetTable {
+        self.renames
+            .get(&relation.qualified_name())
+            .cloned()
+            .unwrap_or_else(|| TargetTable {
+                schema: self.config.schema.clone(),
+                name: relation.table.clone(),
+            })
+    }
+
     fn layout(&self) -> scd2::Layout {
         scd2::Layout {
             naming: self.config.columns,
@@ -149,45 +212,57 @@ impl PostgresSink {
         }
     }
 
-    /// Plans the batch: creates missing target tables, then turns the records into one
-    /// piece of work per table and relation description (`relation_of` resolves the ids).
-    async fn plan(
-        &mut self,
+    /// Plans a batch the pipeline read ahead; None when it is not worth planning now (an
+    /// SCD2 batch inside a transaction larger than a batch goes to its partitions instead) or
+    /// cannot be (the error shows when the batch is applied).
+    pub fn plan_ahead(&self, entries: &[LogEntry]) -> Option<PlannedBatch> {
+        let whole = entries
+            .last()
+            .is_some_and(|e| matches!(e.record, Record::Commit(_)));
+        if self.config.mode == SinkMode::Scd2 && !whole {
+            return None;
+        }
+        self.plan(entries, |id| Ok(self.log.relation(id)?)).ok()
+    }
+
+    /// Turns the records into one piece of work per table and relation description
+    /// (`relation_of` resolves the ids).
+    fn plan(
+        &self,
         entries: &[LogEntry],
         relation_of: impl Fn(RelationId) -> Result<Arc<Relation>, SinkError>,
-    ) -> Result<(Vec<TableWork>, Lsn), SinkError> {
+    ) -> Result<PlannedBatch, SinkError> {
         let mut planner = match self.config.mode {
-            SinkMode::Scd2 => Planner::History(History::new(self.config.history_deletes)),
-            _ => Planner::Merge(Collapse::default()),
+            SinkMode::Scd2 => PlanBuilder::History(History::new(self.config.history_deletes)),
+            _ => PlanBuilder::Merge(Collapse::default()),
         };
         let mut source_lsn = Lsn(0);
         for entry in entries {
             match &entry.record {
                 Record::Change(change) => {
                     let relation = relation_of(change.relation)?;
-                    self.prepare(change.relation, &relation).await?;
                     let added = match &mut planner {
-                        Planner::Merge(collapse) => {
+                        PlanBuilder::Merge(collapse) => {
                             collapse.add(change.relation, &relation, change)
                         }
-                        Planner::History(history) => {
+                        PlanBuilder::History(history) => {
                             history.add(change.relation, &relation, change)
                         }
                     };
                     added.map_err(|e: CollapseError| SinkError::Inconsistent {
-                        sink: self.name.clone(),
+                        sink: self.sink.clone(),
                         message: e.to_string(),
                     })?;
                     source_lsn = source_lsn.max(change.lsn);
                 }
                 Record::Commit(commit) => {
                     source_lsn = source_lsn.max(commit.commit_lsn);
-                    if let Planner::History(history) = &mut planner {
+                    if let PlanBuilder::History(history) = &mut planner {
                         history.commit();
                     }
                 }
                 Record::Begin(begin) => {
-                    if let Planner::History(history) = &mut planner {
+                    if let PlanBuilder::History(history) = &mut planner {
                         history.begin(begin);
                     }
                 }
@@ -199,8 +274,8 @@ impl PostgresSink {
             *occurrence += 1;
             stage_name(relation_id, *occurrence - 1)
         };
-        let work = match planner {
-            Planner::Merge(collapse) => collapse
+        let tables = match planner {
+            PlanBuilder::Merge(collapse) => collapse
                 .finish()
                 .into_iter()
                 .map(|plan| {
@@ -209,7 +284,7 @@ impl PostgresSink {
                     TableWork::merge(target, &stage, plan, self.config.soft_delete)
                 })
                 .collect(),
-            Planner::History(history) => history
+            PlanBuilder::History(history) => history
                 .finish()
                 .into_iter()
                 .map(|plan| {
@@ -219,11 +294,16 @@ impl PostgresSink {
                 })
                 .collect(),
         };
-        Ok((work, source_lsn))
+        Ok(PlannedBatch {
+            first: entries.first().map_or(0, |e| e.seq),
+            last: entries.last().map_or(0, |e| e.seq),
+            tables,
+            source_lsn,
+        })
     }
 }
 
-enum Planner {
+enum PlanBuilder {
     Merge(Collapse),
     History(History),
 }
@@ -289,15 +369,10 @@ impl PostgresSink {
                 record,
             })
             .collect();
-        let (tables, source_lsn) = self
+        let batch = self
             .plan(&entries, |id| Ok(Arc::clone(&relations[id.0 as usize])))
-            .await?;
-        let batch = Batch {
-            tables,
-            log_position: applied,
-            source_lsn,
-            checkpoint: false,
-        };
+            .await?
+            .into_batch(applied, false);
         let refused = self
             .apply_batch(&batch, Pass::OneRow)
             .await
@@ -368,6 +443,17 @@ impl Sink for PostgresSink {
     }
 
     async fn apply(&mut self, entries: &[LogEntry]) -> Result<DeadLettered, SinkError> {
+        self.apply_planned_ahead(entries, None).await
+    }
+}
+
+impl PostgresSink {
+    /// Applies a batch; `planned` is the batch as the pipeline planned it ahead, if it did.
+    pub async fn apply_planned_ahead(
+        &mut self,
+        entries: &[LogEntry],
+        planned: Option<PlannedBatch>,
+    ) -> Result<DeadLettered, SinkError> {
         let mut rejected = Vec::new();
         let mut entries = entries;
         let is_commit = |e: &LogEntry| matches!(e.record, Record::Commit(_));
@@ -386,14 +472,15 @@ impl Sink for PostgresSink {
         }
         if let Some(last) = entries.last() {
             let log = Arc::clone(&self.log);
-            let (tables, source_lsn) = self.plan(entries, |id| Ok(log.relation(id)?)).await?;
-            let batch = Batch {
-                tables,
-                log_position: last.seq,
-                source_lsn,
-                checkpoint: true,
+            let ahead = planned.filter(|p| p.first == entries[0].seq && p.last == last.seq);
+            let planned = match ahead {
+                Some(planned) => self.prepare_tables(planned).await?,
+                None => self.plan(entries, |id| Ok(log.relation(id)?)).await?,
             };
-            rejected.extend(self.apply_planned(&batch).await?);
+            rejected.extend(
+                self.apply_planned(&planned.into_batch(last.seq, true))
+                    .await?,
+            );
         }
         if !rejected.is_empty() {
             tracing::warn!(
@@ -553,13 +640,10 @@ impl PostgresSink {
                 entries.extend(chunk);
             }
             entries.retain(|e| e.seq <= commit.seq);
-            let (tables, source_lsn) = self.plan(&entries, |id| Ok(log.relation(id)?)).await?;
-            let batch = Batch {
-                tables,
-                log_position: commit.seq,
-                source_lsn,
-                checkpoint: true,
-            };
+            let batch = self
+                .plan(&entries, |id| Ok(log.relation(id)?))
+                .await?
+                .into_batch(commit.seq, true);
             return self.apply_planned(&batch).await;
         }
         let mut rejected = Vec::new();
@@ -567,13 +651,10 @@ impl PostgresSink {
             let mut reader = large.read(number).map_err(|e| self.large_error(e.into()))?;
             let entries =
                 partition_entries(&begin, &mut reader, commit).map_err(|e| self.large_error(e))?;
-            let (tables, source_lsn) = self.plan(&entries, |id| Ok(log.relation(id)?)).await?;
-            let batch = Batch {
-                tables,
-                log_position: commit.seq,
-                source_lsn,
-                checkpoint: number + 1 == large.partitions(),
-            };
+            let batch = self
+                .plan(&entries, |id| Ok(log.relation(id)?))
+                .await?
+                .into_batch(commit.seq, number + 1 == large.partitions());
             rejected.extend(self.apply_planned(&batch).await?);
         }
         Ok(rejected)
@@ -610,6 +691,9 @@ struct TableWork {
     truncate: Option<String>,
     /// A fresh pass's COPY of new rows straight into the target.
     direct_copy: Option<String>,
+    /// The fresh pass's staged rows and direct rows, encoded while planning.
+    fresh_rows: Bytes,
+    fresh_direct_rows: Option<Bytes>,
     /// The statements of each pass, in order.
     fresh: Vec<String>,
     replay: Vec<String>,
@@ -647,6 +731,13 @@ impl TableWork {
             Plan::History(plan, _) => (plan.relation_id, Arc::clone(&plan.relation)),
         };
         let [fresh, replay, one_row] = passes;
+        let fresh_rows = encode_staged(&plan, Pass::Fresh);
+        let fresh_direct_rows = fresh.direct_copy.as_ref().map(|_| {
+            Bytes::from(match &plan {
+                Plan::Merge(plan) => merge::new_rows(plan),
+                Plan::History(plan, layout) => scd2::direct_rows(plan, *layout),
+            })
+        });
         TableWork {
             relation_id,
             relation,
@@ -655,6 +746,8 @@ impl TableWork {
             copy_stage: fresh.copy_stage,
             truncate: fresh.truncate,
             direct_copy: fresh.direct_copy,
+            fresh_rows,
+            fresh_direct_rows,
             fresh: fresh.statements,
             replay: replay.statements,
             one_row: one_row.statements,
@@ -664,10 +757,10 @@ impl TableWork {
 
     /// The rows the pass stages, in COPY text format.
     fn staged_rows_text(&self, pass: Pass) -> Bytes {
-        Bytes::from(match &self.plan {
-            Plan::Merge(plan) => merge::stage_rows(plan, pass),
-            Plan::History(plan, layout) => scd2::stage_rows(plan, *layout, pass),
-        })
+        match pass {
+            Pass::Fresh => self.fresh_rows.clone(),
+            _ => encode_staged(&self.plan, pass),
+        }
     }
 
     /// A fresh pass's COPY straight into the target, with its rows.
@@ -676,11 +769,7 @@ impl TableWork {
             .direct_copy
             .as_deref()
             .filter(|_| pass == Pass::Fresh)?;
-        let rows = match &self.plan {
-            Plan::Merge(plan) => merge::new_rows(plan),
-            Plan::History(plan, layout) => scd2::direct_rows(plan, *layout),
-        };
-        Some((sql, Bytes::from(rows)))
+        Some((sql, self.fresh_direct_rows.clone()?))
     }
 
     fn statements(&self, pass: Pass) -> &[String] {
@@ -785,6 +874,14 @@ impl TableWork {
 /// The staging table of the `occurrence`th plan of a relation description in a batch: a
 /// table truncated inside the batch has a second plan, and staging tables are emptied only
 /// at the commit.
+/// The rows `pass` stages, in COPY text format.
+fn encode_staged(plan: &Plan, pass: Pass) -> Bytes {
+    Bytes::from(match plan {
+        Plan::Merge(plan) => merge::stage_rows(plan, pass),
+        Plan::History(plan, layout) => scd2::stage_rows(plan, *layout, pass),
+    })
+}
+
 fn stage_name(relation_id: RelationId, occurrence: usize) -> String {
     format!("_tidemark_stage_{}_{occurrence}", relation_id.0)
 }
@@ -813,17 +910,19 @@ impl PostgresSink {
             let target = &table.target;
             let statements = table.statements(pass);
             let context = || format!("staging changes for {target}");
-            transaction
-                .batch_execute(&table.create_stage)
-                .await
-                .map_err(ApplyError::with(context()))?;
-            copy_rows(
-                &transaction,
-                &table.copy_stage,
-                table.staged_rows_text(pass),
-            )
-            .await
-            .map_err(ApplyError::with(context()))?;
+            // A batch of new rows only (a snapshot, inserts) stages nothing: every statement
+            // reads the stage, so without rows they are skipped with it.
+            let staged = table.staged_rows_text(pass);
+            let staging = !staged.is_empty();
+            if staging {
+                transaction
+                    .batch_execute(&table.create_stage)
+                    .await
+                    .map_err(ApplyError::with(context()))?;
+                copy_rows(&transaction, &table.copy_stage, staged)
+                    .await
+                    .map_err(ApplyError::with(context()))?;
+            }
             if let Some(truncate) = &table.truncate {
                 transaction
                     .batch_execute(truncate)
@@ -836,6 +935,9 @@ impl PostgresSink {
                     .map_err(ApplyError::with(format!(
                         "inserting new rows into {target}"
                     )))?;
+            }
+            if !staging {
+                continue;
             }
             let context = || format!("applying changes to {target}");
             if pass != Pass::OneRow {
