@@ -530,8 +530,16 @@ impl OffsetLog {
 
     /// Stores a sink's cursor durably.
     pub async fn store_cursor(&self, sink: &str, cursor: &SinkCursor) -> Result<(), LogError> {
-        self.cursors.insert(sink.as_bytes(), encode(cursor))?;
+        self.note_cursor(sink, cursor)?;
         self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Stores a sink's cursor without waiting for it to be durable (sled writes it within
+    /// half a second): for a sink that resumes from its own checkpoint, the cursor only
+    /// tells the trimmer what it may remove, and one lost in a crash only keeps more.
+    pub fn note_cursor(&self, sink: &str, cursor: &SinkCursor) -> Result<(), LogError> {
+        self.cursors.insert(sink.as_bytes(), encode(cursor))?;
         Ok(())
     }
 

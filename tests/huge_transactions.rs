@@ -346,7 +346,7 @@ fn one_version_per_key_when_a_transaction_spans_many_batches() {
 
 #[test]
 fn a_large_transaction_that_truncates_or_moves_keys_is_one_version_per_key() {
-    let s = Scenario::start("", &[Sink::History]);
+    let s = Scenario::start("ALTER TABLE big ADD COLUMN doc text;", &[Sink::History]);
     s.pg.psql(
         &s.db,
         "INSERT INTO big SELECT g, md5(g::text), g FROM generate_series(1, 30000) g",
@@ -381,7 +381,7 @@ fn a_large_transaction_that_truncates_or_moves_keys_is_one_version_per_key() {
         s.agent.log()
     );
 
-    // Half the rows move to new keys: applied whole.
+    // Half the rows move to new keys, most in another partition: split as well.
     s.pg.psql(&s.db, "UPDATE big SET id = id + 1000000 WHERE id % 2 = 0");
     s.sync();
     assert_eq!(
@@ -389,6 +389,31 @@ fn a_large_transaction_that_truncates_or_moves_keys_is_one_version_per_key() {
         "versions 90000, current 40000, keys 60000, commits 3, ops c:90000"
     );
     assert_eq!(s.history_big("is_current"), s.source_big());
+    assert!(
+        !s.agent.log().contains("applying it whole"),
+        "{}",
+        s.agent.log()
+    );
+
+    // Some rows get a TOASTed value, then every old key moves: the moves leave it unchanged,
+    // so that transaction is applied whole, and the value is carried to the new keys.
+    s.pg.psql(
+        &s.db,
+        "UPDATE big SET doc = (SELECT string_agg(md5(random()::text), '')
+                               FROM generate_series(1, 300)) WHERE id <= 100",
+    );
+    s.pg.psql(&s.db, "UPDATE big SET id = id + 2000000 WHERE id < 1000000");
+    s.sync();
+    assert_eq!(
+        s.history_shape(),
+        "versions 110050, current 40000, keys 80000, commits 5, ops c:110000 u:50"
+    );
+    assert_eq!(s.history_big("is_current"), s.source_big());
+    let docs = "SELECT count(doc) || '|' || md5(string_agg(md5(doc), ',' ORDER BY id))";
+    assert_eq!(
+        s.pg.psql(&s.wh, &format!("{docs} FROM history.big WHERE is_current")),
+        s.pg.psql(&s.db, &format!("{docs} FROM big")),
+    );
     assert!(
         s.agent.log().contains("applying it whole"),
         "{}",

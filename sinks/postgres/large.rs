@@ -26,8 +26,11 @@ enum Route {
     One(u32),
     /// A truncate: every partition's keys end there.
     All,
-    /// An update that moves a row from one partition's key to another's.
-    Across,
+    /// An update that moves a row from the key of partition `from` to one of partition `to`.
+    Across {
+        from: u32,
+        to: u32,
+    },
 }
 
 pub struct LargeTransaction {
@@ -37,9 +40,9 @@ pub struct LargeTransaction {
     pub batch_records: usize,
     partitions: u32,
     spill: Spill,
-    /// A change moved a row to a key of another partition: the old key's earlier changes
-    /// and the new key's are planned apart, which would lose what the move carries over, so
-    /// this transaction is applied whole, read back from the log (its memory unbounded).
+    /// A change moved a row to a key of another partition leaving TOASTed values unchanged:
+    /// they may come from an earlier change of the old key, planned in the other partition,
+    /// so this transaction is applied whole, read back from the log (its memory unbounded).
     pub whole: bool,
 }
 
@@ -87,9 +90,31 @@ impl LargeTransaction {
                 }
                 Ok(())
             }
-            Route::Across => {
+            Route::Across { .. }
+                if change
+                    .after
+                    .iter()
+                    .flatten()
+                    .any(|v| *v == Value::UnchangedToast) =>
+            {
                 self.whole = true;
                 Ok(())
+            }
+            Route::Across { from, to } => {
+                // With every value present, a move is what SCD2 makes of a delete of the old
+                // key and an insert of the new one: each goes to its key's partition.
+                let delete = ChangeEvent {
+                    op: Op::Delete,
+                    after: None,
+                    ..change.clone()
+                };
+                let insert = ChangeEvent {
+                    op: Op::Insert,
+                    before: None,
+                    ..change.clone()
+                };
+                self.spill.append(from, 0, &encode_change(delete))?;
+                self.spill.append(to, 0, &encode_change(insert))
             }
         }
     }
@@ -114,12 +139,17 @@ impl LargeTransaction {
             .map(partition);
         match (change.op, old, new) {
             (Op::Truncate, _, _) => Route::All,
-            (_, Some(old), Some(new)) if old != new => Route::Across,
+            (_, Some(from), Some(to)) if from != to => Route::Across { from, to },
             (_, _, Some(partition)) | (_, Some(partition), None) => Route::One(partition),
             // Without rows the planner reports what is missing; any partition will do.
             (_, None, None) => Route::One(0),
         }
     }
+}
+
+fn encode_change(change: ChangeEvent) -> Vec<u8> {
+    // Serialising plain data into a Vec cannot fail.
+    postcard::to_allocvec(&Record::Change(change)).unwrap_or_default()
 }
 
 /// The entries of one partition as a transaction of their own: the Begin, the partition's

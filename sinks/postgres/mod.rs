@@ -545,16 +545,14 @@ impl PostgresSink {
         .map_err(|e| e.into_sink_error(&self.name))?;
         if batch.checkpoint {
             // The target's checkpoint is what resumes the sink; the log's cursor only lets
-            // the log trim what the target holds.
-            self.log
-                .store_cursor(
-                    &self.name,
-                    &SinkCursor {
-                        seq: batch.log_position,
-                        state: Vec::new(),
-                    },
-                )
-                .await?;
+            // the log trim what the target holds, so it need not be durable at once.
+            self.log.note_cursor(
+                &self.name,
+                &SinkCursor {
+                    seq: batch.log_position,
+                    state: Vec::new(),
+                },
+            )?;
         }
         Ok(rejected)
     }
