@@ -4,9 +4,9 @@
 //!
 //! The invariant it keeps: a position is *durable* only after the records up to it (and sled,
 //! for the relations they name) are fsynced, and only durable, committed transactions are
-//! visible to readers or may be confirmed to the source. Changes are written as they arrive, so a transaction is never
-//! held whole in memory; a crash in the middle of one leaves a tail after the last Commit that
-//! `open` removes. Each sink has a cursor; records below the slowest cursor's transaction are
+//! visible to readers or may be confirmed to the source. Changes are written as they arrive,
+//! so a transaction is never held whole in memory; a crash in the middle of one leaves a tail
+//! after the last Commit that `open` removes. Each sink has a cursor; records below the slowest cursor's transaction are
 //! trimmed (their segment files removed once wholly below it).
 //!
 //! Changes the server streams before their transaction commits (pgoutput v2) wait in a file
@@ -90,7 +90,6 @@ pub enum LogError {
     Background(String),
 }
 
-/// The position of the last committed transaction that is durable in the log.
 impl From<SegmentError> for LogError {
     fn from(error: SegmentError) -> LogError {
         match error {
@@ -100,6 +99,7 @@ impl From<SegmentError> for LogError {
     }
 }
 
+/// The position of the last committed transaction that is durable in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Durable {
     /// Sequence number of its Commit record; 0 when the log holds nothing yet.

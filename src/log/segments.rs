@@ -597,6 +597,9 @@ impl SegmentWriter {
             .write(true)
             .open(&path)
             .map_err(io_error(&path))?;
+        // Whatever lies past `end` is no record (a file of the same name that a crash left,
+        // a discarded tail).
+        file.set_len(end.offset).map_err(io_error(&path))?;
         file.seek(SeekFrom::Start(end.offset))
             .map_err(io_error(&path))?;
         if segments.sizes.insert(end.segment, end.offset).is_none() {
@@ -698,7 +701,7 @@ impl SegmentWriter {
     }
 
     /// Drops everything appended after `end` (record `seq` on): the buffer, the segments
-    /// started since, and the bytes written past it.
+    /// started since, and (reopening at `end`) the bytes written past it.
     pub fn truncate(
         &mut self,
         segments: &mut Segments,
@@ -715,12 +718,6 @@ impl SegmentWriter {
             segments.remove_file(first)?;
             segments.sizes.remove(&first);
         }
-        let path = segments.path(end.segment);
-        let file = OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(io_error(&path))?;
-        file.set_len(end.offset).map_err(io_error(&path))?;
         segments.forget_from(seq);
         *self = SegmentWriter::open(segments, end)?;
         Ok(())
