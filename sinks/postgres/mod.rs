@@ -232,7 +232,7 @@ impl BatchPlanner {
         entries: &[LogEntry],
         relation_of: impl Fn(RelationId) -> Result<Arc<Relation>, SinkError>,
     ) -> Result<PlannedBatch, SinkError> {
-        let mut planner = match self.config.mode {
+        let mut builder = match self.config.mode {
             SinkMode::Scd2 => PlanBuilder::History(History::new(self.config.history_deletes)),
             _ => PlanBuilder::Merge(Collapse::default()),
         };
@@ -241,7 +241,7 @@ impl BatchPlanner {
             match &entry.record {
                 Record::Change(change) => {
                     let relation = relation_of(change.relation)?;
-                    let added = match &mut planner {
+                    let added = match &mut builder {
                         PlanBuilder::Merge(collapse) => {
                             collapse.add(change.relation, &relation, change)
                         }
@@ -257,12 +257,12 @@ impl BatchPlanner {
                 }
                 Record::Commit(commit) => {
                     source_lsn = source_lsn.max(commit.commit_lsn);
-                    if let PlanBuilder::History(history) = &mut planner {
+                    if let PlanBuilder::History(history) = &mut builder {
                         history.commit();
                     }
                 }
                 Record::Begin(begin) => {
-                    if let PlanBuilder::History(history) = &mut planner {
+                    if let PlanBuilder::History(history) = &mut builder {
                         history.begin(begin);
                     }
                 }
@@ -274,7 +274,7 @@ impl BatchPlanner {
             *occurrence += 1;
             stage_name(relation_id, *occurrence - 1)
         };
-        let tables = match planner {
+        let tables = match builder {
             PlanBuilder::Merge(collapse) => collapse
                 .finish()
                 .into_iter()
