@@ -642,7 +642,9 @@ impl LogWriter {
             Kind::Change | Kind::Commit => self.open_begin.unwrap_or(seq),
         };
         let at = self.file.append(seq, begin, kind, record)?;
-        lock(&self.log.records).appended(seq, at);
+        if Segments::indexes(seq) {
+            lock(&self.log.records).index(seq, at);
+        }
         self.next_seq += 1;
         Ok(seq)
     }

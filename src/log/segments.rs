@@ -252,11 +252,14 @@ impl Segments {
             .saturating_sub(at.offset)
     }
 
-    /// Notes record `seq`, just appended at `at`, in the sparse index if it is due.
-    pub fn appended(&mut self, seq: u64, at: Location) {
-        if seq.is_multiple_of(INDEX_EVERY) {
-            self.index.insert(seq, at);
-        }
+    /// Whether record `seq` belongs in the sparse index (`index` it once appended).
+    pub fn indexes(seq: u64) -> bool {
+        seq.is_multiple_of(INDEX_EVERY)
+    }
+
+    /// Notes where record `seq` is, in the sparse index.
+    pub fn index(&mut self, seq: u64, at: Location) {
+        self.index.insert(seq, at);
     }
 
     /// Where the last segment ends: after `open`, where the last Commit ends.
@@ -362,7 +365,7 @@ fn scan(path: &Path, first: u64, last: bool) -> Result<Scan, SegmentError> {
                 if intact {
                     scan.end = offset + HEADER_BYTES as u64 + u64::from(header.length);
                     scan.records += 1;
-                    if seq == first || seq.is_multiple_of(INDEX_EVERY) {
+                    if seq == first || Segments::indexes(seq) {
                         scan.indexed.push((seq, offset));
                     }
                     match header.kind {
