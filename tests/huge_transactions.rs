@@ -419,6 +419,17 @@ fn a_large_transaction_that_truncates_or_moves_keys_is_one_version_per_key() {
         "{}",
         s.agent.log()
     );
+    let partitions = s
+        .setup
+        .data_dir()
+        .join("large_transactions")
+        .join("history");
+    assert_eq!(
+        std::fs::read_dir(&partitions).unwrap().count(),
+        0,
+        "partition files left in {}",
+        partitions.display()
+    );
     assert!(s.agent.terminate().success());
 }
 

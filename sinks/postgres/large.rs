@@ -82,6 +82,9 @@ impl LargeTransaction {
         relation: &Relation,
         encoded: &[u8],
     ) -> Result<(), SpillError> {
+        if self.whole {
+            return Ok(());
+        }
         match self.route(change, relation) {
             Route::One(partition) => self.spill.append(partition, 0, encoded),
             Route::All => {
@@ -97,8 +100,9 @@ impl LargeTransaction {
                     .flatten()
                     .any(|v| *v == Value::UnchangedToast) =>
             {
+                // Read back from the log at the commit: the partitions are not needed.
                 self.whole = true;
-                Ok(())
+                self.spill.discard_all()
             }
             Route::Across { from, to } => {
                 // With every value present, a move is what SCD2 makes of a delete of the old
@@ -135,7 +139,10 @@ impl LargeTransaction {
         let old = change
             .before
             .as_deref()
-            .filter(|before| !pk.iter().any(|&i| before[i] == Value::UnchangedToast))
+            .filter(|before| {
+                !pk.iter()
+                    .any(|&i| before.get(i) == Some(&Value::UnchangedToast))
+            })
             .map(partition);
         match (change.op, old, new) {
             (Op::Truncate, _, _) => Route::All,
