@@ -141,7 +141,8 @@ impl Segments {
                 return Err(SegmentError::Damaged {
                     path,
                     reason: format!(
-                        "the segment starts at record {first}, the one before ends before {}",
+                        "the segment starts at record {first}, but the next record after the \
+                         segment before it is {}",
                         expected.unwrap_or(0)
                     ),
                 });
