@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::{DeadLettered, Sink, SinkError};
 use crate::config::JsonlSinkConfig;
 use crate::envelope::{write_envelopes, SourceInfo, TransactionOrder};
-use crate::event::{Record, TxBegin};
+use crate::event::{ChangeEvent, Record, TxBegin};
 use crate::log::{LogEntry, OffsetLog, SinkCursor};
 
 const WRITE_BUFFER_BYTES: usize = 256 * 1024;
@@ -160,28 +160,47 @@ impl JsonlSink {
                 Record::Begin(begin) => {
                     self.transaction = Some((*begin, TransactionOrder::default()));
                 }
-                Record::Change(change) => {
-                    let relation = self.log.relation(change.relation)?;
-                    let Some((begin, order)) = self.transaction.as_mut() else {
-                        return Err(SinkError::Inconsistent {
-                            sink: self.name.clone(),
-                            message: format!(
-                                "log record {} is a change outside a transaction",
-                                entry.seq
-                            ),
-                        });
-                    };
-                    write_envelopes(out, &self.source, begin, &relation, change, order, now_ms)
-                        .map_err(|source| SinkError::Io {
-                            sink: self.name.clone(),
-                            context: format!("writing {}", self.dir.display()),
-                            source,
-                        })?;
+                Record::Change(change) => self.render_change(out, entry.seq, change, now_ms)?,
+                Record::SnapshotRows(rows) => {
+                    let relation = self.log.relation(rows.relation)?;
+                    let changes =
+                        rows.changes(&relation)
+                            .map_err(|message| SinkError::Inconsistent {
+                                sink: self.name.clone(),
+                                message: format!("log record {}: {message}", entry.seq),
+                            })?;
+                    for change in &changes {
+                        self.render_change(out, entry.seq, change, now_ms)?;
+                    }
                 }
                 Record::Commit(_) => self.transaction = None,
             }
         }
         Ok(())
+    }
+
+    /// Writes the envelopes of the change at log record `seq`.
+    fn render_change(
+        &mut self,
+        out: &mut impl Write,
+        seq: u64,
+        change: &ChangeEvent,
+        now_ms: i64,
+    ) -> Result<(), SinkError> {
+        let relation = self.log.relation(change.relation)?;
+        let Some((begin, order)) = self.transaction.as_mut() else {
+            return Err(SinkError::Inconsistent {
+                sink: self.name.clone(),
+                message: format!("log record {seq} is a change outside a transaction"),
+            });
+        };
+        write_envelopes(out, &self.source, begin, &relation, change, order, now_ms).map_err(
+            |source| SinkError::Io {
+                sink: self.name.clone(),
+                context: format!("writing {}", self.dir.display()),
+                source,
+            },
+        )
     }
 
     /// Writes the batch's envelopes through a small buffer and makes them durable.

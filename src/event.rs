@@ -221,10 +221,53 @@ pub struct TxCommit {
     pub commit_ts: i64,
 }
 
+/// Rows of one table as a PostgreSQL source's initial snapshot read them (each a `Read`
+/// change), kept in the COPY text format the source sent: a table sink whose target has the
+/// source's column types loads them as they are, other sinks decode them ([`Self::changes`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRows {
+    pub relation: RelationId,
+    pub lsn: Lsn,
+    /// How many rows `text` holds.
+    pub rows: u32,
+    /// One line per row, each ended by `\n`, the relation's columns in order, as `COPY … TO
+    /// STDOUT` writes them with the snapshot connection's settings (ISO dates, UTC).
+    pub text: bytes::Bytes,
+}
+
+impl SnapshotRows {
+    /// The rows as `Read` changes of `relation` (the description `self.relation` names).
+    pub fn changes(&self, relation: &Relation) -> Result<Vec<ChangeEvent>, String> {
+        let rows = crate::connectors::postgres::parse_copy_rows(relation, &self.text)?;
+        Ok(rows
+            .into_iter()
+            .map(|row| ChangeEvent {
+                relation: self.relation,
+                lsn: self.lsn,
+                op: Op::Read,
+                before: None,
+                after: Some(row),
+            })
+            .collect())
+    }
+}
+
 /// What the source appends to the offset log: each transaction as Begin, its changes, Commit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Record {
     Begin(TxBegin),
     Change(ChangeEvent),
     Commit(TxCommit),
+    SnapshotRows(SnapshotRows),
+}
+
+impl Record {
+    /// How many row changes the record holds.
+    pub fn changes(&self) -> usize {
+        match self {
+            Record::Change(_) => 1,
+            Record::SnapshotRows(rows) => rows.rows as usize,
+            Record::Begin(_) | Record::Commit(_) => 0,
+        }
+    }
 }

@@ -389,7 +389,8 @@ impl OffsetLog {
         Ok(())
     }
 
-    /// Up to `max` durable records after `after`, in log order.
+    /// Durable records after `after`, in log order, up to `max` records or row changes
+    /// (a record of snapshot rows counts as its rows; at least one record).
     pub fn read(&self, after: u64, max: usize) -> Result<Vec<LogEntry>, LogError> {
         let limit = self.durable().seq;
         let Some(mut reader) = self.reader_at((after + 1).max(self.floor()), limit)? else {
@@ -397,13 +398,16 @@ impl OffsetLog {
         };
         let wanted = (limit - reader.position().0 + 1).min(max as u64);
         let mut out = Vec::with_capacity(wanted as usize);
-        while (out.len() as u64) < wanted {
+        let mut weight = 0;
+        while (out.len() as u64) < wanted && weight < max {
             let Some(frame) = reader.next()? else {
                 return Err(self.missing(reader.position().0));
             };
+            let record: Record = decode(frame.seq, &frame.payload)?;
+            weight += record.changes().max(1);
             out.push(LogEntry {
                 seq: frame.seq,
-                record: decode(frame.seq, &frame.payload)?,
+                record,
             });
         }
         let (next, at) = reader.position();
@@ -610,14 +614,14 @@ impl LogWriter {
     pub fn append(&mut self, record: &Record) -> Result<u64, LogError> {
         let kind = match record {
             Record::Begin(_) => Kind::Begin,
-            Record::Change(_) => Kind::Change,
+            Record::Change(_) | Record::SnapshotRows(_) => Kind::Change,
             Record::Commit(_) => Kind::Commit,
         };
         let seq = self.insert(kind, &encode(record))?;
         match record {
             Record::Begin(_) => self.open_begin = Some(seq),
             Record::Commit(_) => self.open_begin = None,
-            Record::Change(_) => {}
+            Record::Change(_) | Record::SnapshotRows(_) => {}
         }
         if let Record::Commit(commit) = record {
             self.file.write_out(&mut lock(&self.log.records))?;

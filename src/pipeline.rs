@@ -274,6 +274,9 @@ fn report_batch(
     for entry in batch {
         match &entry.record {
             Record::Change(change) => *per_relation.entry(change.relation).or_default() += 1,
+            Record::SnapshotRows(rows) => {
+                *per_relation.entry(rows.relation).or_default() += u64::from(rows.rows)
+            }
             Record::Commit(commit) => last_commit = Some(*commit),
             Record::Begin(_) => {}
         }
@@ -335,7 +338,7 @@ async fn open_sink(
     }
 }
 
-/// Up to `max` durable records after `after`, ending at the last Commit among them, unless
+/// Up to `max` durable records (or row changes) after `after`, ending at the last Commit among them, unless
 /// there is none (one transaction larger than a batch, applied in chunks).
 fn read_batch(log: &OffsetLog, after: u64, max: usize) -> Result<Vec<LogEntry>, LogError> {
     let mut batch = log.read(after, max)?;

@@ -18,6 +18,8 @@ pub mod replication;
 pub mod snapshot;
 pub mod types;
 
+pub use snapshot::parse_copy_rows;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
@@ -26,15 +27,16 @@ use super::replication::quote_ident;
 use super::{parse_column, Backpressure, PostgresSource, SourceError, BACKPRESSURE_CHECK_INTERVAL};
 use crate::config::PostgresSourceConfig;
 use crate::event::{
-    ChangeEvent, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit, Value,
+    ChangeEvent, Lsn, Op, Record, Relation, RelationId, Row, SnapshotRows, TxBegin, TxCommit, Value,
 };
 use crate::log::{LogWriter, SnapshotState, TableSnapshots};
 use crate::telemetry::{SnapshotStatus, TableProgress};
 
 /// A table smaller than this many heap blocks (8 MiB) is read in one range.
 const MIN_RANGE_BLOCKS: u32 = 1024;
-/// Rows a reader parses before handing them to the log.
-const ROWS_PER_MESSAGE: usize = 1000;
+/// Rows (or bytes of rows) a reader hands to the log at once: one record of the log.
+const ROWS_PER_MESSAGE: u32 = 1000;
+const BYTES_PER_MESSAGE: usize = 1 << 20;
 /// Rows of one logged snapshot transaction.
 const ROWS_PER_TRANSACTION: u64 = 50_000;
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
@@ -62,10 +64,11 @@ struct Range {
     query: String,
 }
 
-/// Rows of one table, parsed.
+/// Rows of one table, as COPY text lines.
 struct Rows {
     table: usize,
-    rows: Vec<Row>,
+    rows: u32,
+    text: Bytes,
 }
 
 /// The snapshot a new slot exported.
@@ -154,7 +157,7 @@ pub async fn copy(
     logged.begin(writer)?;
     if snapshot.replaces_earlier {
         for table in &described {
-            logged.change(writer, table.relation_id, Op::Truncate, None)?;
+            logged.truncate(writer, table.relation_id)?;
         }
     }
     let mut rows = 0u64;
@@ -180,11 +183,9 @@ pub async fn copy(
             }
         }
         let table = &mut described[chunk.table];
-        for row in chunk.rows {
-            logged.change(writer, table.relation_id, Op::Read, Some(row))?;
-            table.copied += 1;
-            rows += 1;
-        }
+        logged.rows(writer, table.relation_id, chunk.rows, chunk.text)?;
+        table.copied += u64::from(chunk.rows);
+        rows += u64::from(chunk.rows);
         if last_status.elapsed() >= STATUS_INTERVAL {
             last_status = Instant::now();
             telemetry.snapshot_progress(progress(&described, rows, started, "running"));
@@ -276,25 +277,41 @@ impl SnapshotTransactions {
         Ok(())
     }
 
-    fn change(
+    fn truncate(
         &mut self,
         writer: &mut LogWriter,
         relation: RelationId,
-        op: Op,
-        after: Option<Row>,
     ) -> Result<(), SourceError> {
-        if self.rows == ROWS_PER_TRANSACTION {
-            self.commit(writer)?;
-            self.begin(writer)?;
-        }
         writer.append(&Record::Change(ChangeEvent {
             relation,
             lsn: self.lsn,
-            op,
+            op: Op::Truncate,
             before: None,
-            after,
+            after: None,
         }))?;
+        // A truncate is a change of the transaction like a row (50,000 changes at most).
         self.rows += 1;
+        Ok(())
+    }
+
+    fn rows(
+        &mut self,
+        writer: &mut LogWriter,
+        relation: RelationId,
+        rows: u32,
+        text: Bytes,
+    ) -> Result<(), SourceError> {
+        if self.rows > 0 && self.rows + u64::from(rows) > ROWS_PER_TRANSACTION {
+            self.commit(writer)?;
+            self.begin(writer)?;
+        }
+        writer.append(&Record::SnapshotRows(SnapshotRows {
+            relation,
+            lsn: self.lsn,
+            rows,
+            text,
+        }))?;
+        self.rows += u64::from(rows);
         Ok(())
     }
 
@@ -391,66 +408,64 @@ async fn read_ranges(
             .await
             .map_err(|e| SourceError::catalog("reading a table for the snapshot", e))?;
         let mut stream = std::pin::pin!(stream);
-        let mut line = Vec::new();
-        let mut rows = Vec::with_capacity(ROWS_PER_MESSAGE);
+        // Whole lines are sent on in blocks; a line the stream cut stays for the next bytes.
+        let mut block = BytesMut::new();
+        let (mut rows, mut checked) = (0u32, 0usize);
         while let Some(bytes) = stream.next().await {
             let bytes =
                 bytes.map_err(|e| SourceError::catalog("reading a table for the snapshot", e))?;
-            let mut rest: &[u8] = &bytes;
-            while let Some(end) = rest.iter().position(|&b| b == b'\n') {
-                line.extend_from_slice(&rest[..end]);
-                rows.push(parse_row(relation, &line)?);
-                line.clear();
-                rest = &rest[end + 1..];
-                if rows.len() == ROWS_PER_MESSAGE {
-                    let full = std::mem::replace(&mut rows, Vec::with_capacity(ROWS_PER_MESSAGE));
-                    if sender
-                        .send(Ok(Rows {
-                            table: range.table,
-                            rows: full,
-                        }))
-                        .await
-                        .is_err()
-                    {
+            block.extend_from_slice(&bytes);
+            while let Some(end) = block[checked..].iter().position(|&b| b == b'\n') {
+                check_line(relation, &block[checked..checked + end])
+                    .map_err(SourceError::Snapshot)?;
+                checked += end + 1;
+                rows += 1;
+                if rows == ROWS_PER_MESSAGE || checked >= BYTES_PER_MESSAGE {
+                    let text = block.split_to(checked).freeze();
+                    let rows = std::mem::take(&mut rows);
+                    checked = 0;
+                    let chunk = Rows {
+                        table: range.table,
+                        rows,
+                        text,
+                    };
+                    if sender.send(Ok(chunk)).await.is_err() {
                         return Ok(());
                     }
                 }
             }
-            line.extend_from_slice(rest);
         }
-        if !rows.is_empty()
-            && sender
-                .send(Ok(Rows {
-                    table: range.table,
-                    rows,
-                }))
-                .await
-                .is_err()
-        {
-            return Ok(());
+        if rows > 0 {
+            let chunk = Rows {
+                table: range.table,
+                rows,
+                text: block.split_to(checked).freeze(),
+            };
+            if sender.send(Ok(chunk)).await.is_err() {
+                return Ok(());
+            }
         }
     }
 }
 
-/// One line of COPY text output as a row of `relation`.
-fn parse_row(relation: &Relation, line: &[u8]) -> Result<Row, SourceError> {
-    let malformed = |what: &str| {
-        SourceError::Snapshot(format!(
-            "COPY of {} returned a malformed row ({what})",
-            relation.qualified_name()
-        ))
-    };
-    let line = std::str::from_utf8(line).map_err(|_| malformed("not UTF-8"))?;
-    let fields: Vec<&str> = line.split('\t').collect();
-    if fields.len() != relation.columns.len() {
-        return Err(malformed(&format!(
-            "{} fields for {} columns",
-            fields.len(),
-            relation.columns.len()
-        )));
+/// Rows in COPY text format (whole lines, as [`SnapshotRows`] holds them) as rows of
+/// `relation`; the error says which row is malformed and how.
+pub fn parse_copy_rows(relation: &Relation, text: &[u8]) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    let mut rest = text;
+    while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+        rows.push(parse_row(relation, &rest[..end])?);
+        rest = &rest[end + 1..];
     }
-    fields
-        .into_iter()
+    Ok(rows)
+}
+
+/// One line of COPY text output as a row of `relation`.
+fn parse_row(relation: &Relation, line: &[u8]) -> Result<Row, String> {
+    check_line(relation, line)?;
+    let malformed = |what: &str| malformed_row(relation, what);
+    let line = std::str::from_utf8(line).map_err(|_| malformed("not UTF-8"))?;
+    line.split('\t')
         .zip(&relation.columns)
         .map(|(field, column)| {
             if field == "\\N" {
@@ -460,6 +475,29 @@ fn parse_row(relation: &Relation, line: &[u8]) -> Result<Row, SourceError> {
             Ok(parse_column(relation, column, &text))
         })
         .collect()
+}
+
+/// Checks that a line of COPY text output is UTF-8 with a field for each column of
+/// `relation` (values are parsed when a sink needs them).
+fn check_line(relation: &Relation, line: &[u8]) -> Result<(), String> {
+    if std::str::from_utf8(line).is_err() {
+        return Err(malformed_row(relation, "not UTF-8"));
+    }
+    let fields = line.iter().filter(|&&b| b == b'\t').count() + 1;
+    if fields != relation.columns.len() {
+        return Err(malformed_row(
+            relation,
+            &format!("{fields} fields for {} columns", relation.columns.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn malformed_row(relation: &Relation, what: &str) -> String {
+    format!(
+        "COPY of {} returned a malformed row ({what})",
+        relation.qualified_name()
+    )
 }
 
 /// A COPY text field without its backslash escapes; None when an escape is malformed.

@@ -8,11 +8,17 @@
 //! truncates the target before the changes that follow it. An unchanged TOAST value is taken
 //! from an earlier state of the same row in the batch when there is one; otherwise it stays
 //! `UnchangedToast` and the target keeps the value it holds.
+//!
+//! Rows an initial snapshot read may be kept as the COPY text the source sent
+//! ([`Collapse::add_copied`]): they are new keys, inserted before the plan's states are
+//! applied, so the target takes them as they are, without decoding them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::event::{ChangeEvent, Op, Relation, RelationId, Row, Value};
+use bytes::Bytes;
+
+use crate::event::{ChangeEvent, Op, Relation, RelationId, Row, SnapshotRows, Value};
 
 /// What the target must end up with for one key.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +48,9 @@ pub struct TablePlan {
     /// Per state: the key's first change in the batch inserted it, so the target does not
     /// hold it (unless the batch is a replay).
     created: Vec<bool>,
+    /// Rows of the initial snapshot in the source's COPY text format, inserted before
+    /// `states` are applied (every one of them precedes every state in the log).
+    copied: Vec<Bytes>,
 }
 
 impl TablePlan {
@@ -53,11 +62,17 @@ impl TablePlan {
             keys: HashMap::new(),
             states: Vec::new(),
             created: Vec::new(),
+            copied: Vec::new(),
         }
     }
 
     pub fn states(&self) -> &[KeyState] {
         &self.states
+    }
+
+    /// Snapshot rows kept as COPY text (see [`Collapse::add_copied`]).
+    pub fn copied(&self) -> &[Bytes] {
+        &self.copied
     }
 
     /// Whether state `index` is the complete row of a key the batch created: a row the
@@ -124,6 +139,7 @@ impl Collapse {
                     plan.keys.clear();
                     plan.states.clear();
                     plan.created.clear();
+                    plan.copied.clear();
                     plan.truncate = false;
                 }
             }
@@ -205,6 +221,26 @@ impl Collapse {
         Ok(())
     }
 
+    /// Keeps snapshot rows of `relation` as their COPY text, for the target to take as they
+    /// are. Returns false, keeping nothing, when the table's plan holds changes already: the
+    /// rows must then be decoded and added one by one, so that they are applied in order.
+    pub fn add_copied(
+        &mut self,
+        relation_id: RelationId,
+        relation: &Arc<Relation>,
+        rows: &SnapshotRows,
+    ) -> Result<bool, CollapseError> {
+        if relation.primary_key_indexes().next().is_none() {
+            return Err(CollapseError::NoPrimaryKey(relation.qualified_name()));
+        }
+        let plan = self.plan_for(relation_id, relation);
+        if !plan.states.is_empty() {
+            return Ok(false);
+        }
+        plan.copied.push(rows.text.clone());
+        Ok(true)
+    }
+
     fn plan_for(&mut self, relation_id: RelationId, relation: &Arc<Relation>) -> &mut TablePlan {
         let index = match self.current.get(&relation.oid) {
             Some(&i) if self.plans[i].relation_id == relation_id => i,
@@ -222,7 +258,7 @@ impl Collapse {
     pub fn finish(self) -> Vec<TablePlan> {
         self.plans
             .into_iter()
-            .filter(|p| p.truncate || !p.states.is_empty())
+            .filter(|p| p.truncate || !p.states.is_empty() || !p.copied.is_empty())
             .collect()
     }
 }
@@ -330,6 +366,68 @@ pub(crate) mod tests {
         ]);
         assert!(plans[0].is_new_row(0));
         assert!(!plans[0].is_new_row(1));
+    }
+
+    fn snapshot_rows(text: &str) -> SnapshotRows {
+        SnapshotRows {
+            relation: RelationId(1),
+            lsn: Lsn(0),
+            rows: text.matches('\n').count() as u32,
+            text: Bytes::from(text.to_string()),
+        }
+    }
+
+    /// Snapshot rows stay COPY text while the table's plan holds no change; once it does,
+    /// they are refused, to be decoded and added in order. A truncate forgets them.
+    #[test]
+    fn snapshot_rows_stay_text_until_the_table_has_changes() {
+        let rel = relation(1);
+        let mut c = Collapse::default();
+        assert_eq!(
+            c.add_copied(RelationId(1), &rel, &snapshot_rows("1\ta\n2\tb\n")),
+            Ok(true)
+        );
+        assert_eq!(
+            c.add_copied(RelationId(1), &rel, &snapshot_rows("3\tc\n")),
+            Ok(true)
+        );
+        c.add(
+            RelationId(1),
+            &rel,
+            &change(Op::Update, None, Some(row(2, Some("b2")))),
+        )
+        .unwrap();
+        assert_eq!(
+            c.add_copied(RelationId(1), &rel, &snapshot_rows("4\td\n")),
+            Ok(false)
+        );
+        let plans = c.finish();
+        assert_eq!(
+            plans[0].copied(),
+            &[Bytes::from("1\ta\n2\tb\n"), Bytes::from("3\tc\n")]
+        );
+        // The update of a copied key is not a new row: the target holds the key by then.
+        assert_eq!(plans[0].states(), &[KeyState::Upsert(row(2, Some("b2")))]);
+        assert!(!plans[0].is_new_row(0));
+
+        let mut c = Collapse::default();
+        c.add_copied(RelationId(1), &rel, &snapshot_rows("1\ta\n"))
+            .unwrap();
+        c.add(RelationId(1), &rel, &change(Op::Truncate, None, None))
+            .unwrap();
+        let plans = c.finish();
+        assert!(plans.iter().all(|p| p.copied().is_empty()), "{plans:?}");
+    }
+
+    #[test]
+    fn snapshot_rows_of_a_table_without_a_primary_key_are_refused() {
+        let mut rel = (*relation(1)).clone();
+        rel.columns[0].primary_key = false;
+        let mut c = Collapse::default();
+        assert_eq!(
+            c.add_copied(RelationId(1), &Arc::new(rel), &snapshot_rows("1\ta\n")),
+            Err(CollapseError::NoPrimaryKey("public.t1".into()))
+        );
     }
 
     #[test]

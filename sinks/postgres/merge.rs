@@ -3,6 +3,8 @@
 //! upserts complete rows, and one updates rows that arrived with unchanged TOAST values
 //! (keeping the values the target holds for those columns).
 
+use bytes::Bytes;
+
 use super::collapse::{KeyState, TablePlan};
 use super::copy_text::write_row;
 use super::ddl::TargetTable;
@@ -122,7 +124,8 @@ pub fn statements(
         KeyState::Upsert(row) => row.contains(&Value::UnchangedToast),
         KeyState::Delete(_) | KeyState::Move { .. } => false,
     });
-    let has_new_rows = (0..plan.states().len()).any(|i| plan.is_new_row(i));
+    let has_new_rows =
+        !plan.copied().is_empty() || (0..plan.states().len()).any(|i| plan.is_new_row(i));
     PlanSql {
         create_stage: names.create_stage(&STAGE_COLUMNS),
         copy_stage: names.copy_stage(&STAGE_COLUMNS),
@@ -166,9 +169,10 @@ pub fn stage_rows(plan: &TablePlan, pass: Pass) -> Vec<u8> {
     out
 }
 
-/// The new rows of the plan (see [`TablePlan::is_new_row`]) in COPY text format for the
-/// target table's source columns.
-pub fn new_rows(plan: &TablePlan) -> Vec<u8> {
+/// The new rows of the plan in COPY text format for the target table's source columns:
+/// the snapshot rows it kept as the source's COPY text, as they are, then the rows of keys
+/// it created (see [`TablePlan::is_new_row`]).
+pub fn new_rows(plan: &TablePlan) -> Vec<Bytes> {
     let types: Vec<&ValueType> = plan
         .relation
         .columns
@@ -181,5 +185,9 @@ pub fn new_rows(plan: &TablePlan) -> Vec<u8> {
             write_row(&mut out, types.iter().copied().zip(row));
         }
     }
-    out
+    let mut rows = plan.copied().to_vec();
+    if !out.is_empty() {
+        rows.push(Bytes::from(out));
+    }
+    rows
 }

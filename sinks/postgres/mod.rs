@@ -31,6 +31,7 @@ use self::large::{partition_entries, LargeTransaction, PartitionError};
 use self::staging::{Pass, PlanSql};
 use super::{DeadLettered, Sink, SinkError};
 use crate::config::{PostgresSinkConfig, SinkMode};
+use crate::connectors::postgres::parse_copy_rows;
 use crate::dead_letter::{self, DeadLetterQueue, LetterChange, Touch};
 use crate::event::{ChangeEvent, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit};
 use crate::log::{LogEntry, OffsetLog, SinkCursor};
@@ -143,8 +144,9 @@ impl PostgresSink {
         &mut self,
         entries: &[LogEntry],
         relation_of: impl Fn(RelationId) -> Result<Arc<Relation>, SinkError>,
+        snapshot_text: SnapshotText,
     ) -> Result<PlannedBatch, SinkError> {
-        let planned = self.planner.plan(entries, relation_of)?;
+        let planned = self.planner.plan(entries, relation_of, snapshot_text)?;
         self.prepare_tables(planned).await
     }
 
@@ -172,6 +174,16 @@ pub struct BatchPlanner {
     /// Source `schema.table` → target, from `[[sink.table]]`.
     renames: HashMap<String, TargetTable>,
     log: Arc<OffsetLog>,
+}
+
+/// What a plan does with the initial snapshot's rows, which the log holds as COPY text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SnapshotText {
+    /// A merge sink's fresh pass COPYs them into the target as they are.
+    Forward,
+    /// Decoded into `Read` changes, like every other change: for the passes that stage
+    /// them (a replay, one row at a time) and for SCD2.
+    Decode,
 }
 
 /// A planned batch: its records (by sequence number), each table's work with the fresh
@@ -222,7 +234,12 @@ impl BatchPlanner {
         if self.config.mode == SinkMode::Scd2 && !whole {
             return None;
         }
-        self.plan(entries, |id| Ok(self.log.relation(id)?)).ok()
+        self.plan(
+            entries,
+            |id| Ok(self.log.relation(id)?),
+            SnapshotText::Forward,
+        )
+        .ok()
     }
 
     /// Turns the records into one piece of work per table and relation description
@@ -231,29 +248,45 @@ impl BatchPlanner {
         &self,
         entries: &[LogEntry],
         relation_of: impl Fn(RelationId) -> Result<Arc<Relation>, SinkError>,
+        snapshot_text: SnapshotText,
     ) -> Result<PlannedBatch, SinkError> {
         let mut builder = match self.config.mode {
             SinkMode::Scd2 => PlanBuilder::History(History::new(self.config.history_deletes)),
             _ => PlanBuilder::Merge(Collapse::default()),
+        };
+        let inconsistent = |message: String| SinkError::Inconsistent {
+            sink: self.sink.clone(),
+            message,
         };
         let mut source_lsn = Lsn(0);
         for entry in entries {
             match &entry.record {
                 Record::Change(change) => {
                     let relation = relation_of(change.relation)?;
-                    let added = match &mut builder {
-                        PlanBuilder::Merge(collapse) => {
-                            collapse.add(change.relation, &relation, change)
-                        }
-                        PlanBuilder::History(history) => {
-                            history.add(change.relation, &relation, change)
-                        }
-                    };
-                    added.map_err(|e: CollapseError| SinkError::Inconsistent {
-                        sink: self.sink.clone(),
-                        message: e.to_string(),
-                    })?;
+                    builder
+                        .add(&relation, change)
+                        .map_err(|e| inconsistent(e.to_string()))?;
                     source_lsn = source_lsn.max(change.lsn);
+                }
+                Record::SnapshotRows(rows) => {
+                    let relation = relation_of(rows.relation)?;
+                    let forwarded = match (&mut builder, snapshot_text) {
+                        (PlanBuilder::Merge(collapse), SnapshotText::Forward) => collapse
+                            .add_copied(rows.relation, &relation, rows)
+                            .map_err(|e| inconsistent(e.to_string()))?,
+                        _ => false,
+                    };
+                    if !forwarded {
+                        let changes = rows.changes(&relation).map_err(|message| {
+                            inconsistent(format!("log record {}: {message}", entry.seq))
+                        })?;
+                        for change in &changes {
+                            builder
+                                .add(&relation, change)
+                                .map_err(|e| inconsistent(e.to_string()))?;
+                        }
+                    }
+                    source_lsn = source_lsn.max(rows.lsn);
                 }
                 Record::Commit(commit) => {
                     source_lsn = source_lsn.max(commit.commit_lsn);
@@ -306,6 +339,15 @@ impl BatchPlanner {
 enum PlanBuilder {
     Merge(Collapse),
     History(History),
+}
+
+impl PlanBuilder {
+    fn add(&mut self, relation: &Arc<Relation>, change: &ChangeEvent) -> Result<(), CollapseError> {
+        match self {
+            PlanBuilder::Merge(collapse) => collapse.add(change.relation, relation, change),
+            PlanBuilder::History(history) => history.add(change.relation, relation, change),
+        }
+    }
 }
 
 impl PostgresSink {
@@ -370,7 +412,11 @@ impl PostgresSink {
             })
             .collect();
         let batch = self
-            .plan(&entries, |id| Ok(Arc::clone(&relations[id.0 as usize])))
+            .plan(
+                &entries,
+                |id| Ok(Arc::clone(&relations[id.0 as usize])),
+                SnapshotText::Decode,
+            )
             .await?
             .into_batch(applied, false);
         let refused = self
@@ -475,10 +521,13 @@ impl PostgresSink {
             let ahead = planned.filter(|p| p.first == entries[0].seq && p.last == last.seq);
             let planned = match ahead {
                 Some(planned) => self.prepare_tables(planned).await?,
-                None => self.plan(entries, |id| Ok(log.relation(id)?)).await?,
+                None => {
+                    self.plan(entries, |id| Ok(log.relation(id)?), SnapshotText::Forward)
+                        .await?
+                }
             };
             rejected.extend(
-                self.apply_planned(&planned.into_batch(last.seq, true))
+                self.apply_planned(&planned.into_batch(last.seq, true), entries)
                     .await?,
             );
         }
@@ -500,11 +549,15 @@ impl PostgresSink {
 }
 
 impl PostgresSink {
-    /// Applies a planned batch and its checkpoint, handling what the target may answer: a
-    /// dropped table is created again, rows it holds already are skipped, rows it refuses are
-    /// dead-lettered. Stores the log cursor once the checkpoint is written. Returns the tables
-    /// of the rows dead-lettered.
-    async fn apply_planned(&mut self, batch: &Batch) -> Result<Vec<String>, SinkError> {
+    /// Applies a planned batch of `entries` and its checkpoint, handling what the target
+    /// may answer: a dropped table is created again, rows it holds already are skipped, rows
+    /// it refuses are dead-lettered. Stores the log cursor once the checkpoint is written.
+    /// Returns the tables of the rows dead-lettered.
+    async fn apply_planned(
+        &mut self,
+        batch: &Batch,
+        entries: &[LogEntry],
+    ) -> Result<Vec<String>, SinkError> {
         let mut result = self.apply_batch(batch, Pass::Fresh).await;
         if matches!(&result, Err(e) if e.is_missing_target()) {
             // Someone dropped a target table or column: create it again and go on. Rows it
@@ -521,6 +574,21 @@ impl PostgresSink {
             }
             result = self.apply_batch(batch, Pass::Fresh).await;
         }
+        // The passes after a fresh one stage every row: snapshot rows forwarded as COPY text
+        // are decoded for them.
+        let decoded;
+        let staging_next =
+            matches!(&result, Err(e) if e.is_unique_violation() || e.is_data_error());
+        let batch = if staging_next && batch.forwards_snapshot_rows() {
+            let log = Arc::clone(&self.log);
+            decoded = self
+                .plan(entries, |id| Ok(log.relation(id)?), SnapshotText::Decode)
+                .await?
+                .into_batch(batch.log_position, batch.checkpoint);
+            &decoded
+        } else {
+            batch
+        };
         if matches!(&result, Err(e) if e.is_unique_violation()) {
             // The target holds part of the batch already (its checkpoint was older than its
             // rows, or another sink writes the same tables): apply it again, skipping what
@@ -560,8 +628,9 @@ impl PostgresSink {
     /// Adds a chunk of a large transaction (its Begin first, for the first chunk) to its
     /// partitions.
     fn split_large(&mut self, chunk: &[LogEntry]) -> Result<(), SinkError> {
+        let sink = self.name.clone();
         let inconsistent = |message: String| SinkError::Inconsistent {
-            sink: self.name.clone(),
+            sink: sink.clone(),
             message,
         };
         for entry in chunk {
@@ -592,22 +661,47 @@ impl PostgresSink {
                 }
                 Record::Change(change) => {
                     let relation = self.log.relation(change.relation)?;
-                    let encoded = postcard::to_allocvec(&entry.record)
-                        .map_err(|e| inconsistent(e.to_string()))?;
-                    let large = self.large.as_mut().ok_or_else(|| {
-                        inconsistent(format!(
-                            "log record {} is not inside a transaction",
-                            entry.seq
-                        ))
+                    self.add_to_large(entry.seq, &relation, change, &entry.record)?;
+                }
+                Record::SnapshotRows(rows) => {
+                    let relation = self.log.relation(rows.relation)?;
+                    let changes = rows.changes(&relation).map_err(|message| {
+                        inconsistent(format!("log record {}: {message}", entry.seq))
                     })?;
-                    large
-                        .add(change, &relation, &encoded)
-                        .map_err(|e| self.large_error(e.into()))?;
+                    for change in changes {
+                        let record = Record::Change(change);
+                        if let Record::Change(change) = &record {
+                            self.add_to_large(entry.seq, &relation, change, &record)?;
+                        }
+                    }
                 }
                 Record::Commit(_) => {}
             }
         }
         Ok(())
+    }
+
+    /// Adds `change` (which `record` holds), of log record `seq`, to the large
+    /// transaction's partitions.
+    fn add_to_large(
+        &mut self,
+        seq: u64,
+        relation: &Relation,
+        change: &ChangeEvent,
+        record: &Record,
+    ) -> Result<(), SinkError> {
+        let inconsistent = |message: String| SinkError::Inconsistent {
+            sink: self.name.clone(),
+            message,
+        };
+        let encoded = postcard::to_allocvec(record).map_err(|e| inconsistent(e.to_string()))?;
+        let large = self
+            .large
+            .as_mut()
+            .ok_or_else(|| inconsistent(format!("log record {seq} is not inside a transaction")))?;
+        large
+            .add(change, relation, &encoded)
+            .map_err(|e| self.large_error(e.into()))
     }
 
     /// Applies the large transaction that `commit` ends, partition by partition; the last
@@ -639,10 +733,10 @@ impl PostgresSink {
             }
             entries.retain(|e| e.seq <= commit.seq);
             let batch = self
-                .plan(&entries, |id| Ok(log.relation(id)?))
+                .plan(&entries, |id| Ok(log.relation(id)?), SnapshotText::Decode)
                 .await?
                 .into_batch(commit.seq, true);
-            return self.apply_planned(&batch).await;
+            return self.apply_planned(&batch, &entries).await;
         }
         let mut rejected = Vec::new();
         for number in 0..large.partitions() {
@@ -650,10 +744,10 @@ impl PostgresSink {
             let entries =
                 partition_entries(&begin, &mut reader, commit).map_err(|e| self.large_error(e))?;
             let batch = self
-                .plan(&entries, |id| Ok(log.relation(id)?))
+                .plan(&entries, |id| Ok(log.relation(id)?), SnapshotText::Decode)
                 .await?
                 .into_batch(commit.seq, number + 1 == large.partitions());
-            rejected.extend(self.apply_planned(&batch).await?);
+            rejected.extend(self.apply_planned(&batch, &entries).await?);
         }
         Ok(rejected)
     }
@@ -679,6 +773,16 @@ struct Batch {
     checkpoint: bool,
 }
 
+impl Batch {
+    /// Whether a table's fresh pass COPYs snapshot rows in as the source sent them (which
+    /// the other passes' statements do not stage).
+    fn forwards_snapshot_rows(&self) -> bool {
+        self.tables
+            .iter()
+            .any(|t| matches!(&t.plan, Plan::Merge(plan) if !plan.copied().is_empty()))
+    }
+}
+
 /// One table's part of a batch: rows for a staging table and the statements that apply them.
 struct TableWork {
     relation_id: RelationId,
@@ -691,7 +795,7 @@ struct TableWork {
     direct_copy: Option<String>,
     /// The fresh pass's staged rows and direct rows, encoded while planning.
     fresh_rows: Bytes,
-    fresh_direct_rows: Option<Bytes>,
+    fresh_direct_rows: Vec<Bytes>,
     /// The statements of each pass, in order.
     fresh: Vec<String>,
     replay: Vec<String>,
@@ -730,12 +834,13 @@ impl TableWork {
         };
         let [fresh, replay, one_row] = passes;
         let fresh_rows = encode_staged(&plan, Pass::Fresh);
-        let fresh_direct_rows = fresh.direct_copy.as_ref().map(|_| {
-            Bytes::from(match &plan {
-                Plan::Merge(plan) => merge::new_rows(plan),
-                Plan::History(plan, layout) => scd2::direct_rows(plan, *layout),
-            })
-        });
+        let fresh_direct_rows = match (&fresh.direct_copy, &plan) {
+            (None, _) => Vec::new(),
+            (Some(_), Plan::Merge(plan)) => merge::new_rows(plan),
+            (Some(_), Plan::History(plan, layout)) => {
+                vec![Bytes::from(scd2::direct_rows(plan, *layout))]
+            }
+        };
         TableWork {
             relation_id,
             relation,
@@ -762,12 +867,12 @@ impl TableWork {
     }
 
     /// A fresh pass's COPY straight into the target, with its rows.
-    fn direct(&self, pass: Pass) -> Option<(&str, Bytes)> {
+    fn direct(&self, pass: Pass) -> Option<(&str, &[Bytes])> {
         let sql = self
             .direct_copy
             .as_deref()
             .filter(|_| pass == Pass::Fresh)?;
-        Some((sql, self.fresh_direct_rows.clone()?))
+        Some((sql, &self.fresh_direct_rows))
     }
 
     fn statements(&self, pass: Pass) -> &[String] {
@@ -865,13 +970,22 @@ impl TableWork {
                 }
             }
         }
+        if let Plan::Merge(plan) = &self.plan {
+            for text in plan.copied() {
+                // Rows the source sent were checked when the snapshot read them.
+                let rows = parse_copy_rows(&self.relation, text).unwrap_or_default();
+                for row in &rows {
+                    let key = dead_letter::key_text(&self.relation, row);
+                    if lettered.contains(&key) {
+                        touched.push(touch(key));
+                    }
+                }
+            }
+        }
         touched
     }
 }
 
-/// The staging table of the `occurrence`th plan of a relation description in a batch: a
-/// table truncated inside the batch has a second plan, and staging tables are emptied only
-/// at the commit.
 /// The rows `pass` stages, in COPY text format.
 fn encode_staged(plan: &Plan, pass: Pass) -> Bytes {
     Bytes::from(match plan {
@@ -880,6 +994,9 @@ fn encode_staged(plan: &Plan, pass: Pass) -> Bytes {
     })
 }
 
+/// The staging table of the `occurrence`th plan of a relation description in a batch: a
+/// table truncated inside the batch has a second plan, and staging tables are emptied only
+/// at the commit.
 fn stage_name(relation_id: RelationId, occurrence: usize) -> String {
     format!("_tidemark_stage_{}_{occurrence}", relation_id.0)
 }
@@ -917,7 +1034,7 @@ impl PostgresSink {
                     .batch_execute(&table.create_stage)
                     .await
                     .map_err(ApplyError::with(context()))?;
-                copy_rows(&transaction, &table.copy_stage, staged)
+                copy_rows(&transaction, &table.copy_stage, &[staged])
                     .await
                     .map_err(ApplyError::with(context()))?;
             }
@@ -1023,15 +1140,17 @@ impl PostgresSink {
     }
 }
 
-/// Runs `COPY … FROM STDIN` with `rows` (COPY text format).
+/// Runs `COPY … FROM STDIN` with `rows` (blocks of whole lines in COPY text format).
 async fn copy_rows(
     transaction: &tokio_postgres::Transaction<'_>,
     copy: &str,
-    rows: Bytes,
+    rows: &[Bytes],
 ) -> Result<(), tokio_postgres::Error> {
     let sink = transaction.copy_in(copy).await?;
     let mut sink = pin!(sink);
-    sink.send(rows).await?;
+    for block in rows {
+        sink.feed(block.clone()).await?;
+    }
     sink.as_mut().finish().await?;
     Ok(())
 }
