@@ -44,7 +44,7 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::agent::{eventually, Agent, AgentSetup};
+use common::agent::{eventually, http_get, Agent, AgentSetup};
 use common::PgCluster;
 use support::Probe;
 use tokio::runtime::Runtime;
@@ -73,6 +73,36 @@ fn fill_sql(rows: usize) -> String {
                 timestamptz '2026-01-01 00:00:00+00' + g * interval '1 second' \
          FROM generate_series(1::bigint, {rows}) AS g"
     )
+}
+
+/// The log position of the snapshot's last record: the durable position once `/status` says
+/// the snapshot is done (its last transaction is flushed before that), the source having no
+/// writes meanwhile.
+fn snapshot_end(setup: &AgentSetup, started: Instant, agent: &mut Agent, what: &str) -> u64 {
+    loop {
+        let status = http_get(setup.health_port, "/status")
+            .and_then(|response| {
+                let (_, body) = response.split_once("\r\n\r\n")?;
+                serde_json::from_str::<serde_json::Value>(body).ok()
+            })
+            .unwrap_or_default();
+        if status["source"]["snapshot"]["state"] == "done" {
+            if let Some(position) = status["log"]["durable_position"].as_u64() {
+                return position;
+            }
+        }
+        assert!(
+            agent.is_running(),
+            "{what}: the agent exited:\n{}",
+            agent.log()
+        );
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "{what}: the snapshot did not end within {TIMEOUT:?}:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(POLL);
+    }
 }
 
 /// `count:sum(hashtext(row))` of a table, over [`COLUMNS`].
@@ -232,11 +262,11 @@ fn tidemark_snapshot(bench: &Bench, name: &str, parallelism: usize) -> Run {
 
     let started = Instant::now();
     let mut agent = setup.start();
-    // A fresh log numbers the snapshot's Begin 1, its rows 2..=rows+1 and its Commit rows+2;
-    // each applied chunk stores the log position of its last record in the checkpoint.
+    // Each applied chunk stores the log position of its last record in the checkpoint.
+    let end = snapshot_end(&setup, started, &mut agent, &what);
     probe.wait_true(
         &format!(
-            "SELECT (max(log_position) >= {rows})::text FROM {MIRROR_SCHEMA}._tidemark_checkpoint"
+            "SELECT (max(log_position) >= {end})::text FROM {MIRROR_SCHEMA}._tidemark_checkpoint"
         ),
         started,
         &mut agent,

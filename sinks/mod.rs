@@ -72,11 +72,13 @@ pub enum AnySink {
 }
 
 impl AnySink {
+    /// `snapshot_writers`: connections a table sink COPYs the initial snapshot's rows with.
     pub fn build(
         config: &SinkConfig,
         log: &Arc<OffsetLog>,
         source: &SourceInfo,
         data_dir: &Path,
+        snapshot_writers: usize,
     ) -> Result<AnySink, SinkError> {
         match &config.kind {
             SinkKind::Jsonl(jsonl) => Ok(AnySink::Jsonl(jsonl::JsonlSink::new(
@@ -85,12 +87,10 @@ impl AnySink {
                 Arc::clone(log),
                 source.clone(),
             ))),
-            SinkKind::Postgres(target) => Ok(AnySink::Postgres(postgres::PostgresSink::new(
-                &config.name,
-                target,
-                Arc::clone(log),
-                data_dir,
-            )?)),
+            SinkKind::Postgres(target) => Ok(AnySink::Postgres(
+                postgres::PostgresSink::new(&config.name, target, Arc::clone(log), data_dir)?
+                    .with_snapshot_writers(snapshot_writers),
+            )),
         }
     }
 

@@ -69,7 +69,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Pipe
     for sink_config in &config.sinks {
         sinks.push((
             sink_config.clone(),
-            AnySink::build(sink_config, &log, &source_info, &config.agent.data_dir)?,
+            AnySink::build(
+                sink_config,
+                &log,
+                &source_info,
+                &config.agent.data_dir,
+                source_config.snapshot_parallelism,
+            )?,
         ));
     }
     let health = tokio::net::TcpListener::bind(config.agent.health_addr)
@@ -338,8 +344,9 @@ async fn open_sink(
     }
 }
 
-/// Up to `max` durable records (or row changes) after `after`, ending at the last Commit among them, unless
-/// there is none (one transaction larger than a batch, applied in chunks).
+/// Up to `max` durable records (counting the rows of a snapshot record) after `after`, ending
+/// at the last Commit among them, unless there is none (one transaction larger than a batch,
+/// applied in chunks).
 fn read_batch(log: &OffsetLog, after: u64, max: usize) -> Result<Vec<LogEntry>, LogError> {
     let mut batch = log.read(after, max)?;
     if let Some(end) = batch

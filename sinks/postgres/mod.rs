@@ -51,6 +51,10 @@ pub struct PostgresSink {
     /// partition files go.
     large: Option<LargeTransaction>,
     large_dir: PathBuf,
+    /// How many connections COPY a batch that holds only initial-snapshot rows (the
+    /// source's `snapshot_parallelism`), and the ones open besides `client`.
+    snapshot_writers: usize,
+    extra_writers: Vec<Client>,
 }
 
 impl PostgresSink {
@@ -95,7 +99,38 @@ impl PostgresSink {
             dead_letters: DeadLetterQueue::new(data_dir, name),
             large: None,
             large_dir: data_dir.join("large_transactions").join(name),
+            snapshot_writers: 1,
+            extra_writers: Vec::new(),
         })
+    }
+
+    /// COPYs batches of initial-snapshot rows over `writers` connections at once (see
+    /// [`PostgresSink::apply_snapshot_rows`]).
+    pub fn with_snapshot_writers(mut self, writers: usize) -> PostgresSink {
+        self.snapshot_writers = writers.max(1);
+        self
+    }
+
+    /// A new connection to the target.
+    async fn connect(&self) -> Result<Client, SinkError> {
+        let context = format!("connecting to {}", self.config.url.redacted());
+        let (client, connection) = crate::tls::connect(&self.config.url.pg_config())
+            .await
+            .map_err(|e| match e {
+                // A certificate that fails verification needs the operator, not a retry.
+                ConnectError::Tls(e) => SinkError::Target {
+                    sink: self.name.clone(),
+                    message: e.to_string(),
+                },
+                ConnectError::Postgres(e) => target_error(&self.name, context, e),
+            })?;
+        let sink = self.name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(sink, error = %e, "target connection closed");
+            }
+        });
+        Ok(client)
     }
 
     fn error(&self, context: String) -> impl FnOnce(tokio_postgres::Error) -> SinkError + '_ {
@@ -429,23 +464,8 @@ impl PostgresSink {
 
 impl Sink for PostgresSink {
     async fn open(&mut self) -> Result<u64, SinkError> {
-        let context = format!("connecting to {}", self.config.url.redacted());
-        let (client, connection) = crate::tls::connect(&self.config.url.pg_config())
-            .await
-            .map_err(|e| match e {
-                // A certificate that fails verification needs the operator, not a retry.
-                ConnectError::Tls(e) => SinkError::Target {
-                    sink: self.name.clone(),
-                    message: e.to_string(),
-                },
-                ConnectError::Postgres(e) => target_error(&self.name, context, e),
-            })?;
-        let sink = self.name.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(sink, error = %e, "target connection closed");
-            }
-        });
+        self.extra_writers.clear();
+        let client = self.connect().await?;
         client
             .batch_execute(&format!(
                 "{};\n{}",
@@ -558,6 +578,17 @@ impl PostgresSink {
         batch: &Batch,
         entries: &[LogEntry],
     ) -> Result<Vec<String>, SinkError> {
+        if batch.only_snapshot_rows() && self.extra_writers.len() + 1 < self.snapshot_writers {
+            while self.extra_writers.len() + 1 < self.snapshot_writers {
+                let client = self.connect().await?;
+                self.extra_writers.push(client);
+            }
+            tracing::info!(
+                sink = %self.name,
+                connections = self.snapshot_writers,
+                "copying snapshot rows over several target connections"
+            );
+        }
         let mut result = self.apply_batch(batch, Pass::Fresh).await;
         if matches!(&result, Err(e) if e.is_missing_target()) {
             // Someone dropped a target table or column: create it again and go on. Rows it
@@ -780,6 +811,15 @@ impl Batch {
         self.tables
             .iter()
             .any(|t| matches!(&t.plan, Plan::Merge(plan) if !plan.copied().is_empty()))
+    }
+
+    /// Whether the batch is only snapshot rows forwarded as COPY text: new keys, nothing
+    /// truncated, nothing staged.
+    fn only_snapshot_rows(&self) -> bool {
+        self.tables.iter().all(|t| {
+            matches!(&t.plan, Plan::Merge(plan)
+                if !plan.truncate && plan.states().is_empty() && !plan.copied().is_empty())
+        })
     }
 }
 
@@ -1006,14 +1046,14 @@ impl PostgresSink {
     /// each row goes in its own savepoint and rows the target refuses are dead-lettered
     /// (durably, before the commit) instead of failing the batch; returns those rows' tables.
     async fn apply_batch(&mut self, batch: &Batch, pass: Pass) -> Result<Vec<String>, ApplyError> {
-        let checkpoint = format!(
-            "INSERT INTO {}._tidemark_checkpoint \
-               (sink, log_position, source_lsn, updated_at, log_id) \
-             VALUES ($1, $2, $3::text::pg_lsn, now(), $4) ON CONFLICT (sink) DO UPDATE SET \
-             log_position = EXCLUDED.log_position, source_lsn = EXCLUDED.source_lsn, \
-             updated_at = now(), log_id = EXCLUDED.log_id",
-            postgres_protocol::escape::escape_identifier(&self.config.schema)
-        );
+        if pass == Pass::Fresh && !self.extra_writers.is_empty() && batch.only_snapshot_rows() {
+            let applied = self.apply_snapshot_rows(batch).await;
+            if applied.is_err() {
+                // A writer may be the one that failed; the next snapshot batch opens new ones.
+                self.extra_writers.clear();
+            }
+            return applied.map(|()| Vec::new());
+        }
         let client = self.client.as_mut().ok_or(ApplyError::NotConnected)?;
         let mut transaction = client
             .transaction()
@@ -1034,7 +1074,7 @@ impl PostgresSink {
                     .batch_execute(&table.create_stage)
                     .await
                     .map_err(ApplyError::with(context()))?;
-                copy_rows(&transaction, &table.copy_stage, &[staged])
+                send_copy(transaction.copy_in(&table.copy_stage).await, &[staged])
                     .await
                     .map_err(ApplyError::with(context()))?;
             }
@@ -1045,7 +1085,7 @@ impl PostgresSink {
                     .map_err(ApplyError::with(format!("truncating {target}")))?;
             }
             if let Some((copy, rows)) = table.direct(pass) {
-                copy_rows(&transaction, copy, rows)
+                send_copy(transaction.copy_in(copy).await, rows)
                     .await
                     .map_err(ApplyError::with(format!(
                         "inserting new rows into {target}"
@@ -1105,15 +1145,108 @@ impl PostgresSink {
                 }
             }
         }
+        let end = BatchEnd {
+            sink: &self.name,
+            schema: &self.config.schema,
+            log_id: self.log.id(),
+        };
+        end.commit(transaction, batch, &mut self.dead_letters, &letters)
+            .await?;
+        Ok(refused_tables)
+    }
+
+    /// Applies a batch of initial-snapshot rows only (new keys) over the sink's connection
+    /// and its extra writers at once, each COPYing a share of every table's rows: the
+    /// extra writers' COPYs commit on their own, then the sink's own transaction commits its
+    /// share with the checkpoint. A crash between the two leaves rows in the target that
+    /// the checkpoint does not cover, which the replay of the batch takes as they are.
+    async fn apply_snapshot_rows(&mut self, batch: &Batch) -> Result<(), ApplyError> {
+        let writers = 1 + self.extra_writers.len();
+        let mut shares: Vec<Vec<(&str, &[Bytes])>> = vec![Vec::new(); writers];
+        for table in &batch.tables {
+            let Some((copy, rows)) = table.direct(Pass::Fresh) else {
+                continue;
+            };
+            for (share, blocks) in shares
+                .iter_mut()
+                .zip(rows.chunks(rows.len().div_ceil(writers)))
+            {
+                share.push((copy, blocks));
+            }
+        }
+        let context = |copy: &str| format!("copying snapshot rows ({copy})");
+        let client = self.client.as_mut().ok_or(ApplyError::NotConnected)?;
+        let transaction = client
+            .transaction()
+            .await
+            .map_err(ApplyError::at("starting a transaction"))?;
+        let own = async {
+            for &(copy, blocks) in &shares[0] {
+                let sink = transaction.copy_in(copy).await;
+                send_copy(sink, blocks)
+                    .await
+                    .map_err(ApplyError::with(context(copy)))?;
+            }
+            Ok::<(), ApplyError>(())
+        };
+        let others =
+            futures_util::future::try_join_all(self.extra_writers.iter().zip(&shares[1..]).map(
+                |(writer, share)| async move {
+                    for &(copy, blocks) in share {
+                        send_copy(writer.copy_in(copy).await, blocks)
+                            .await
+                            .map_err(ApplyError::with(context(copy)))?;
+                    }
+                    Ok::<(), ApplyError>(())
+                },
+            ));
+        let (own, others) = futures_util::future::join(own, others).await;
+        own?;
+        others?;
+        let end = BatchEnd {
+            sink: &self.name,
+            schema: &self.config.schema,
+            log_id: self.log.id(),
+        };
+        end.commit(transaction, batch, &mut self.dead_letters, &[])
+            .await
+    }
+}
+
+/// What ends every batch's target transaction.
+struct BatchEnd<'a> {
+    sink: &'a str,
+    schema: &'a str,
+    log_id: u64,
+}
+
+impl BatchEnd<'_> {
+    /// Writes the checkpoint (when the batch moves it) and the batch's dead letters and
+    /// touches of dead-lettered keys, then commits.
+    async fn commit(
+        &self,
+        transaction: tokio_postgres::Transaction<'_>,
+        batch: &Batch,
+        dead_letters: &mut DeadLetterQueue,
+        letters: &[dead_letter::DeadLetter<'_>],
+    ) -> Result<(), ApplyError> {
         if batch.checkpoint {
+            let checkpoint = format!(
+                "INSERT INTO {}._tidemark_checkpoint \
+                   (sink, log_position, source_lsn, updated_at, log_id) \
+                 VALUES ($1, $2, $3::text::pg_lsn, now(), $4) ON CONFLICT (sink) DO UPDATE SET \
+                 log_position = EXCLUDED.log_position, source_lsn = EXCLUDED.source_lsn, \
+                 updated_at = now(), log_id = EXCLUDED.log_id",
+                postgres_protocol::escape::escape_identifier(self.schema)
+            );
             transaction
                 .execute(
                     checkpoint.as_str(),
                     &[
-                        &self.name,
+                        &self.sink,
                         &(batch.log_position as i64),
                         &batch.source_lsn.to_string(),
-                        &(self.log.id() as i64),
+                        &(self.log_id as i64),
                     ],
                 )
                 .await
@@ -1124,30 +1257,28 @@ impl PostgresSink {
         let touches: Vec<Touch> = batch
             .tables
             .iter()
-            .flat_map(|table| table.touches(&self.dead_letters, batch.log_position))
+            .flat_map(|table| table.touches(dead_letters, batch.log_position))
             .collect();
-        self.dead_letters
+        dead_letters
             .record_touches(&touches)
             .map_err(ApplyError::DeadLetters)?;
-        self.dead_letters
-            .append(&letters)
+        dead_letters
+            .append(letters)
             .map_err(ApplyError::DeadLetters)?;
         transaction
             .commit()
             .await
-            .map_err(ApplyError::at("committing the batch"))?;
-        Ok(refused_tables)
+            .map_err(ApplyError::at("committing the batch"))
     }
 }
 
-/// Runs `COPY … FROM STDIN` with `rows` (blocks of whole lines in COPY text format).
-async fn copy_rows(
-    transaction: &tokio_postgres::Transaction<'_>,
-    copy: &str,
+/// Sends `rows` (blocks of whole lines in COPY text format) into a started `COPY … FROM
+/// STDIN` and ends it.
+async fn send_copy(
+    sink: Result<tokio_postgres::CopyInSink<Bytes>, tokio_postgres::Error>,
     rows: &[Bytes],
 ) -> Result<(), tokio_postgres::Error> {
-    let sink = transaction.copy_in(copy).await?;
-    let mut sink = pin!(sink);
+    let mut sink = pin!(sink?);
     for block in rows {
         sink.feed(block.clone()).await?;
     }
