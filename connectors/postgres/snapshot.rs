@@ -1,16 +1,16 @@
 //! The initial snapshot: every captured table as the new slot's exported snapshot shows it,
 //! read with `COPY … TO STDOUT` over several connections that share that snapshot, and
-//! logged as transactions of `Read` changes before streaming starts at the slot's consistent
-//! point. Sinks apply it as it comes, so the log never holds much more of it than the sinks
-//! are behind. A snapshot cut short (a crash, a lost connection) cannot resume (its exported
+//! logged as transactions of snapshot rows (`Read` changes, kept as the COPY text the source
+//! sent) before streaming starts at the slot's consistent point. Sinks apply it as it comes,
+//! so the log never holds much more of it than the sinks are behind. A snapshot cut short (a crash, a lost connection) cannot resume (its exported
 //! snapshot is gone): it starts again from a new slot, and its first transaction truncates
 //! every captured table, so whatever the first attempt delivered is replaced, not mixed in.
 //!
 //! Parallelism: each table is split into ranges of heap blocks (`ctid` ranges, which
 //! PostgreSQL 14+ scans directly) so that a large table is read by several connections
 //! at once; small tables are one range. Each connection takes the next range from a shared
-//! queue, parses the COPY text rows into values, and sends them to the one task that appends
-//! to the log.
+//! queue, checks the COPY text rows (UTF-8, a field per column), and sends them in blocks of
+//! whole lines to the one task that appends to the log.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
