@@ -22,8 +22,11 @@
 //! - reference for capture: `pg_recvlogical` draining a fourth slot (pgoutput, the same
 //!   publication) to /dev/null with `--endpos` at the end of the workload, from its start
 //!   until it exits;
-//! - tidemark merge apply alone: point that agent's sink at its real target and start it again
-//!   until the marker row is in the target (log → target only; the source has nothing new);
+//! - tidemark merge apply alone: point that agent's sink at its real target, and its source at
+//!   a port nothing listens on, and start it again until the marker row is in the target (log
+//!   → target only). Left at the real source, it would confirm the slot past its log on
+//!   keepalives (WAL the targets of the same cluster write), and the SCD2 agent below, whose
+//!   log is an older copy, would rightly refuse that slot;
 //! - tidemark scd2 apply alone: the same from a copy of that agent's log (taken after the
 //!   capture), with an SCD2 sink into a fifth database, until the marker's version is there.
 //!   Merge and SCD2 apply alternate in order between rounds.
@@ -275,10 +278,11 @@ fn agent_config(name: &str, source_url: &str, sink_url: &str, mode: &str) -> Str
     } else {
         MIRROR_SCHEMA
     };
+    // An apply-alone agent waits for its unreachable source as long as it runs.
     format!(
         "[agent]\nname = \"{name}\"\ndata_dir = \"data\"\nhealth_addr = \"127.0.0.1:{}\"\n\n\
          [source]\ntype = \"postgres\"\nurl = \"{source_url}\"\ntables = [\"public.orders\"]\n\
-         publication = \"{PUBLICATION}\"\nsnapshot = \"never\"\n\n\
+         publication = \"{PUBLICATION}\"\nsnapshot = \"never\"\nconnect_timeout = \"1h\"\n\n\
          [[sink]]\nname = \"{mode}\"\ntype = \"postgres\"\nurl = \"{sink_url}\"\n\
          schema = \"{schema}\"\nmode = \"{mode}\"\n",
         common::agent::free_port()
@@ -364,6 +368,10 @@ fn run_round(
     create_slot_with(&e2e);
     let nowhere = format!(
         "postgres://postgres@127.0.0.1:{}/nowhere",
+        common::agent::free_port()
+    );
+    let no_source = format!(
+        "postgres://postgres@127.0.0.1:{}/{src}",
         common::agent::free_port()
     );
     let apply_name = format!("apply_r{round}");
@@ -456,7 +464,7 @@ fn run_round(
 
         // The SCD2 agent reads a copy of the captured log, so both sinks apply the same
         // records from the same starting point.
-        let history = agent_setup(&apply_name, &source_url, &pg.url(&history_db), "scd2");
+        let history = agent_setup(&apply_name, &no_source, &pg.url(&history_db), "scd2");
         let copied = std::process::Command::new("cp")
             .arg("-a")
             .arg(apply.data_dir())
@@ -466,7 +474,7 @@ fn run_round(
         assert!(copied.success(), "copying the log");
         std::fs::write(
             &apply.config,
-            agent_config(&apply_name, &source_url, &pg.url(&apply_db), "merge"),
+            agent_config(&apply_name, &no_source, &pg.url(&apply_db), "merge"),
         )
         .expect("config");
         let measure_merge = |figures: &mut Figures| {
