@@ -79,17 +79,28 @@ fn fill_sql(rows: usize) -> String {
 /// the snapshot is done (its last transaction is flushed before that), the source having no
 /// writes meanwhile.
 fn snapshot_end(setup: &AgentSetup, started: Instant, agent: &mut Agent, what: &str) -> u64 {
+    let (position, _) = poll_until(started, agent, what, || {
+        let response = http_get(setup.health_port, "/status")?;
+        let (_, body) = response.split_once("\r\n\r\n")?;
+        let status: serde_json::Value = serde_json::from_str(body).ok()?;
+        (status["source"]["snapshot"]["state"] == "done")
+            .then(|| status["log"]["durable_position"].as_u64())
+            .flatten()
+    });
+    position
+}
+
+/// Calls `poll` every [`POLL`] until it returns a value: that value and the time since
+/// `started`. Panics with the agent's log when the agent exits first or [`TIMEOUT`] passes.
+fn poll_until<T>(
+    started: Instant,
+    agent: &mut Agent,
+    what: &str,
+    mut poll: impl FnMut() -> Option<T>,
+) -> (T, Duration) {
     loop {
-        let status = http_get(setup.health_port, "/status")
-            .and_then(|response| {
-                let (_, body) = response.split_once("\r\n\r\n")?;
-                serde_json::from_str::<serde_json::Value>(body).ok()
-            })
-            .unwrap_or_default();
-        if status["source"]["snapshot"]["state"] == "done" {
-            if let Some(position) = status["log"]["durable_position"].as_u64() {
-                return position;
-            }
+        if let Some(value) = poll() {
+            return (value, started.elapsed());
         }
         assert!(
             agent.is_running(),
@@ -98,7 +109,7 @@ fn snapshot_end(setup: &AgentSetup, started: Instant, agent: &mut Agent, what: &
         );
         assert!(
             started.elapsed() < TIMEOUT,
-            "{what}: the snapshot did not end within {TIMEOUT:?}:\n{}",
+            "{what}: not done within {TIMEOUT:?}:\n{}",
             agent.log()
         );
         std::thread::sleep(POLL);
@@ -120,22 +131,10 @@ trait Wait {
     /// Polls until `sql` returns a row whose text is "true"; the time since `started`. Panics
     /// with the agent's log when the agent exits first.
     fn wait_true(&self, sql: &str, started: Instant, agent: &mut Agent, what: &str) -> Duration {
-        loop {
-            if self.text(sql).as_deref() == Some("true") {
-                return started.elapsed();
-            }
-            assert!(
-                agent.is_running(),
-                "{what}: the agent exited:\n{}",
-                agent.log()
-            );
-            assert!(
-                started.elapsed() < TIMEOUT,
-                "{what}: not done within {TIMEOUT:?}:\n{}",
-                agent.log()
-            );
-            std::thread::sleep(POLL);
-        }
+        let ((), took) = poll_until(started, agent, what, || {
+            (self.text(sql).as_deref() == Some("true")).then_some(())
+        });
+        took
     }
 
     /// The target's checksum must equal the source's.

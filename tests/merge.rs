@@ -382,12 +382,7 @@ fn a_row_the_target_refuses_is_dead_lettered_and_the_rest_applied() {
         rows(),
         agent.log()
     );
-    let letters =
-        std::fs::read_to_string(setup.data_dir().join("dead_letters/mirror.jsonl")).unwrap();
-    let letters: Vec<serde_json::Value> = letters
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let letters = setup.dead_letters("mirror");
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0]["row"], serde_json::json!({"id": 3, "v": 500}));
     assert_eq!(letters[0]["table"], "public.t");

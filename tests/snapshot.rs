@@ -1411,12 +1411,7 @@ fn snapshot_rows_the_target_holds_or_refuses_are_upserted_or_dead_lettered() {
         mirrored(),
         agent.log()
     );
-    let letters =
-        std::fs::read_to_string(setup.data_dir().join("dead_letters/mirror.jsonl")).unwrap();
-    let letters: Vec<Value> = letters
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let letters = setup.dead_letters("mirror");
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0]["row"]["id"], 500, "{}", letters[0]);
     assert!(

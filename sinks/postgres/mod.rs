@@ -133,6 +133,13 @@ impl PostgresSink {
         Ok(client)
     }
 
+    fn inconsistent(&self, message: String) -> SinkError {
+        SinkError::Inconsistent {
+            sink: self.name.clone(),
+            message,
+        }
+    }
+
     fn error(&self, context: String) -> impl FnOnce(tokio_postgres::Error) -> SinkError + '_ {
         move |e| target_error(&self.name, context, e)
     }
@@ -659,16 +666,11 @@ impl PostgresSink {
     /// Adds a chunk of a large transaction (its Begin first, for the first chunk) to its
     /// partitions.
     fn split_large(&mut self, chunk: &[LogEntry]) -> Result<(), SinkError> {
-        let sink = self.name.clone();
-        let inconsistent = |message: String| SinkError::Inconsistent {
-            sink: sink.clone(),
-            message,
-        };
         for entry in chunk {
             match &entry.record {
                 Record::Begin(begin) => {
                     let commit = self.log.commit_of(entry.seq)?.ok_or_else(|| {
-                        inconsistent(format!(
+                        self.inconsistent(format!(
                             "the transaction that begins at log record {} has no commit",
                             entry.seq
                         ))
@@ -692,18 +694,15 @@ impl PostgresSink {
                 }
                 Record::Change(change) => {
                     let relation = self.log.relation(change.relation)?;
-                    self.add_to_large(entry.seq, &relation, change, &entry.record)?;
+                    self.add_to_large(entry.seq, &relation, &entry.record)?;
                 }
                 Record::SnapshotRows(rows) => {
                     let relation = self.log.relation(rows.relation)?;
                     let changes = rows.changes(&relation).map_err(|message| {
-                        inconsistent(format!("log record {}: {message}", entry.seq))
+                        self.inconsistent(format!("log record {}: {message}", entry.seq))
                     })?;
                     for change in changes {
-                        let record = Record::Change(change);
-                        if let Record::Change(change) = &record {
-                            self.add_to_large(entry.seq, &relation, change, &record)?;
-                        }
+                        self.add_to_large(entry.seq, &relation, &Record::Change(change))?;
                     }
                 }
                 Record::Commit(_) => {}
@@ -712,24 +711,22 @@ impl PostgresSink {
         Ok(())
     }
 
-    /// Adds `change` (which `record` holds), of log record `seq`, to the large
+    /// Adds a change of log record `seq` (`record`, a `Record::Change`) to the large
     /// transaction's partitions.
     fn add_to_large(
         &mut self,
         seq: u64,
         relation: &Relation,
-        change: &ChangeEvent,
         record: &Record,
     ) -> Result<(), SinkError> {
-        let inconsistent = |message: String| SinkError::Inconsistent {
-            sink: self.name.clone(),
-            message,
+        let Record::Change(change) = record else {
+            return Err(self.inconsistent(format!("log record {seq} is not a change")));
         };
-        let encoded = postcard::to_allocvec(record).map_err(|e| inconsistent(e.to_string()))?;
-        let large = self
-            .large
-            .as_mut()
-            .ok_or_else(|| inconsistent(format!("log record {seq} is not inside a transaction")))?;
+        let encoded =
+            postcard::to_allocvec(record).map_err(|e| self.inconsistent(e.to_string()))?;
+        let Some(large) = self.large.as_mut() else {
+            return Err(self.inconsistent(format!("log record {seq} is not inside a transaction")));
+        };
         large
             .add(change, relation, &encoded)
             .map_err(|e| self.large_error(e.into()))

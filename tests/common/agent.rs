@@ -63,6 +63,16 @@ impl AgentSetup {
         self.dir.path().join("events")
     }
 
+    /// The dead letters of sink `sink`, one JSON object each.
+    pub fn dead_letters(&self, sink: &str) -> Vec<serde_json::Value> {
+        let path = self.data_dir().join(format!("dead_letters/{sink}.jsonl"));
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a dead letter is JSON"))
+            .collect()
+    }
+
     pub fn start(&self) -> Agent {
         let log_path = self.dir.path().join("agent.log");
         let log_offset = std::fs::metadata(&log_path).map_or(0, |m| m.len() as usize);
