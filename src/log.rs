@@ -908,6 +908,46 @@ mod tests {
         );
     }
 
+    /// A read stops at `max` row changes, a record of snapshot rows counting as its rows,
+    /// and returns one record however many rows it holds.
+    #[tokio::test]
+    async fn a_read_counts_the_rows_of_snapshot_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = OffsetLog::open(dir.path()).unwrap();
+        let mut writer = log.writer().unwrap();
+        let rows = |n: u32| {
+            Record::SnapshotRows(crate::event::SnapshotRows {
+                relation: RelationId(1),
+                lsn: Lsn(90),
+                rows: n,
+                text: bytes::Bytes::from("1\tx\n".repeat(n as usize)),
+            })
+        };
+        writer.append(&begin(100)).unwrap();
+        for n in [600, 600, 600] {
+            writer.append(&rows(n)).unwrap();
+        }
+        writer.append(&commit(100)).unwrap();
+        log.flush().await.unwrap();
+        let seqs = |after, max| -> Vec<u64> {
+            log.read(after, max)
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect()
+        };
+        // Begin (one) and the first block (600) reach 1,000 only with the second block.
+        assert_eq!(seqs(0, 1000), [1, 2, 3]);
+        assert_eq!(seqs(0, 601), [1, 2]);
+        assert_eq!(
+            seqs(1, 10),
+            [2],
+            "a block larger than the batch is read alone"
+        );
+        assert_eq!(seqs(3, 10_000), [4, 5]);
+        assert_eq!(log.read(1, 10).unwrap()[0].record, rows(600));
+    }
+
     #[tokio::test]
     async fn reopening_drops_the_uncommitted_tail() {
         let dir = tempfile::tempdir().unwrap();
