@@ -1166,7 +1166,7 @@ impl PostgresSink {
             };
             for (share, blocks) in shares
                 .iter_mut()
-                .zip(rows.chunks(rows.len().div_ceil(writers)))
+                .zip(rows.chunks(rows.len().div_ceil(writers).max(1)))
             {
                 share.push((copy, blocks));
             }
