@@ -415,14 +415,21 @@ async fn read_ranges(
             let bytes =
                 bytes.map_err(|e| SourceError::catalog("reading a table for the snapshot", e))?;
             block.extend_from_slice(&bytes);
-            while let Some(end) = block[checked..].iter().position(|&b| b == b'\n') {
-                check_line(relation, &block[checked..checked + end])
-                    .map_err(SourceError::Snapshot)?;
-                checked += end + 1;
+            let Some(last) = memchr::memrchr(b'\n', &block[checked..]) else {
+                continue;
+            };
+            let line_ends = check_lines(relation, &block[checked..=checked + last])
+                .map_err(SourceError::Snapshot)?;
+            // Line ends count from `base` in the block as it was checked; `sent` bytes of it
+            // have gone out since.
+            let (base, mut sent) = (checked, 0);
+            for end in line_ends {
+                checked = base + end - sent;
                 rows += 1;
                 if rows == ROWS_PER_MESSAGE || checked >= BYTES_PER_MESSAGE {
                     let text = block.split_to(checked).freeze();
                     let rows = std::mem::take(&mut rows);
+                    sent += checked;
                     checked = 0;
                     let chunk = Rows {
                         table: range.table,
@@ -434,6 +441,12 @@ async fn read_ranges(
                     }
                 }
             }
+        }
+        if block.len() > checked {
+            return Err(SourceError::Snapshot(malformed_row(
+                relation,
+                "the output ended inside a row",
+            )));
         }
         if rows > 0 {
             let chunk = Rows {
@@ -451,18 +464,19 @@ async fn read_ranges(
 /// Rows in COPY text format (whole lines, as [`SnapshotRows`] holds them) as rows of
 /// `relation`; the error says which row is malformed and how.
 pub fn parse_copy_rows(relation: &Relation, text: &[u8]) -> Result<Vec<Row>, String> {
-    let mut rows = Vec::new();
-    let mut rest = text;
-    while let Some(end) = rest.iter().position(|&b| b == b'\n') {
-        rows.push(parse_row(relation, &rest[..end])?);
-        rest = &rest[end + 1..];
-    }
-    Ok(rows)
+    let mut start = 0;
+    check_lines(relation, text)?
+        .into_iter()
+        .map(|end| {
+            let line = &text[start..end - 1];
+            start = end;
+            parse_row(relation, line)
+        })
+        .collect()
 }
 
-/// One line of COPY text output as a row of `relation`.
+/// One line of COPY text output (checked: UTF-8, a field per column) as a row of `relation`.
 fn parse_row(relation: &Relation, line: &[u8]) -> Result<Row, String> {
-    check_line(relation, line)?;
     let malformed = |what: &str| malformed_row(relation, what);
     let line = std::str::from_utf8(line).map_err(|_| malformed("not UTF-8"))?;
     line.split('\t')
@@ -477,20 +491,39 @@ fn parse_row(relation: &Relation, line: &[u8]) -> Result<Row, String> {
         .collect()
 }
 
-/// Checks that a line of COPY text output is UTF-8 with a field for each column of
-/// `relation` (values are parsed when a sink needs them).
-fn check_line(relation: &Relation, line: &[u8]) -> Result<(), String> {
-    if std::str::from_utf8(line).is_err() {
+/// Checks whole lines of COPY text output (values are parsed when a sink needs them): UTF-8
+/// (checked at once: a line end never falls inside a character), a field for each column of
+/// `relation`. Returns where each line ends (past its `\n`); bytes after the last `\n` are
+/// not looked at.
+fn check_lines(relation: &Relation, text: &[u8]) -> Result<Vec<usize>, String> {
+    let text = match memchr::memrchr(b'\n', text) {
+        Some(last) => &text[..=last],
+        None => return Ok(Vec::new()),
+    };
+    if std::str::from_utf8(text).is_err() {
         return Err(malformed_row(relation, "not UTF-8"));
     }
-    let fields = line.iter().filter(|&&b| b == b'\t').count() + 1;
-    if fields != relation.columns.len() {
-        return Err(malformed_row(
-            relation,
-            &format!("{fields} fields for {} columns", relation.columns.len()),
-        ));
+    let mut ends = Vec::new();
+    let mut fields = 1;
+    for at in memchr::memchr2_iter(b'\t', b'\n', text) {
+        if text[at] == b'\t' {
+            fields += 1;
+            continue;
+        }
+        if fields != relation.columns.len() {
+            return Err(malformed_row(
+                relation,
+                &format!(
+                    "{fields} fields for {} columns in row {}",
+                    relation.columns.len(),
+                    ends.len() + 1
+                ),
+            ));
+        }
+        fields = 1;
+        ends.push(at + 1);
     }
-    Ok(())
+    Ok(ends)
 }
 
 fn malformed_row(relation: &Relation, what: &str) -> String {
@@ -564,6 +597,7 @@ fn unescape(field: &str) -> Option<std::borrow::Cow<'_, str>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::ValueType;
 
     #[test]
     fn unescape_reads_what_copy_text_writes() {
@@ -592,5 +626,49 @@ mod tests {
         assert!(queries[0].ends_with("WHERE ctid < '(12500,0)'::tid) TO STDOUT"));
         assert!(queries[1].contains("ctid >= '(12500,0)'::tid AND ctid < '(25000,0)'::tid"));
         assert!(queries[7].ends_with("WHERE ctid >= '(87500,0)'::tid) TO STDOUT"));
+    }
+
+    /// A table `public.t (id int primary key, body text)`.
+    fn two_columns() -> Relation {
+        let column = |name: &str, primary_key: bool, value_type: ValueType, type_oid: u32| {
+            crate::event::Column {
+                name: name.into(),
+                type_oid,
+                type_modifier: -1,
+                type_name: String::new(),
+                value_type,
+                primary_key,
+                replica_identity: primary_key,
+            }
+        };
+        Relation {
+            oid: 1,
+            schema: "public".into(),
+            table: "t".into(),
+            columns: vec![
+                column("id", true, ValueType::Int4, 23),
+                column("body", false, ValueType::Text, 25),
+            ],
+        }
+    }
+
+    #[test]
+    fn copy_lines_are_checked_and_split_where_they_end() {
+        let relation = two_columns();
+        let text = "1\tä\n2\t\\N\n3\tpartial";
+        assert_eq!(check_lines(&relation, text.as_bytes()), Ok(vec![5, 10]));
+        assert_eq!(check_lines(&relation, b"1\tno end"), Ok(vec![]));
+        assert_eq!(
+            parse_copy_rows(&relation, b"1\ta\\tb\n2\t\\N\n"),
+            Ok(vec![
+                vec![Value::Int(1), Value::Text("a\tb".into())],
+                vec![Value::Int(2), Value::Null],
+            ])
+        );
+        let error = check_lines(&relation, b"1\ta\n2\ta\tb\n").unwrap_err();
+        assert!(error.contains("3 fields for 2 columns in row 2"), "{error}");
+        let error = check_lines(&relation, b"1\t\xff\n").unwrap_err();
+        assert!(error.contains("not UTF-8"), "{error}");
+        assert!(error.contains("public.t"), "{error}");
     }
 }
