@@ -597,7 +597,6 @@ fn unescape(field: &str) -> Option<std::borrow::Cow<'_, str>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::ValueType;
 
     #[test]
     fn unescape_reads_what_copy_text_writes() {
@@ -628,47 +627,24 @@ mod tests {
         assert!(queries[7].ends_with("WHERE ctid >= '(87500,0)'::tid) TO STDOUT"));
     }
 
-    /// A table `public.t (id int primary key, body text)`.
-    fn two_columns() -> Relation {
-        let column = |name: &str, primary_key: bool, value_type: ValueType, type_oid: u32| {
-            crate::event::Column {
-                name: name.into(),
-                type_oid,
-                type_modifier: -1,
-                type_name: String::new(),
-                value_type,
-                primary_key,
-                replica_identity: primary_key,
-            }
-        };
-        Relation {
-            oid: 1,
-            schema: "public".into(),
-            table: "t".into(),
-            columns: vec![
-                column("id", true, ValueType::Int4, 23),
-                column("body", false, ValueType::Text, 25),
-            ],
-        }
-    }
-
     #[test]
     fn copy_lines_are_checked_and_split_where_they_end() {
-        let relation = two_columns();
+        // public.t1 (id text primary key, body text)
+        let relation = crate::sinks::postgres::collapse::tests::relation(1);
         let text = "1\tä\n2\t\\N\n3\tpartial";
         assert_eq!(check_lines(&relation, text.as_bytes()), Ok(vec![5, 10]));
         assert_eq!(check_lines(&relation, b"1\tno end"), Ok(vec![]));
         assert_eq!(
             parse_copy_rows(&relation, b"1\ta\\tb\n2\t\\N\n"),
             Ok(vec![
-                vec![Value::Int(1), Value::Text("a\tb".into())],
-                vec![Value::Int(2), Value::Null],
+                vec![Value::Text("1".into()), Value::Text("a\tb".into())],
+                vec![Value::Text("2".into()), Value::Null],
             ])
         );
         let error = check_lines(&relation, b"1\ta\n2\ta\tb\n").unwrap_err();
         assert!(error.contains("3 fields for 2 columns in row 2"), "{error}");
         let error = check_lines(&relation, b"1\t\xff\n").unwrap_err();
         assert!(error.contains("not UTF-8"), "{error}");
-        assert!(error.contains("public.t"), "{error}");
+        assert!(error.contains("public.t1"), "{error}");
     }
 }
