@@ -972,6 +972,22 @@ fn writes_during_the_snapshot_are_neither_missed_nor_doubled() {
         > streamed_from + 300));
     writes.finish();
     sync(&pg, &db, &warehouse, &setup, &agent);
+    // The merge sink copied the snapshot over 3 connections and streams over one; the SCD2
+    // sink always uses one.
+    assert!(log.contains("copying snapshot rows over several target connections"));
+    let connections = || {
+        pg.try_psql(
+            &warehouse,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+        )
+        .unwrap_or_default()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || connections() == "2"),
+        "the sinks hold {} connections to the warehouse after the snapshot",
+        connections()
+    );
     let replay = assert_big_outcome(&pg, &db, &warehouse, &setup, Attempts::One);
     assert!(replay.truncates.is_empty(), "{:?}", replay.truncates);
     assert!(

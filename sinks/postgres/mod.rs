@@ -585,7 +585,10 @@ impl PostgresSink {
         batch: &Batch,
         entries: &[LogEntry],
     ) -> Result<Vec<String>, SinkError> {
-        if batch.only_snapshot_rows() && self.extra_writers.len() + 1 < self.snapshot_writers {
+        if !batch.only_snapshot_rows() {
+            // The snapshot is over (or paused by other changes): its connections go.
+            self.extra_writers.clear();
+        } else if self.extra_writers.len() + 1 < self.snapshot_writers {
             while self.extra_writers.len() + 1 < self.snapshot_writers {
                 let client = self.connect().await?;
                 self.extra_writers.push(client);
