@@ -2,9 +2,10 @@
 //! read with `COPY … TO STDOUT` over several connections that share that snapshot, and
 //! logged as transactions of snapshot rows (`Read` changes, kept as the COPY text the source
 //! sent) before streaming starts at the slot's consistent point. Sinks apply it as it comes,
-//! so the log never holds much more of it than the sinks are behind. A snapshot cut short (a crash, a lost connection) cannot resume (its exported
-//! snapshot is gone): it starts again from a new slot, and its first transaction truncates
-//! every captured table, so whatever the first attempt delivered is replaced, not mixed in.
+//! so the log never holds much more of it than the sinks are behind. A snapshot cut short (a
+//! crash, a lost connection) cannot resume (its exported snapshot is gone): it starts again
+//! from a new slot, and its first transaction truncates every captured table, so whatever the
+//! first attempt delivered is replaced, not mixed in.
 //!
 //! Parallelism: each table is split into ranges of heap blocks (`ctid` ranges, which
 //! PostgreSQL 14+ scans directly) so that a large table is read by several connections
@@ -464,10 +465,13 @@ async fn read_ranges(
 /// Rows in COPY text format (whole lines, as [`SnapshotRows`] holds them) as rows of
 /// `relation`; the error says which row is malformed and how.
 pub fn parse_copy_rows(relation: &Relation, text: &[u8]) -> Result<Vec<Row>, String> {
+    let ends = check_lines(relation, text)?;
+    let text = std::str::from_utf8(&text[..ends.last().copied().unwrap_or_default()])
+        .map_err(|_| malformed_row(relation, "not UTF-8"))?;
     let mut start = 0;
-    check_lines(relation, text)?
-        .into_iter()
+    ends.into_iter()
         .map(|end| {
+            // A line end is a character boundary: the slice is whole characters.
             let line = &text[start..end - 1];
             start = end;
             parse_row(relation, line)
@@ -475,10 +479,9 @@ pub fn parse_copy_rows(relation: &Relation, text: &[u8]) -> Result<Vec<Row>, Str
         .collect()
 }
 
-/// One line of COPY text output (checked: UTF-8, a field per column) as a row of `relation`.
-fn parse_row(relation: &Relation, line: &[u8]) -> Result<Row, String> {
+/// One line of COPY text output (a field per column, checked) as a row of `relation`.
+fn parse_row(relation: &Relation, line: &str) -> Result<Row, String> {
     let malformed = |what: &str| malformed_row(relation, what);
-    let line = std::str::from_utf8(line).map_err(|_| malformed("not UTF-8"))?;
     line.split('\t')
         .zip(&relation.columns)
         .map(|(field, column)| {
