@@ -812,6 +812,65 @@ fn a_truncate_closes_every_current_version() {
 }
 
 #[test]
+fn a_version_the_target_refuses_is_dead_lettered_and_the_next_one_closes_its_predecessor() {
+    let Scenario {
+        pg,
+        db,
+        wh,
+        setup,
+        agent,
+    } = start_history("CREATE TABLE t (id int PRIMARY KEY, v int);", "");
+    let t1 = commit(&pg, &db, "T1", "INSERT INTO t VALUES (1, 1), (2, 2)");
+    sync((&pg, &db), (&pg, &wh), "history", &agent, WAIT);
+    assert!(agent.terminate().success());
+    // A constraint the target has and the source has not.
+    pg.psql(
+        &wh,
+        "ALTER TABLE history.t ADD CONSTRAINT v_small CHECK (v < 100)",
+    );
+    // Both transactions wait for the agent, which then applies them in one batch: the
+    // refused version is the one the next event of its key follows in the batch.
+    let t2 = commit(
+        &pg,
+        &db,
+        "T2",
+        "UPDATE t SET v = 500 WHERE id = 1; UPDATE t SET v = 3 WHERE id = 2",
+    );
+    // The refused version never became current, so this one ends T1's.
+    let t3 = commit(&pg, &db, "T3", "UPDATE t SET v = 4 WHERE id = 1");
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    sync((&pg, &db), (&pg, &wh), "history", &agent, WAIT);
+    let expected = vec![
+        version("(1)", "(1,1)", "c", &t1, Some(&t3)),
+        version("(1)", "(1,4)", "u", &t3, None),
+        version("(2)", "(2,2)", "c", &t1, Some(&t2)),
+        version("(2)", "(2,3)", "u", &t2, None),
+    ];
+    assert_history(
+        &pg,
+        &wh,
+        "history.t",
+        "id",
+        "id, v",
+        Layout::Tidemark,
+        &[&t1, &t2, &t3],
+        &expected,
+        false,
+    );
+    let letters = setup.dead_letters("history");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["row"], serde_json::json!({"id": 1, "v": 500}));
+    assert_eq!(letters[0]["table"], "public.t");
+    assert!(
+        letters[0]["reason"].as_str().unwrap().contains("v_small"),
+        "{}",
+        letters[0]
+    );
+    assert!(agent.terminate().success());
+}
+
+#[test]
 fn history_deletes_add_a_current_tombstone_that_a_reinsert_closes() {
     let Scenario {
         pg,
