@@ -454,6 +454,28 @@ fn assert_history(
     got
 }
 
+/// [`assert_history`] of a table `(id, v)` keyed by `id`, in tidemark's layout, without
+/// tombstones.
+fn assert_plain_history(
+    pg: &PgCluster,
+    warehouse: &str,
+    table: &str,
+    txs: &[&Tx],
+    expected: &[String],
+) -> Vec<Version> {
+    assert_history(
+        pg,
+        warehouse,
+        table,
+        "id",
+        "id, v",
+        Layout::Tidemark,
+        txs,
+        expected,
+        false,
+    )
+}
+
 /// The current versions (not tombstones) of `history` hold exactly the source's rows.
 fn assert_current_is_source(
     pg: &PgCluster,
@@ -651,16 +673,12 @@ fn a_deleted_key_is_closed_and_a_reinsert_opens_a_new_version() {
         version("(2)", "(2,b)", "c", &t1, Some(&t4)),
         version("(2)", "(2,b2)", "u", &t4, None),
     ];
-    assert_history(
+    assert_plain_history(
         &pg,
         &wh,
         "history.t",
-        "id",
-        "id, v",
-        Layout::Tidemark,
         &[&t1, &t2, &t3, &t4, &t5, &t6],
         &expected,
-        false,
     );
     assert_current_is_source(
         &pg,
@@ -715,17 +733,7 @@ fn a_primary_key_update_closes_the_old_key_and_creates_the_new_one() {
         version("(11)", "(11,b)", "c", &t3, Some(&t5)),
         version("(11)", "(11,back)", "u", &t5, None),
     ];
-    assert_history(
-        &pg,
-        &wh,
-        "history.t",
-        "id",
-        "id, v",
-        Layout::Tidemark,
-        &[&t1, &t2, &t3, &t4, &t5],
-        &expected,
-        false,
-    );
+    assert_plain_history(&pg, &wh, "history.t", &[&t1, &t2, &t3, &t4, &t5], &expected);
     assert_current_is_source(
         &pg,
         &db,
@@ -777,28 +785,14 @@ fn a_truncate_closes_every_current_version() {
         version("(3)", "(3,c2)", "c", &t5, None),
         version("(4)", "(4,d)", "c", &t5, None),
     ];
-    assert_history(
-        &pg,
-        &wh,
-        "history.t",
-        "id",
-        "id, v",
-        Layout::Tidemark,
-        &txs,
-        &expected,
-        false,
-    );
+    assert_plain_history(&pg, &wh, "history.t", &txs, &expected);
     // The other table is not touched by the truncate.
-    assert_history(
+    assert_plain_history(
         &pg,
         &wh,
         "history.u",
-        "id",
-        "id, v",
-        Layout::Tidemark,
         &txs,
         &[version("(1)", "(1,x)", "c", &t1, None)],
-        false,
     );
     assert_current_is_source(
         &pg,
@@ -847,17 +841,7 @@ fn a_version_the_target_refuses_is_dead_lettered_and_the_next_one_closes_its_pre
         version("(2)", "(2,2)", "c", &t1, Some(&t2)),
         version("(2)", "(2,3)", "u", &t2, None),
     ];
-    assert_history(
-        &pg,
-        &wh,
-        "history.t",
-        "id",
-        "id, v",
-        Layout::Tidemark,
-        &[&t1, &t2, &t3],
-        &expected,
-        false,
-    );
+    assert_plain_history(&pg, &wh, "history.t", &[&t1, &t2, &t3], &expected);
     let letters = setup.dead_letters("history");
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0]["row"], serde_json::json!({"id": 1, "v": 500}));
