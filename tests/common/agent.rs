@@ -73,6 +73,20 @@ impl AgentSetup {
             .collect()
     }
 
+    /// The sink's one dead letter, whose reason names `reason` (a constraint, say).
+    pub fn only_dead_letter(&self, sink: &str, reason: &str) -> serde_json::Value {
+        let mut letters = self.dead_letters(sink);
+        assert_eq!(letters.len(), 1, "{letters:?}");
+        let letter = letters.remove(0);
+        assert!(
+            letter["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains(reason)),
+            "the dead letter's reason does not name {reason}: {letter}"
+        );
+        letter
+    }
+
     pub fn start(&self) -> Agent {
         let log_path = self.dir.path().join("agent.log");
         let log_offset = std::fs::metadata(&log_path).map_or(0, |m| m.len() as usize);
