@@ -49,6 +49,7 @@ capture=$(rate merge_apply "tidemark capture only")
 recvlogical=$(rate merge_apply "pg_recvlogical")
 native=$(rate merge_apply "native logical replication")
 apply=$(rate merge_apply "tidemark merge apply alone")
+end_to_end=$(rate merge_apply "tidemark end to end (capture + merge)")
 scd2=$(rate merge_apply "tidemark scd2 apply alone")
 copy=$(rate snapshot "COPY TO STDOUT | COPY FROM STDIN")
 one=$(rate snapshot "tidemark snapshot, 1 stream (end to end)")
@@ -68,6 +69,9 @@ row metric tidemark "reference (same run)" ratio goal
 row --- --- --- --- ---
 row "capture: changes/s durably logged" "$(spread merge_apply "tidemark capture only")" \
     "pg_recvlogical: $(spread merge_apply "pg_recvlogical")" "$(ratio "$capture" "$recvlogical")" "≥ 0.9×"
+row "end to end, capture + merge: rows/s" "$(spread merge_apply "tidemark end to end (capture + merge)")" \
+    "native logical replication: $(spread merge_apply "native logical replication")" \
+    "$(ratio "$end_to_end" "$native")" "≥ 2.0× (DESIGN)"
 row "merge apply: rows/s" "$(spread merge_apply "tidemark merge apply alone")" \
     "native logical replication: $(spread merge_apply "native logical replication")" \
     "$(ratio "$apply" "$native")" "≥ 3×"
