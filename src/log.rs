@@ -833,6 +833,25 @@ mod tests {
     use super::*;
     use crate::event::{ChangeEvent, Op, TxCommit, Value};
 
+    /// Opens the log in `dir`, waiting while sled's background threads still hold the file
+    /// lock of a handle the test dropped: sled lets go of its files on its own threads a
+    /// moment after the last handle is dropped, so an immediate reopen in the same process
+    /// can find the lock taken (the agent opens its log once per process).
+    fn open(dir: &Path) -> Arc<OffsetLog> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match OffsetLog::open(dir) {
+                Err(LogError::Open { source, .. })
+                    if source.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                opened => return opened.unwrap(),
+            }
+        }
+    }
+
     fn begin(lsn: u64) -> Record {
         Record::Begin(TxBegin {
             xid: lsn as u32,
@@ -883,7 +902,7 @@ mod tests {
     #[tokio::test]
     async fn records_are_invisible_until_flushed_and_committed() {
         let dir = tempfile::tempdir().unwrap();
-        let log = OffsetLog::open(dir.path()).unwrap();
+        let log = open(dir.path());
         let mut writer = log.writer().unwrap();
         writer.append(&begin(100)).unwrap();
         writer.append(&change(90)).unwrap();
@@ -913,7 +932,7 @@ mod tests {
     #[tokio::test]
     async fn a_read_counts_the_rows_of_snapshot_records() {
         let dir = tempfile::tempdir().unwrap();
-        let log = OffsetLog::open(dir.path()).unwrap();
+        let log = open(dir.path());
         let mut writer = log.writer().unwrap();
         let rows = |n: u32| {
             Record::SnapshotRows(crate::event::SnapshotRows {
@@ -952,14 +971,14 @@ mod tests {
     async fn reopening_drops_the_uncommitted_tail() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let log = OffsetLog::open(dir.path()).unwrap();
+            let log = open(dir.path());
             let mut writer = log.writer().unwrap();
             append_tx(&mut writer, 100, 2);
             writer.append(&begin(200)).unwrap();
             writer.append(&change(150)).unwrap();
             log.flush().await.unwrap();
         }
-        let log = OffsetLog::open(dir.path()).unwrap();
+        let log = open(dir.path());
         assert_eq!(log.durable().seq, 4);
         assert_eq!(log.durable().commit_lsn, Lsn(100));
         let mut writer = log.writer().unwrap();
@@ -969,7 +988,7 @@ mod tests {
     #[tokio::test]
     async fn a_discarded_open_transaction_leaves_no_record() {
         let dir = tempfile::tempdir().unwrap();
-        let log = OffsetLog::open(dir.path()).unwrap();
+        let log = open(dir.path());
         let mut writer = log.writer().unwrap();
         append_tx(&mut writer, 100, 2);
         writer.append(&begin(200)).unwrap();
@@ -986,7 +1005,7 @@ mod tests {
     #[tokio::test]
     async fn flusher_publishes_group_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let log = OffsetLog::open(dir.path()).unwrap();
+        let log = open(dir.path());
         let flusher = {
             let log = Arc::clone(&log);
             tokio::spawn(async move { log.run_flusher().await })
@@ -1004,7 +1023,7 @@ mod tests {
     #[tokio::test]
     async fn trim_keeps_the_slowest_cursors_transaction() {
         let dir = tempfile::tempdir().unwrap();
-        let log = OffsetLog::open(dir.path()).unwrap();
+        let log = open(dir.path());
         let mut writer = log.writer().unwrap();
         append_tx(&mut writer, 100, 3); // seqs 1..=5
         append_tx(&mut writer, 200, 3); // seqs 6..=10
@@ -1045,7 +1064,7 @@ mod tests {
         assert_eq!(left[0].record, commit(200));
         drop(writer);
         drop(log);
-        let log = OffsetLog::open(dir.path()).unwrap();
+        let log = open(dir.path());
         assert_eq!(log.durable().commit_lsn, Lsn(200));
         assert_eq!(log.writer().unwrap().next_seq, 11);
     }
@@ -1053,7 +1072,7 @@ mod tests {
     #[tokio::test]
     async fn relations_are_stored_once_per_description() {
         let dir = tempfile::tempdir().unwrap();
-        let log = OffsetLog::open(dir.path()).unwrap();
+        let log = open(dir.path());
         let mut writer = log.writer().unwrap();
         let relation = Relation {
             oid: 42,
@@ -1074,7 +1093,7 @@ mod tests {
     #[tokio::test]
     async fn a_streamed_transaction_enters_the_log_at_its_commit_without_aborted_subtransactions() {
         let dir = tempfile::tempdir().unwrap();
-        let log = OffsetLog::open(dir.path()).unwrap();
+        let log = open(dir.path());
         let mut writer = log.writer().unwrap();
         // Transaction 7 streams three changes, one of them in subtransaction 8, which aborts;
         // transaction 9 streams one change and aborts; another commits meanwhile.
@@ -1130,7 +1149,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let streams = dir.path().join("streams");
         {
-            let log = OffsetLog::open(dir.path()).unwrap();
+            let log = open(dir.path());
             let mut writer = log.writer().unwrap();
             writer.append_streamed(7, 7, &change(10)).unwrap();
             writer.append_streamed(8, 8, &change(11)).unwrap();
@@ -1139,7 +1158,7 @@ mod tests {
             writer.append_streamed(7, 7, &change(10)).unwrap();
             assert_eq!(std::fs::read_dir(&streams).unwrap().count(), 1);
         }
-        let log = OffsetLog::open(dir.path()).unwrap();
+        let log = open(dir.path());
         let mut writer = log.writer().unwrap();
         assert_eq!(std::fs::read_dir(&streams).unwrap().count(), 0);
         writer.append(&begin(30)).unwrap();
@@ -1192,7 +1211,7 @@ mod tests {
     #[tokio::test]
     async fn records_span_segments_and_trimming_removes_whole_segments() {
         let dir = tempfile::tempdir().unwrap();
-        let log = OffsetLog::open(dir.path()).unwrap();
+        let log = open(dir.path());
         let mut writer = log.writer().unwrap();
         let last = append_wide(&mut writer, 1, 10, 4);
         log.flush().await.unwrap();
@@ -1243,7 +1262,7 @@ mod tests {
         // Reopened: the same durable position, reading starts at a transaction's Begin.
         drop(writer);
         drop(log);
-        let log = OffsetLog::open(dir.path()).unwrap();
+        let log = open(dir.path());
         assert_eq!(log.durable().commit_lsn, Lsn(last));
         let first = log.read(0, 1).unwrap();
         assert!(matches!(first[0].record, Record::Begin(_)), "{first:?}");
@@ -1267,7 +1286,7 @@ mod tests {
     #[tokio::test]
     async fn an_open_transaction_larger_than_a_segment_is_discarded_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let log = OffsetLog::open(dir.path()).unwrap();
+        let log = open(dir.path());
         let mut writer = log.writer().unwrap();
         append_tx(&mut writer, 100, 2);
         append_open_wide(&mut writer, 200);
@@ -1296,13 +1315,13 @@ mod tests {
     async fn a_crash_inside_a_transaction_larger_than_a_segment_leaves_the_last_commit() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let log = OffsetLog::open(dir.path()).unwrap();
+            let log = open(dir.path());
             let mut writer = log.writer().unwrap();
             append_tx(&mut writer, 100, 2);
             append_open_wide(&mut writer, 200);
             log.flush().await.unwrap();
         }
-        let log = OffsetLog::open(dir.path()).unwrap();
+        let log = open(dir.path());
         assert_eq!(segment_files(dir.path()).len(), 1);
         assert_eq!(log.durable().seq, 4);
         let mut writer = log.writer().unwrap();
@@ -1316,7 +1335,7 @@ mod tests {
     async fn a_torn_tail_is_cut_off_at_the_last_whole_commit() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let log = OffsetLog::open(dir.path()).unwrap();
+            let log = open(dir.path());
             let mut writer = log.writer().unwrap();
             append_tx(&mut writer, 100, 2);
             append_tx(&mut writer, 200, 2);
@@ -1335,7 +1354,7 @@ mod tests {
         bytes.extend_from_slice(&[0xAB; 40]);
         std::fs::write(&segment, &bytes).unwrap();
 
-        let log = OffsetLog::open(dir.path()).unwrap();
+        let log = open(dir.path());
         assert_eq!(log.durable().commit_lsn, Lsn(100));
         let mut writer = log.writer().unwrap();
         append_tx(&mut writer, 300, 1);
@@ -1350,7 +1369,7 @@ mod tests {
     async fn damage_before_the_last_segment_is_refused_and_a_damaged_record_is_not_returned() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let log = OffsetLog::open(dir.path()).unwrap();
+            let log = open(dir.path());
             let mut writer = log.writer().unwrap();
             append_wide(&mut writer, 1, 10, 2);
             log.flush().await.unwrap();
@@ -1361,7 +1380,7 @@ mod tests {
         let middle = bytes.len() / 2;
         bytes[middle] ^= 0xFF;
         std::fs::write(&first, &bytes).unwrap();
-        let log = OffsetLog::open(dir.path()).unwrap();
+        let log = open(dir.path());
         let mut after = 0;
         let error = loop {
             match log.read(after, 1000) {
@@ -1386,7 +1405,7 @@ mod tests {
     #[test]
     fn a_second_open_of_the_same_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = OffsetLog::open(dir.path()).unwrap();
+        let _first = open(dir.path());
         let err = OffsetLog::open(dir.path()).err().unwrap();
         assert!(matches!(err, LogError::Locked { .. }), "{err}");
     }
