@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use self::segments::{Kind, Location, SegmentError, SegmentReader, SegmentWriter, Segments};
 use self::spill::{Spill, SpillReader};
@@ -175,6 +175,8 @@ pub struct OffsetLog {
     appended: watch::Sender<Durable>,
     durable: watch::Sender<Durable>,
     relation_cache: Mutex<HashMap<RelationId, Arc<Relation>>>,
+    /// Capture paused on the log's size asks the trimmer to run now, not at its next round.
+    trim_wanted: Notify,
 }
 
 impl OffsetLog {
@@ -237,6 +239,7 @@ impl OffsetLog {
             appended: watch::channel(durable).0,
             durable: watch::channel(durable).0,
             relation_cache: Mutex::new(HashMap::new()),
+            trim_wanted: Notify::new(),
         }))
     }
 
@@ -577,6 +580,16 @@ impl OffsetLog {
                 .map_err(|source| LogError::Records(SegmentError::Io { path, source }))?;
         }
         Ok(keep_from - floor)
+    }
+
+    /// Asks the trimmer to trim now: capture is paused until the log shrinks.
+    pub fn want_trim(&self) {
+        self.trim_wanted.notify_one();
+    }
+
+    /// Returns when a trim is wanted (see [`OffsetLog::want_trim`]).
+    pub async fn trim_wanted(&self) {
+        self.trim_wanted.notified().await;
     }
 
     /// Bytes the log occupies on disk.

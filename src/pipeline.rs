@@ -368,6 +368,7 @@ async fn run_trimmer(
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(TRIM_INTERVAL) => {}
+            _ = log.trim_wanted() => {}
         }
         let trimmed = log.trim(&names)?;
         if trimmed > 0 {

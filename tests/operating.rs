@@ -512,6 +512,17 @@ fn a_snapshot_pauses_while_the_log_is_full_and_completes() {
         "CREATE TABLE t (id int PRIMARY KEY, v text); \
          INSERT INTO t SELECT g, repeat('x', 40) FROM generate_series(1, 120000) g",
     );
+    // The sink is held back by a lock on its target table until the snapshot has filled the
+    // log: it cannot catch up, so the snapshot must pause midway.
+    pg.psql(
+        &warehouse,
+        "CREATE SCHEMA replica; CREATE TABLE replica.t (id int PRIMARY KEY, v text)",
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let holder = runtime.block_on(pg.connect(&warehouse));
+    runtime
+        .block_on(holder.batch_execute("BEGIN; LOCK TABLE replica.t IN SHARE MODE"))
+        .unwrap();
     let sink = mirror_sink(&pg.url(&warehouse));
     let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &sink);
     let config = std::fs::read_to_string(&setup.config)
@@ -534,6 +545,14 @@ fn a_snapshot_pauses_while_the_log_is_full_and_completes() {
         snapshot["state"] == "running" && snapshot["tables"]["public.t"]["rows"].as_u64() > Some(0)
     });
     assert!(running, "{}\n{}", snapshot(), agent.log());
+    assert!(
+        eventually(Duration::from_secs(60), || agent
+            .log()
+            .contains("capture paused")),
+        "{}",
+        agent.log()
+    );
+    runtime.block_on(holder.batch_execute("COMMIT")).unwrap();
     let want = pg.dump(&db, "public.t", "*");
     let copied = eventually(Duration::from_secs(120), || {
         pg.dump(&warehouse, "replica.t", "*") == want

@@ -37,7 +37,7 @@ use crate::event::{
     ChangeEvent, Column, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit, Value,
 };
 use crate::log::{
-    InspectChange, LogError, LogWriter, SnapshotState, SourceIdentity, TableSnapshots,
+    InspectChange, LogError, LogWriter, OffsetLog, SnapshotState, SourceIdentity, TableSnapshots,
 };
 use crate::retry::{is_transient, RetryPolicy};
 use crate::telemetry::Telemetry;
@@ -156,8 +156,9 @@ pub struct PostgresSource {
     log_max_bytes: u64,
 }
 
-/// How often the log's size is compared with `agent.log_max_bytes`.
-const BACKPRESSURE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the log's size is compared with `agent.log_max_bytes` (a lock and a sum): while
+/// capture is paused, also how soon it goes on once the sinks have caught up.
+const BACKPRESSURE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// Changes of a committed streamed transaction appended between two status updates (well
 /// under a second).
 const STREAMED_PART_CHANGES: usize = 50_000;
@@ -180,7 +181,18 @@ impl Backpressure {
         }
     }
 
-    fn update(&mut self, held: u64, telemetry: &Telemetry) {
+    /// Compares the log's size with the limit; while paused, asks for a trim, so the log
+    /// shrinks as soon as the sinks have applied what it holds.
+    fn update(&mut self, log: &OffsetLog, telemetry: &Telemetry) -> Result<(), LogError> {
+        let held = log.held_bytes()?;
+        self.compare(held, telemetry);
+        if self.paused {
+            log.want_trim();
+        }
+        Ok(())
+    }
+
+    fn compare(&mut self, held: u64, telemetry: &Telemetry) {
         if !self.paused && held > self.max {
             self.paused = true;
         } else if self.paused && held < self.max / 10 * 9 {
@@ -514,10 +526,7 @@ impl PostgresSource {
                         tracing::warn!(error = %db_message(&e), query = %self.config.heartbeat_query, "heartbeat failed; fix source.heartbeat_query or set heartbeat_interval = \"0s\"");
                     }
                 }
-                _ = pressure_timer.tick() => {
-                    let held = writer.log().held_bytes()?;
-                    backpressure.update(held, &self.telemetry);
-                }
+                _ = pressure_timer.tick() => backpressure.update(writer.log(), &self.telemetry)?,
                 read = async {
                     match reader.as_mut() {
                         Some(reader) => (&mut reader.0).await,

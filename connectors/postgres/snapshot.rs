@@ -31,7 +31,7 @@ use crate::event::{
     ChangeEvent, Lsn, Op, Record, Relation, RelationId, Row, SnapshotRows, TxBegin, TxCommit, Value,
 };
 use crate::log::{LogWriter, SnapshotState, TableSnapshots};
-use crate::telemetry::{SnapshotStatus, TableProgress};
+use crate::telemetry::{SnapshotStatus, TableProgress, Telemetry};
 
 /// A table smaller than this many heap blocks (8 MiB) is read in one range.
 const MIN_RANGE_BLOCKS: u32 = 1024;
@@ -174,10 +174,12 @@ pub async fn copy(
         let chunk = message?;
         // The readers wait on the full channel meanwhile, in their snapshot transactions.
         loop {
-            backpressure.update(writer.log().held_bytes()?, telemetry);
+            backpressure.update(writer.log(), telemetry)?;
             if !backpressure.paused {
                 break;
             }
+            // What is in the log already shows in /status while the sinks catch up.
+            publish_progress(&mut last_status, &described, rows, started, telemetry);
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(None),
                 _ = tokio::time::sleep(BACKPRESSURE_CHECK_INTERVAL) => {}
@@ -187,10 +189,7 @@ pub async fn copy(
         logged.rows(writer, table.relation_id, chunk.rows, chunk.text)?;
         table.copied += u64::from(chunk.rows);
         rows += u64::from(chunk.rows);
-        if last_status.elapsed() >= STATUS_INTERVAL {
-            last_status = Instant::now();
-            telemetry.snapshot_progress(progress(&described, rows, started, "running"));
-        }
+        publish_progress(&mut last_status, &described, rows, started, telemetry);
         if last_progress.elapsed() >= PROGRESS_INTERVAL {
             last_progress = Instant::now();
             for table in &described {
@@ -233,6 +232,19 @@ pub async fn copy(
         "snapshot done"
     );
     Ok(Some(summary))
+}
+/// Publishes the snapshot's progress to `/status`, at most once per `STATUS_INTERVAL`.
+fn publish_progress(
+    last: &mut Instant,
+    tables: &[Table],
+    rows: u64,
+    started: Instant,
+    telemetry: &Telemetry,
+) {
+    if last.elapsed() >= STATUS_INTERVAL {
+        *last = Instant::now();
+        telemetry.snapshot_progress(progress(tables, rows, started, "running"));
+    }
 }
 
 /// Where the snapshot stands, for `/status`.
