@@ -233,6 +233,7 @@ pub async fn copy(
     );
     Ok(Some(summary))
 }
+
 /// Publishes the snapshot's progress to `/status`, at most once per `STATUS_INTERVAL`.
 fn publish_progress(
     last: &mut Instant,
