@@ -42,13 +42,7 @@ fn a_read_only_target_is_retried_and_nothing_is_lost() {
         &db,
         "INSERT INTO t SELECT g, g FROM generate_series(2, 50) g",
     );
-    assert!(
-        eventually(Duration::from_secs(20), || agent
-            .log()
-            .contains("read-only transaction")),
-        "{}",
-        agent.log()
-    );
+    agent.wait_log("read-only transaction", Duration::from_secs(20));
     assert!(agent.is_running(), "{}", agent.log());
 
     pg.psql(

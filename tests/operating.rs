@@ -230,12 +230,9 @@ fn heartbeat_runs_its_query_and_retained_wal_over_the_limit_is_warned() {
         beats(),
         agent.log()
     );
-    assert!(
-        eventually(Duration::from_secs(10), || agent
-            .log()
-            .contains("keeps more WAL than source.slot_max_retained_bytes")),
-        "{}",
-        agent.log()
+    agent.wait_log(
+        "keeps more WAL than source.slot_max_retained_bytes",
+        Duration::from_secs(10),
     );
     let (_, metrics) = get(setup.health_port, "/metrics").unwrap();
     assert!(
@@ -533,7 +530,7 @@ fn a_snapshot_pauses_while_the_log_is_full_and_completes() {
             "data_dir = \"data\"\nlog_max_bytes = \"128KiB\"",
         );
     std::fs::write(&setup.config, config).unwrap();
-    let agent = setup.start();
+    let mut agent = setup.start();
     let snapshot = || {
         get(setup.health_port, "/status")
             .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
@@ -545,13 +542,7 @@ fn a_snapshot_pauses_while_the_log_is_full_and_completes() {
         snapshot["state"] == "running" && snapshot["tables"]["public.t"]["rows"].as_u64() > Some(0)
     });
     assert!(running, "{}\n{}", snapshot(), agent.log());
-    assert!(
-        eventually(Duration::from_secs(60), || agent
-            .log()
-            .contains("capture paused")),
-        "{}",
-        agent.log()
-    );
+    agent.wait_log("capture paused", Duration::from_secs(60));
     runtime.block_on(holder.batch_execute("COMMIT")).unwrap();
     let want = pg.dump(&db, "public.t", "*");
     let copied = eventually(Duration::from_secs(120), || {

@@ -64,27 +64,6 @@ fn snapshot_setup(
     setup
 }
 
-/// Waits until this run of the agent logged `needle`; panics with the log when it exits or
-/// `timeout` passes first.
-fn wait_log(agent: &mut Agent, needle: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if agent.log().contains(needle) {
-            return;
-        }
-        assert!(
-            agent.is_running(),
-            "tidemark exited before logging {needle:?}:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!(
-        "tidemark did not log {needle:?} within {timeout:?}:\n{}",
-        agent.log()
-    );
-}
-
 /// The agent log of every run so far.
 fn whole_log(setup: &AgentSetup) -> String {
     std::fs::read_to_string(setup.dir.path().join("agent.log")).unwrap_or_default()
@@ -793,7 +772,7 @@ fn snapshot_copies_every_row_and_type_into_every_sink() {
     );
     let setup = snapshot_setup(&pg, &db, "\"public.*\"", &three_sinks(&pg, &warehouse), 2);
     let mut agent = setup.start();
-    wait_log(&mut agent, "streaming changes", WAIT);
+    agent.wait_log("streaming changes", WAIT);
     sync(&pg, &db, &warehouse, &setup, &agent);
 
     // The snapshot alone (tick 1 is streamed).
@@ -945,11 +924,11 @@ fn writes_during_the_snapshot_are_neither_missed_nor_doubled() {
     assert!(eventually(Duration::from_secs(10), || writes.committed() > 20));
     let setup = snapshot_setup(&pg, &db, "\"public.*\"", &three_sinks(&pg, &warehouse), 3);
     let mut agent = setup.start();
-    wait_log(&mut agent, "snapshot started", WAIT);
+    agent.wait_log("snapshot started", WAIT);
     let at_start = writes.committed();
-    wait_log(&mut agent, "snapshot done", WAIT);
+    agent.wait_log("snapshot done", WAIT);
     let at_done = writes.committed();
-    wait_log(&mut agent, "streaming changes", WAIT);
+    agent.wait_log("streaming changes", WAIT);
     let log = agent.log();
     let started = log
         .lines()
@@ -1056,7 +1035,7 @@ fn assert_snapshot_log(log: &str) {
 /// kills the agent with SIGKILL; panics when the snapshot finished first (the kill would not
 /// land in it).
 fn kill_during_snapshot(setup: &AgentSetup, mut agent: Agent, mut ready: impl FnMut() -> bool) {
-    wait_log(&mut agent, "snapshot started", WAIT);
+    agent.wait_log("snapshot started", WAIT);
     let deadline = Instant::now() + WAIT;
     while !ready() {
         assert!(
@@ -1126,7 +1105,7 @@ fn a_snapshot_killed_midway_is_taken_again_and_replaces_what_it_delivered() {
 
     // Third attempt: runs to the end.
     let mut agent = setup.start();
-    wait_log(&mut agent, "streaming changes", WAIT);
+    agent.wait_log("streaming changes", WAIT);
     let log = agent.log();
     assert!(
         log.contains("dropping the slot to snapshot again"),
@@ -1168,7 +1147,7 @@ fn a_snapshot_killed_midway_is_taken_again_and_replaces_what_it_delivered() {
 /// `table` to its `source.tables`.
 fn start_then_add_table(setup: &AgentSetup, table: &str) {
     let mut agent = setup.start();
-    wait_log(&mut agent, "streaming changes", WAIT);
+    agent.wait_log("streaming changes", WAIT);
     assert!(agent.terminate().success());
     let config = std::fs::read_to_string(&setup.config).unwrap();
     let (before, rest) = config.split_once("tables = [").unwrap();
@@ -1196,7 +1175,7 @@ fn a_table_added_later_is_snapshotted_while_the_stream_goes_on() {
 
     let writes = Writes::start(pg.url(&db), 0x5a4b_0003);
     let mut agent = setup.start();
-    wait_log(&mut agent, "incremental snapshot of tables added", WAIT);
+    agent.wait_log("incremental snapshot of tables added", WAIT);
     let mirrored = || {
         pg.try_psql(&warehouse, "SELECT count(*) FROM replica.big")
             .and_then(|n| n.parse::<i64>().ok())
@@ -1217,7 +1196,7 @@ fn a_table_added_later_is_snapshotted_while_the_stream_goes_on() {
     let resumed = writes.committed();
     assert!(eventually(WAIT, || writes.committed() > resumed + 100));
     writes.finish();
-    wait_log(&mut agent, "table snapshotted (incremental)", WAIT);
+    agent.wait_log("table snapshotted (incremental)", WAIT);
     let log = agent.log();
     assert!(
         !log.contains("snapshot started"),

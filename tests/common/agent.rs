@@ -192,18 +192,27 @@ impl Agent {
 
     /// Waits until the agent's log says it streams (the slot exists and is read).
     pub fn wait_streaming(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        self.wait_log("streaming changes", Duration::from_secs(60));
+    }
+
+    /// Waits until this run of the agent logged `needle`; panics with the log when it exits
+    /// or `timeout` passes first.
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("tidemark exited with {status}:\n{}", self.log());
-            }
-            if self.log().contains("streaming changes") {
+            if self.log().contains(needle) {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "tidemark exited with {status} before logging {needle:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         panic!(
-            "tidemark did not start streaming within 60 s:\n{}",
+            "tidemark did not log {needle:?} within {timeout:?}:\n{}",
             self.log()
         );
     }
