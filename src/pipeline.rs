@@ -32,6 +32,11 @@ pub enum PipelineError {
     Log(#[from] LogError),
     #[error("setting up the metrics: {0}")]
     Metrics(prometheus::Error),
+    #[error(
+        "an agent task panicked ({0}): this is a bug in tidemark, please report it; the agent \
+         stops, and its next start resumes from the offset log and the sinks' checkpoints"
+    )]
+    Panicked(String),
     #[error("cannot serve health on {addr}: {source}; choose another agent.health_addr")]
     Health {
         addr: std::net::SocketAddr,
@@ -144,17 +149,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Pipe
         });
     }
 
-    let mut first_error = None;
-    while let Some(joined) = tasks.join_next().await {
-        let result = joined.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "pipeline task panicked");
-            Ok(())
-        });
-        if let Err(e) = result {
-            stop.cancel();
-            first_error.get_or_insert(e);
-        }
-    }
+    let first_error = supervise(tasks, &stop).await;
     log.flush().await?;
     match first_error {
         Some(e) => Err(e),
@@ -163,6 +158,37 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Pipe
             Ok(())
         }
     }
+}
+
+/// Waits for every task; the first that fails, or panics, stops the others. Returns the
+/// first failure.
+async fn supervise(
+    mut tasks: JoinSet<Result<(), PipelineError>>,
+    stop: &CancellationToken,
+) -> Option<PipelineError> {
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        let result = joined
+            .map_err(|e| match e.try_into_panic() {
+                Ok(panic) => PipelineError::Panicked(panic_message(panic.as_ref())),
+                Err(e) => PipelineError::Panicked(e.to_string()),
+            })
+            .and_then(|finished| finished);
+        if let Err(e) = result {
+            stop.cancel();
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error
+}
+
+/// What a panic said, when it said it with a string.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(ToString::to_string)
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_string())
 }
 
 /// Applies the log to one sink from its checkpoint, batch by batch. A batch is whatever has
@@ -373,6 +399,37 @@ async fn run_trimmer(
         let trimmed = log.trim(&names)?;
         if trimmed > 0 {
             tracing::debug!(trimmed, "log trimmed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicked_task_stops_the_others_and_is_the_error() {
+        let stop = CancellationToken::new();
+        let mut tasks: JoinSet<Result<(), PipelineError>> = JoinSet::new();
+        let waiting = stop.clone();
+        tasks.spawn(async move {
+            waiting.cancelled().await;
+            Ok(())
+        });
+        tasks.spawn(async {
+            let decoded: Option<u8> = None;
+            match decoded {
+                Some(_) => Ok(()),
+                None => panic!("decoder invariant broken"),
+            }
+        });
+        let error = supervise(tasks, &stop).await;
+        assert!(stop.is_cancelled());
+        match error {
+            Some(PipelineError::Panicked(message)) => {
+                assert_eq!(message, "decoder invariant broken")
+            }
+            other => panic!("expected the panic, got {other:?}"),
         }
     }
 }
