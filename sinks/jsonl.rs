@@ -174,6 +174,9 @@ impl JsonlSink {
                     }
                 }
                 Record::Commit(_) => self.transaction = None,
+                // Envelopes carry no schema (Debezium's with schemas disabled): the changes
+                // after it show the new columns.
+                Record::Schema(_) => {}
             }
         }
         Ok(())

@@ -37,6 +37,10 @@ pub enum SinkError {
     /// Connection trouble, serialization failures: retried with backoff.
     #[error("sink {sink:?}: {message}")]
     Transient { sink: String, message: String },
+    /// The target cannot take the batch until the operator acts (the message says how):
+    /// retried with backoff meanwhile, so the sink goes on once it can.
+    #[error("sink {sink:?}: {message}")]
+    Blocked { sink: String, message: String },
     /// The target refused the batch for good.
     #[error("sink {sink:?}: {message}")]
     Target { sink: String, message: String },
@@ -49,7 +53,10 @@ pub enum SinkError {
 impl SinkError {
     /// Whether retrying the batch later may succeed; the log keeps everything meanwhile.
     pub fn is_transient(&self) -> bool {
-        matches!(self, SinkError::Io { .. } | SinkError::Transient { .. })
+        matches!(
+            self,
+            SinkError::Io { .. } | SinkError::Transient { .. } | SinkError::Blocked { .. }
+        )
     }
 }
 

@@ -10,34 +10,49 @@ use crate::connectors::postgres;
 /// and how to fix it.
 pub struct Check {
     pub subject: String,
-    pub outcome: Result<String, String>,
+    pub outcome: Outcome,
+}
+
+pub enum Outcome {
+    Ok(String),
+    /// The agent runs, but something works less well than it could; says how to improve it.
+    Warn(String),
+    Fail(String),
 }
 
 impl Check {
     pub fn ok(subject: impl Into<String>, found: impl Into<String>) -> Check {
         Check {
             subject: subject.into(),
-            outcome: Ok(found.into()),
+            outcome: Outcome::Ok(found.into()),
+        }
+    }
+
+    pub fn warn(subject: impl Into<String>, note: impl Into<String>) -> Check {
+        Check {
+            subject: subject.into(),
+            outcome: Outcome::Warn(note.into()),
         }
     }
 
     pub fn fail(subject: impl Into<String>, problem: impl Into<String>) -> Check {
         Check {
             subject: subject.into(),
-            outcome: Err(problem.into()),
+            outcome: Outcome::Fail(problem.into()),
         }
     }
 
     pub fn passed(&self) -> bool {
-        self.outcome.is_ok()
+        !matches!(self.outcome, Outcome::Fail(_))
     }
 }
 
 impl fmt::Display for Check {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.outcome {
-            Ok(found) => write!(f, "ok    {}: {found}", self.subject),
-            Err(problem) => write!(f, "FAIL  {}: {problem}", self.subject),
+            Outcome::Ok(found) => write!(f, "ok    {}: {found}", self.subject),
+            Outcome::Warn(note) => write!(f, "warn  {}: {note}", self.subject),
+            Outcome::Fail(problem) => write!(f, "FAIL  {}: {problem}", self.subject),
         }
     }
 }

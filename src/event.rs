@@ -252,13 +252,66 @@ impl SnapshotRows {
     }
 }
 
+/// A change of a captured table's columns, at its place in its transaction: table sinks
+/// bring their target tables to the new shape before the changes that follow it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SchemaChange {
+    /// The table's description after the change.
+    pub relation: RelationId,
+    pub lsn: Lsn,
+    pub columns: Vec<ColumnChange>,
+    /// Whether the source knew each column by its number (a DDL message), or inferred the
+    /// change from two descriptions by name (a rename then looks like a drop and an add).
+    pub exact: bool,
+}
+
+/// What happened to one column.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ColumnChange {
+    /// The column `name` of the new description is new; rows that existed before hold
+    /// `existing_rows` in it.
+    Added {
+        name: String,
+        existing_rows: ExistingRows,
+    },
+    Renamed {
+        from: String,
+        to: String,
+    },
+    /// The column `name` had the type of `from`; the new description has its new type.
+    Retyped {
+        name: String,
+        from: Column,
+        /// The source session's time zone when it changed, for conversions that depend on
+        /// it (timestamp to timestamptz).
+        time_zone: Option<String>,
+    },
+    Dropped {
+        name: String,
+    },
+}
+
+/// What the rows that existed before a column was added hold in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ExistingRows {
+    Null,
+    /// One value for every row, in the type's text form (PostgreSQL's `attmissingval`: a
+    /// non-volatile default evaluated once when the column was added).
+    Value(String),
+    /// A value per row that the change stream does not carry (a volatile default rewrote the
+    /// table without logging its rows).
+    Unknown,
+}
+
 /// What the source appends to the offset log: each transaction as Begin, its changes, Commit.
+/// New variants go at the end: the log's encoding numbers them in order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Record {
     Begin(TxBegin),
     Change(ChangeEvent),
     Commit(TxCommit),
     SnapshotRows(SnapshotRows),
+    Schema(SchemaChange),
 }
 
 impl Record {
@@ -267,7 +320,7 @@ impl Record {
         match self {
             Record::Change(_) => 1,
             Record::SnapshotRows(rows) => rows.rows as usize,
-            Record::Begin(_) | Record::Commit(_) => 0,
+            Record::Begin(_) | Record::Commit(_) | Record::Schema(_) => 0,
         }
     }
 }

@@ -164,9 +164,12 @@ pub struct OffsetLog {
     /// across I/O.
     records: Mutex<Segments>,
     records_dir: PathBuf,
-    /// sled holds something the next flush must make durable (a relation, the snapshot list).
+    /// sled holds something the next flush must make durable (the snapshot list).
     meta_dirty: AtomicBool,
     relations: sled::Tree,
+    /// The source's own description of each table's columns, keyed by table and the
+    /// position it holds from (see [`OffsetLog::set_table_shape`]).
+    table_shapes: sled::Tree,
     cursors: sled::Tree,
     meta: sled::Tree,
     /// Where streamed transactions wait for their commit.
@@ -229,6 +232,7 @@ impl OffsetLog {
             path,
             _lock: lock,
             relations: db.open_tree("relations")?,
+            table_shapes: db.open_tree("table_shapes")?,
             cursors: db.open_tree("cursors")?,
             meta,
             records: Mutex::new(opened.segments),
@@ -528,6 +532,45 @@ impl OffsetLog {
         Ok(relation)
     }
 
+    /// The description the log stored last for the source table `oid`, if any: what a new
+    /// description of the table is compared with after a restart.
+    pub fn latest_relation(
+        &self,
+        oid: u32,
+    ) -> Result<Option<(RelationId, Arc<Relation>)>, LogError> {
+        for entry in self.relations.iter().rev() {
+            let (key, bytes) = entry?;
+            let relation = decode::<Relation>(0, &bytes)?;
+            if relation.oid == oid {
+                let id = RelationId(decode_u64(&key).unwrap_or_default());
+                return Ok(Some((id, Arc::new(relation))));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stores the source's description of table `oid` (opaque to the log: the source encodes
+    /// it) as it stands from `lsn` on, durable before it returns (as [`LogWriter::relation`]).
+    /// Kept per position, so that a transaction the source sends again after a restart finds
+    /// the description before it.
+    pub fn set_table_shape(&self, oid: u32, lsn: Lsn, shape: &[u8]) -> Result<(), LogError> {
+        self.table_shapes.insert(shape_key(oid, lsn), shape)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The description of table `oid` that holds just before `lsn`, if one was stored.
+    pub fn table_shape_before(&self, oid: u32, lsn: Lsn) -> Result<Option<Vec<u8>>, LogError> {
+        let start = shape_key(oid, Lsn(0));
+        let end = shape_key(oid, lsn);
+        Ok(self
+            .table_shapes
+            .range(start..end)
+            .next_back()
+            .transpose()?
+            .map(|(_, shape)| shape.to_vec()))
+    }
+
     pub fn cursor(&self, sink: &str) -> Result<Option<SinkCursor>, LogError> {
         self.cursors
             .get(sink.as_bytes())?
@@ -627,14 +670,14 @@ impl LogWriter {
     pub fn append(&mut self, record: &Record) -> Result<u64, LogError> {
         let kind = match record {
             Record::Begin(_) => Kind::Begin,
-            Record::Change(_) | Record::SnapshotRows(_) => Kind::Change,
+            Record::Change(_) | Record::SnapshotRows(_) | Record::Schema(_) => Kind::Change,
             Record::Commit(_) => Kind::Commit,
         };
         let seq = self.insert(kind, &encode(record))?;
         match record {
             Record::Begin(_) => self.open_begin = Some(seq),
             Record::Commit(_) => self.open_begin = None,
-            Record::Change(_) | Record::SnapshotRows(_) => {}
+            Record::Change(_) | Record::SnapshotRows(_) | Record::Schema(_) => {}
         }
         if let Record::Commit(commit) = record {
             self.file.write_out(&mut lock(&self.log.records))?;
@@ -733,6 +776,8 @@ impl LogWriter {
     }
 
     /// Stores a relation description (once per distinct description) and returns its id.
+    /// Durable before it returns: the records that name it reach the segment file, and so
+    /// survive a killed process, as soon as their transaction commits, before any flush.
     pub fn relation(
         &mut self,
         relation: Relation,
@@ -746,7 +791,7 @@ impl LogWriter {
         self.log
             .relations
             .insert(id.0.to_be_bytes(), encode(&relation))?;
-        self.log.meta_dirty.store(true, Ordering::Release);
+        self.log.db.flush()?;
         let relation = Arc::new(relation);
         self.relations
             .insert(relation.oid, (id, Arc::clone(&relation)));
@@ -756,6 +801,14 @@ impl LogWriter {
     pub fn log(&self) -> &Arc<OffsetLog> {
         &self.log
     }
+}
+
+/// Big-endian, so that sled's byte order is (table, position) order.
+fn shape_key(oid: u32, lsn: Lsn) -> [u8; 12] {
+    let mut key = [0; 12];
+    key[..4].copy_from_slice(&oid.to_be_bytes());
+    key[4..].copy_from_slice(&lsn.0.to_be_bytes());
+    key
 }
 
 /// A log id that no other log has: the clock's nanoseconds and the process id, mixed.

@@ -310,7 +310,7 @@ fn report_batch(
                 *per_relation.entry(rows.relation).or_default() += u64::from(rows.rows)
             }
             Record::Commit(commit) => last_commit = Some(*commit),
-            Record::Begin(_) => {}
+            Record::Begin(_) | Record::Schema(_) => {}
         }
     }
     let mut changes = BTreeMap::new();

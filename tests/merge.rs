@@ -211,7 +211,7 @@ fn a_target_that_is_down_at_start_catches_up_when_it_returns() {
 /// Applying a batch, then any suffix of it again, leaves the target as one application did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaying_an_applied_suffix_changes_nothing() {
-    use tidemark::config::{ColumnNaming, PostgresSinkConfig, SinkMode};
+    use tidemark::config::{ColumnNaming, DroppedColumns, PostgresSinkConfig, SinkMode};
     use tidemark::event::{
         ChangeEvent, Column, Lsn, Op, Record, Relation, TxBegin, TxCommit, Value, ValueType,
     };
@@ -315,6 +315,7 @@ async fn replaying_an_applied_suffix_changes_nothing() {
         soft_delete: false,
         columns: ColumnNaming::Tidemark,
         history_deletes: false,
+        dropped_columns: DroppedColumns::Keep,
         tables: vec![],
     };
     let target = || {

@@ -1107,7 +1107,7 @@ fn unchanged_toast_is_carried_when_one_batch_spans_a_restart_or_an_added_column(
 /// the history byte for byte as one application did; one batch of everything too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaying_an_applied_suffix_changes_nothing() {
-    use tidemark::config::{ColumnNaming, PostgresSinkConfig, SinkMode};
+    use tidemark::config::{ColumnNaming, DroppedColumns, PostgresSinkConfig, SinkMode};
     use tidemark::event::{
         ChangeEvent, Column, Lsn, Op, Record, Relation, TxBegin, TxCommit, Value, ValueType,
     };
@@ -1254,6 +1254,7 @@ async fn replaying_an_applied_suffix_changes_nothing() {
             soft_delete: false,
             columns,
             history_deletes,
+            dropped_columns: DroppedColumns::Keep,
             tables: vec![],
         };
         let table = format!("{schema}.t");

@@ -5,8 +5,10 @@
 
 use std::collections::HashMap;
 
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
+use super::ddl::{self, ShapeColumn, TableShape};
 use super::pgoutput::RelationMessage;
 use super::replication::quote_ident;
 use super::types::{builtin_value_type, value_type_from_catalog};
@@ -331,17 +333,16 @@ impl Catalog {
         let primary_key: Vec<String> = pk_rows.iter().map(|r| r.get(0)).collect();
         let mut columns = Vec::with_capacity(message.columns.len());
         for column in &message.columns {
-            columns.push(Column {
-                name: column.name.clone(),
-                type_oid: column.type_oid,
-                type_modifier: column.type_modifier,
-                type_name: self
-                    .type_name(column.type_oid, column.type_modifier)
-                    .await?,
-                value_type: self.value_type(column.type_oid).await?,
-                primary_key: primary_key.contains(&column.name),
-                replica_identity: column.is_key(),
-            });
+            columns.push(
+                self.column(
+                    &column.name,
+                    column.type_oid,
+                    column.type_modifier,
+                    primary_key.contains(&column.name),
+                    column.is_key(),
+                )
+                .await?,
+            );
         }
         Ok(Relation {
             oid: message.relation_id,
@@ -349,6 +350,106 @@ impl Catalog {
             table: message.name.clone(),
             columns,
         })
+    }
+
+    /// The relation a schema change leaves: `shape`'s columns, described as the stream's
+    /// Relation message will describe them.
+    pub async fn describe_shape(&mut self, shape: &TableShape) -> Result<Relation, SourceError> {
+        Ok(Relation {
+            oid: shape.oid,
+            schema: shape.schema.clone(),
+            table: shape.table.clone(),
+            columns: self.shape_columns(&shape.columns).await?,
+        })
+    }
+
+    /// `columns` as the change model describes them.
+    pub async fn shape_columns(
+        &mut self,
+        columns: &[ShapeColumn],
+    ) -> Result<Vec<Column>, SourceError> {
+        let mut described = Vec::with_capacity(columns.len());
+        for c in columns {
+            described.push(
+                self.column(
+                    &c.name,
+                    c.type_oid,
+                    c.typmod,
+                    c.primary_key,
+                    c.replica_identity,
+                )
+                .await?,
+            );
+        }
+        Ok(described)
+    }
+
+    async fn column(
+        &mut self,
+        name: &str,
+        type_oid: u32,
+        type_modifier: i32,
+        primary_key: bool,
+        replica_identity: bool,
+    ) -> Result<Column, SourceError> {
+        Ok(Column {
+            name: name.to_string(),
+            type_oid,
+            type_modifier,
+            type_name: self.type_name(type_oid, type_modifier).await?,
+            value_type: self.value_type(type_oid).await?,
+            primary_key,
+            replica_identity,
+        })
+    }
+
+    /// The table's columns as the catalog holds them now (None: no such ordinary table).
+    pub async fn table_shape(&self, oid: u32) -> Result<Option<TableShape>, SourceError> {
+        let row = self
+            .client
+            .query_opt(&ddl::shape_query("$1::oid"), &[&oid])
+            .await
+            .map_err(|e| SourceError::catalog("reading a table's columns", e))?;
+        parse_shape(row.map(|r| r.get(0)))
+    }
+
+    /// [`Catalog::table_shape`] of a table by name.
+    pub async fn table_shape_of(
+        &self,
+        table: &SourceTable,
+    ) -> Result<Option<TableShape>, SourceError> {
+        let row = self
+            .client
+            .query_opt(&ddl::shape_query("$1::text::regclass"), &[&table.quoted()])
+            .await
+            .map_err(|e| SourceError::catalog("reading a table's columns", e))?;
+        parse_shape(row.map(|r| r.get(0)))
+    }
+
+    /// Whether the schema-change trigger is installed, enabled and current.
+    pub async fn ddl_trigger_installed(&self) -> Result<bool, SourceError> {
+        let row = self
+            .client
+            .query_one(&ddl::installed_query(), &[&ddl::trigger_function_source()])
+            .await
+            .map_err(|e| SourceError::catalog("looking for the schema-change trigger", e))?;
+        Ok(row.get(0))
+    }
+
+    /// Installs the schema-change trigger, or brings its function up to date. Returns false,
+    /// changing nothing, when the role may not (creating an event trigger needs a superuser).
+    pub async fn install_ddl_trigger(&self) -> Result<bool, SourceError> {
+        if self.ddl_trigger_installed().await? {
+            return Ok(true);
+        }
+        match self.client.batch_execute(&ddl::install_statements()).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => Ok(false),
+            Err(e) => Err(SourceError::catalog(
+                "installing the schema-change trigger",
+                e,
+            )),
+        }
     }
 
     /// The relation the log stores for `table` as the catalog describes it now, for rows a
@@ -376,16 +477,11 @@ impl Catalog {
         let mut oid = 0;
         for row in &rows {
             oid = row.get(0);
-            let (type_oid, type_modifier): (u32, i32) = (row.get(2), row.get(3));
-            columns.push(Column {
-                name: row.get(1),
-                type_oid,
-                type_modifier,
-                type_name: self.type_name(type_oid, type_modifier).await?,
-                value_type: self.value_type(type_oid).await?,
-                primary_key: row.get(4),
-                replica_identity: row.get(5),
-            });
+            let name: String = row.get(1);
+            columns.push(
+                self.column(&name, row.get(2), row.get(3), row.get(4), row.get(5))
+                    .await?,
+            );
         }
         Ok(Relation {
             oid,
@@ -649,6 +745,17 @@ impl Catalog {
 }
 
 /// The server's message for a database error, else the error's own text.
+fn parse_shape(json: Option<Option<String>>) -> Result<Option<TableShape>, SourceError> {
+    let Some(json) = json.flatten() else {
+        return Ok(None);
+    };
+    serde_json::from_str(&json).map(Some).map_err(|e| {
+        SourceError::SchemaChange(format!(
+            "the catalog described a table's columns as {json:?}: {e}"
+        ))
+    })
+}
+
 pub fn db_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => db.message().to_string(),

@@ -1,8 +1,10 @@
 //! The source's part of `tidemark check`: reachable, wal_level = logical, the REPLICATION
 //! attribute, room for a slot and a WAL sender, the tables, the role's right to read them,
-//! the publication, their keys, and a replication connection that authenticates.
+//! the publication, their keys, the schema-change trigger (installed when the role may), and a
+//! replication connection that authenticates.
 
 use super::catalog::Catalog;
+use super::ddl;
 use super::replication::ReplicationConnection;
 use super::{check_prerequisites, SourceError};
 use crate::check::Check;
@@ -74,6 +76,7 @@ pub async fn run(config: &PostgresSourceConfig, require_primary_keys: bool) -> V
         }
         Err(e) => checks.push(Check::fail("source.tables", e.to_string())),
     }
+    checks.push(schema_changes(&catalog).await);
     checks.push(outcome(
         "replication connection",
         async {
@@ -88,6 +91,43 @@ pub async fn run(config: &PostgresSourceConfig, require_primary_keys: bool) -> V
         .await,
     ));
     checks
+}
+
+/// Installs the schema-change trigger when the role may; says what is not exact without it.
+async fn schema_changes(catalog: &Catalog) -> Check {
+    const SUBJECT: &str = "schema changes";
+    let installed = async {
+        if catalog.server_version_num().await? < 140_000 {
+            return Ok(None);
+        }
+        catalog.install_ddl_trigger().await.map(Some)
+    };
+    match installed.await {
+        Ok(Some(true)) => Check::ok(
+            SUBJECT,
+            format!(
+                "event trigger {} installed: column changes are followed at their place in \
+                 the stream",
+                ddl::TRIGGER_NAME
+            ),
+        ),
+        Ok(Some(false)) => Check::warn(
+            SUBJECT,
+            format!(
+                "the role may not create the event trigger {} (it needs a superuser), so \
+                 schema changes are inferred from the stream: a renamed column is followed as a \
+                 drop and an add, and a new column's value for existing rows is read when the \
+                 table next changes. Run `tidemark check` once as a superuser to install it",
+                ddl::TRIGGER_NAME
+            ),
+        ),
+        Ok(None) => Check::warn(
+            SUBJECT,
+            "PostgreSQL 13 and older send no logical decoding messages, so schema changes are \
+             inferred from the stream: a renamed column is followed as a drop and an add",
+        ),
+        Err(e) => Check::fail(SUBJECT, e.to_string()),
+    }
 }
 
 fn outcome(subject: &str, result: Result<String, SourceError>) -> Check {

@@ -12,6 +12,7 @@
 
 pub mod catalog;
 pub mod check;
+pub mod ddl;
 pub mod incremental;
 pub mod pgoutput;
 pub mod replication;
@@ -34,7 +35,8 @@ use self::replication::{
 };
 use crate::config::{ConnectionUrl, PostgresSourceConfig, SnapshotMode};
 use crate::event::{
-    ChangeEvent, Column, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit, Value,
+    ChangeEvent, Column, ColumnChange, ExistingRows, Lsn, Op, Record, Relation, RelationId, Row,
+    SchemaChange, TxBegin, TxCommit, Value,
 };
 use crate::log::{
     InspectChange, LogError, LogWriter, OffsetLog, SnapshotState, SourceIdentity, TableSnapshots,
@@ -71,6 +73,9 @@ pub enum SourceError {
     Diverged(String),
     #[error("initial snapshot: {0}")]
     Snapshot(String),
+    /// A schema change the source cannot read.
+    #[error("schema change: {0}")]
+    SchemaChange(String),
     #[error(transparent)]
     Log(#[from] LogError),
 }
@@ -117,6 +122,7 @@ impl SourceError {
             SourceError::Prerequisite(_)
             | SourceError::Diverged(_)
             | SourceError::Snapshot(_)
+            | SourceError::SchemaChange(_)
             | SourceError::Log(_) => false,
         }
     }
@@ -229,6 +235,8 @@ impl Backpressure {
 /// Where the stream stands while a session runs.
 struct Session {
     catalog: Catalog,
+    /// The oids of the captured tables: schema changes of other tables are not followed.
+    captured_tables: HashSet<u32>,
     relations: HashMap<u32, (RelationId, Arc<Relation>)>,
     /// The transaction being received; `None` between transactions.
     open: Option<OpenTransaction>,
@@ -421,6 +429,9 @@ impl PostgresSource {
         let added = self.tables_to_snapshot(writer, &tables, &catalog).await?;
         let log_position = writer.last_appended();
         let streaming = catalog.server_version_num().await? >= 140_000;
+        let captured_tables = self
+            .follow_schema_changes(&catalog, writer.log(), &tables, streaming)
+            .await?;
         connection
             .start_replication(
                 &self.config.slot,
@@ -428,7 +439,8 @@ impl PostgresSource {
                 log_position.end_lsn,
                 replication::StreamOptions {
                     streaming,
-                    messages: added.is_some(),
+                    // Schema-change messages, and the incremental snapshot's watermarks.
+                    messages: streaming,
                 },
             )
             .await?;
@@ -444,6 +456,7 @@ impl PostgresSource {
         self.telemetry.source_connected();
         let mut session = Session {
             catalog,
+            captured_tables,
             relations: HashMap::new(),
             open: None,
             streaming: None,
@@ -608,6 +621,45 @@ impl PostgresSource {
     /// The tables added to `source.tables` since the initial snapshot, for an incremental
     /// snapshot: the one under way first, with the key it stopped after. None when there are
     /// none (or no initial snapshot to add to).
+    /// Installs the schema-change trigger when the role may and the server sends its
+    /// messages (PostgreSQL 14 and newer), and keeps each captured table's columns where the
+    /// log has none yet: what its first schema change is compared with. Returns the captured
+    /// tables' oids.
+    async fn follow_schema_changes(
+        &self,
+        catalog: &Catalog,
+        log: &OffsetLog,
+        tables: &[SourceTable],
+        messages: bool,
+    ) -> Result<HashSet<u32>, SourceError> {
+        if !messages {
+            tracing::warn!(
+                "schema changes are inferred from the stream's table descriptions: PostgreSQL \
+                 13 and older send no logical decoding messages (see the README, Schema changes)"
+            );
+        } else if !catalog.install_ddl_trigger().await? {
+            tracing::warn!(
+                trigger = ddl::TRIGGER_NAME,
+                "the source role may not create the schema-change event trigger (it needs a \
+                 superuser): schema changes are inferred from the stream's table descriptions, \
+                 so a renamed column is followed as a drop and an add, and new columns' values \
+                 for existing rows are read when the table next changes. Have a superuser run \
+                 `tidemark check` once to install it (see the README, Schema changes)"
+            );
+        }
+        let mut captured = HashSet::new();
+        for table in tables {
+            let Some(shape) = catalog.table_shape_of(table).await? else {
+                continue;
+            };
+            captured.insert(shape.oid);
+            if log.table_shape_before(shape.oid, Lsn(u64::MAX))?.is_none() {
+                log.set_table_shape(shape.oid, Lsn(0), &encode_shape(&shape))?;
+            }
+        }
+        Ok(captured)
+    }
+
     async fn tables_to_snapshot(
         &self,
         writer: &LogWriter,
@@ -823,8 +875,20 @@ impl Session {
             }
             LogicalMessage::Relation(body) => {
                 let relation = self.catalog.describe(&body).await?;
+                let previous = match self.relations.get(&body.relation_id) {
+                    Some((_, known)) => Some(Arc::clone(known)),
+                    None => writer
+                        .log()
+                        .latest_relation(body.relation_id)?
+                        .map(|(_, r)| r),
+                };
                 let (id, relation) = writer.relation(relation)?;
-                self.relations.insert(body.relation_id, (id, relation));
+                self.relations
+                    .insert(body.relation_id, (id, Arc::clone(&relation)));
+                if let Some(previous) = previous.filter(|p| !same_columns(p, &relation)) {
+                    self.inferred_schema_change(writer, lsn, body.xid, id, &previous, &relation)
+                        .await?;
+                }
             }
             LogicalMessage::Insert {
                 xid,
@@ -860,6 +924,16 @@ impl Session {
                 }
             }
             LogicalMessage::Message {
+                prefix,
+                content,
+                xid,
+                lsn: message_lsn,
+                ..
+            } if prefix == ddl::MESSAGE_PREFIX => {
+                self.schema_message(writer, Lsn(message_lsn), xid, &content)
+                    .await?
+            }
+            LogicalMessage::Message {
                 prefix, content, ..
             } if prefix == incremental::WATERMARK_PREFIX => match self.streaming {
                 Some(xid) => self
@@ -873,6 +947,134 @@ impl Session {
             // Origins, type descriptions (the catalog resolves types) and logical decoding
             // messages carry no row changes.
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// Whether what arrives now belongs in the log: a transaction being logged, or a streamed
+    /// one (which the server sends once, before its commit).
+    fn logging(&self) -> bool {
+        matches!(
+            (self.open, self.streaming),
+            (Some(OpenTransaction::Logging), _) | (None, Some(_))
+        )
+    }
+
+    /// A message of the schema-change trigger: the table's columns after an `ALTER TABLE`,
+    /// compared with its columns before by number.
+    async fn schema_message(
+        &mut self,
+        writer: &mut LogWriter,
+        lsn: Lsn,
+        xid: Option<u32>,
+        content: &[u8],
+    ) -> Result<(), SourceError> {
+        if !self.logging() {
+            return Ok(());
+        }
+        let shape: ddl::TableShape = serde_json::from_slice(content).map_err(|e| {
+            SourceError::SchemaChange(format!(
+                "the {} message at {lsn} is not a table description: {e}",
+                ddl::MESSAGE_PREFIX
+            ))
+        })?;
+        if !self.captured_tables.contains(&shape.oid) {
+            return Ok(());
+        }
+        let log = Arc::clone(writer.log());
+        let Some(previous) = log.table_shape_before(shape.oid, lsn)? else {
+            return Ok(());
+        };
+        let previous = decode_shape(&previous)?;
+        log.set_table_shape(shape.oid, lsn, &encode_shape(&shape))?;
+        let before_columns = self.catalog.shape_columns(&previous.columns).await?;
+        let columns = ddl::diff_shapes(&previous, &before_columns, &shape);
+        if columns.is_empty() {
+            return Ok(());
+        }
+        let relation = self.catalog.describe_shape(&shape).await?;
+        let (id, relation) = writer.relation(relation)?;
+        self.relations
+            .insert(shape.oid, (id, Arc::clone(&relation)));
+        let change = SchemaChange {
+            relation: id,
+            lsn,
+            columns,
+            exact: true,
+        };
+        self.append_schema_change(writer, xid, &relation, change)
+    }
+
+    /// A new description of a table whose columns differ from its last one, with no message
+    /// of the trigger before it: the change is inferred by column name.
+    async fn inferred_schema_change(
+        &mut self,
+        writer: &mut LogWriter,
+        lsn: Lsn,
+        xid: Option<u32>,
+        id: RelationId,
+        previous: &Relation,
+        relation: &Arc<Relation>,
+    ) -> Result<(), SourceError> {
+        if !self.logging() {
+            return Ok(());
+        }
+        let Some(now) = self.catalog.table_shape(relation.oid).await? else {
+            return Ok(());
+        };
+        let columns = ddl::diff_relations(previous, relation, &now);
+        if columns.is_empty() {
+            return Ok(());
+        }
+        // What the next message of the trigger, once installed, is compared with.
+        writer
+            .log()
+            .set_table_shape(relation.oid, lsn, &encode_shape(&now))?;
+        tracing::warn!(
+            table = %relation.qualified_name(),
+            "schema change inferred from the table's new description, not read from the \
+             schema-change trigger: a renamed column is followed as a drop and an add"
+        );
+        let change = SchemaChange {
+            relation: id,
+            lsn,
+            columns,
+            exact: false,
+        };
+        self.append_schema_change(writer, xid, relation, change)
+    }
+
+    fn append_schema_change(
+        &mut self,
+        writer: &mut LogWriter,
+        xid: Option<u32>,
+        relation: &Relation,
+        change: SchemaChange,
+    ) -> Result<(), SourceError> {
+        for column in &change.columns {
+            tracing::info!(table = %relation.qualified_name(), change = ?column, lsn = %change.lsn, "schema change");
+            if let ColumnChange::Added {
+                name,
+                existing_rows: ExistingRows::Unknown,
+            } = column
+            {
+                tracing::warn!(
+                    table = %relation.qualified_name(),
+                    column = %name,
+                    "a column was added with a default PostgreSQL evaluated row by row (a \
+                     volatile default, or the table was rewritten): the change stream does not \
+                     carry those values, so the sinks hold NULL in it for rows that existed \
+                     before until they change; re-snapshot the table to fill them (see the \
+                     README, Schema changes)"
+                );
+            }
+        }
+        let record = Record::Schema(change);
+        match self.streaming {
+            Some(top) => writer.append_streamed(top, xid.unwrap_or(top), &record)?,
+            None => {
+                writer.append(&record)?;
+            }
         }
         Ok(())
     }
@@ -1199,6 +1401,28 @@ fn parse_column(relation: &Relation, column: &Column, text: &str) -> Value {
             "value kept as text"
         );
         Value::Text(text.to_string())
+    })
+}
+
+/// Whether two descriptions of a table have the same columns (names and types, in order).
+fn same_columns(a: &Relation, b: &Relation) -> bool {
+    a.columns.len() == b.columns.len()
+        && a.columns.iter().zip(&b.columns).all(|(x, y)| {
+            (&x.name, x.type_oid, x.type_modifier) == (&y.name, y.type_oid, y.type_modifier)
+        })
+}
+
+fn encode_shape(shape: &ddl::TableShape) -> Vec<u8> {
+    // Serialising plain data into a Vec cannot fail.
+    postcard::to_allocvec(shape).unwrap_or_default()
+}
+
+fn decode_shape(bytes: &[u8]) -> Result<ddl::TableShape, SourceError> {
+    postcard::from_bytes(bytes).map_err(|e| {
+        SourceError::SchemaChange(format!(
+            "a table description the offset log keeps cannot be read ({e}); the log cannot be \
+             trusted: move agent.data_dir aside and re-snapshot"
+        ))
     })
 }
 

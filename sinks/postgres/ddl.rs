@@ -40,7 +40,8 @@ impl std::fmt::Display for TargetTable {
 }
 
 /// The column type in the target: the source's own spelling for built-in types, the closest
-/// built-in type for user-defined ones (enums and unknown types as text).
+/// built-in type for user-defined ones (enums and unknown types as text), each as
+/// `format_type` spells it, so that it compares with what the target's catalog says.
 pub fn target_type(column: &Column) -> String {
     if column.type_oid < FIRST_USER_OID {
         return column.type_name.clone();
@@ -59,10 +60,10 @@ fn builtin_name(value_type: &ValueType) -> String {
         ValueType::Numeric => "numeric".into(),
         ValueType::Bytea => "bytea".into(),
         ValueType::Date => "date".into(),
-        ValueType::Time => "time".into(),
-        ValueType::TimeTz => "timetz".into(),
-        ValueType::Timestamp => "timestamp".into(),
-        ValueType::TimestampTz => "timestamptz".into(),
+        ValueType::Time => "time without time zone".into(),
+        ValueType::TimeTz => "time with time zone".into(),
+        ValueType::Timestamp => "timestamp without time zone".into(),
+        ValueType::TimestampTz => "timestamp with time zone".into(),
         ValueType::Interval => "interval".into(),
         ValueType::Uuid => "uuid".into(),
         ValueType::Json => "json".into(),

@@ -40,9 +40,10 @@ pub struct LargeTransaction {
     pub batch_records: usize,
     partitions: u32,
     spill: Spill,
-    /// A change moved a row to a key of another partition leaving TOASTed values unchanged:
-    /// they may come from an earlier change of the old key, planned in the other partition,
-    /// so this transaction is applied whole, read back from the log (its memory unbounded).
+    /// A change moved a row to a key of another partition leaving TOASTed values unchanged
+    /// (they may come from an earlier change of the old key, planned in the other partition),
+    /// or a schema change renamed columns under the changes before it: this transaction is
+    /// applied whole, read back from the log (its memory unbounded).
     pub whole: bool,
 }
 

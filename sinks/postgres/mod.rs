@@ -13,6 +13,7 @@ pub mod history;
 mod large;
 pub mod merge;
 pub mod scd2;
+pub mod schema;
 pub mod staging;
 
 use std::collections::{HashMap, HashSet};
@@ -28,6 +29,7 @@ use self::collapse::{Collapse, CollapseError, KeyState, TablePlan};
 use self::ddl::TargetTable;
 use self::history::{EventKind, History, HistoryPlan};
 use self::large::{partition_entries, LargeTransaction, PartitionError};
+use self::schema::SchemaStep;
 use self::staging::{Pass, PlanSql};
 use super::{DeadLettered, Sink, SinkError};
 use crate::config::{PostgresSinkConfig, SinkMode};
@@ -157,23 +159,8 @@ impl PostgresSink {
             return Ok(());
         }
         let target = self.planner.target_of(relation);
-        let client = self.client()?;
-        let mut sql = vec![ddl::create_schema(&target.schema)];
-        match self.config.mode {
-            SinkMode::Scd2 => {
-                sql.push(scd2::create_table(&target, relation, self.planner.layout()))
-            }
-            _ => sql.push(ddl::create_table(&target, relation)),
-        }
-        sql.extend(relation.columns.iter().map(|c| ddl::add_column(&target, c)));
-        if self.config.soft_delete && self.config.mode == SinkMode::Merge {
-            sql.push(format!(
-                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} boolean NOT NULL DEFAULT false",
-                target.quoted(),
-                merge::DELETED_COLUMN
-            ));
-        }
-        client
+        let sql = self.planner.table_sql(&target, relation);
+        self.client()?
             .batch_execute(&sql.join(";\n"))
             .await
             .map_err(self.error(format!("creating or altering {target}")))?;
@@ -192,9 +179,14 @@ impl PostgresSink {
         self.prepare_tables(planned).await
     }
 
+    /// Prepares the target tables of the batch's work; those of tables a schema change of the
+    /// batch alters are brought to shape in the batch's transaction instead (columns added
+    /// here, before it, would miss the values existing rows hold).
     async fn prepare_tables(&mut self, planned: PlannedBatch) -> Result<PlannedBatch, SinkError> {
         for table in &planned.tables {
-            self.prepare(table.relation_id, &table.relation).await?;
+            if !planned.alters(table.relation.oid) {
+                self.prepare(table.relation_id, &table.relation).await?;
+            }
         }
         Ok(planned)
     }
@@ -233,13 +225,21 @@ enum SnapshotText {
 pub struct PlannedBatch {
     pub first: u64,
     pub last: u64,
+    /// Schema changes, applied before the tables' work.
+    schema: Vec<SchemaStep>,
     tables: Vec<TableWork>,
     source_lsn: Lsn,
 }
 
 impl PlannedBatch {
+    /// Whether a schema change of the batch alters the source table `oid`.
+    fn alters(&self, oid: u32) -> bool {
+        self.schema.iter().any(|step| step.relation.oid == oid)
+    }
+
     fn into_batch(self, log_position: u64, checkpoint: bool) -> Batch {
         Batch {
+            schema: self.schema,
             tables: self.tables,
             log_position,
             source_lsn: self.source_lsn,
@@ -257,6 +257,71 @@ impl BatchPlanner {
                 schema: self.config.schema.clone(),
                 name: relation.table.clone(),
             })
+    }
+
+    /// What creates the target table of `relation` if missing and adds the columns it lacks.
+    fn table_sql(&self, target: &TargetTable, relation: &Relation) -> Vec<String> {
+        let mut sql = vec![ddl::create_schema(&target.schema)];
+        match self.config.mode {
+            SinkMode::Scd2 => sql.push(scd2::create_table(target, relation, self.layout())),
+            _ => sql.push(ddl::create_table(target, relation)),
+        }
+        sql.extend(relation.columns.iter().map(|c| ddl::add_column(target, c)));
+        if self.config.soft_delete && self.config.mode == SinkMode::Merge {
+            sql.push(format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} boolean NOT NULL DEFAULT false",
+                target.quoted(),
+                merge::DELETED_COLUMN
+            ));
+        }
+        sql
+    }
+
+    /// Applies the batch's schema changes in its transaction, before its rows; returns what
+    /// must run after them.
+    async fn alter(
+        &self,
+        transaction: &tokio_postgres::Transaction<'_>,
+        steps: &[SchemaStep],
+    ) -> Result<Vec<String>, ApplyError> {
+        let mut after_rows = Vec::new();
+        let mut tables: HashMap<TargetTable, schema::TargetColumns> = HashMap::new();
+        for step in steps {
+            let columns = match tables.entry(step.target.clone()) {
+                std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+                std::collections::hash_map::Entry::Vacant(unknown) => {
+                    let rows = transaction
+                        .query(schema::TARGET_COLUMNS_QUERY, &[&step.target.quoted()])
+                        .await
+                        .map_err(ApplyError::with(format!(
+                            "reading the columns of {}",
+                            step.target
+                        )))?;
+                    let columns: Vec<(String, String)> =
+                        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+                    unknown.insert((!columns.is_empty()).then_some(columns))
+                }
+            };
+            let create = self.table_sql(&step.target, &step.relation);
+            let alters = schema::alters(step, columns, &create, self.config.dropped_columns)
+                .map_err(ApplyError::Narrowing)?;
+            for statement in &alters.before {
+                transaction
+                    .batch_execute(statement)
+                    .await
+                    .map_err(ApplyError::with(format!(
+                        "applying a schema change: {statement}"
+                    )))?;
+            }
+            tracing::info!(
+                sink = %self.sink,
+                table = %step.target,
+                changes = ?step.change.columns,
+                "schema change applied"
+            );
+            after_rows.extend(alters.after);
+        }
+        Ok(after_rows)
     }
 
     fn layout(&self) -> scd2::Layout {
@@ -301,8 +366,18 @@ impl BatchPlanner {
             message,
         };
         let mut source_lsn = Lsn(0);
+        let mut schema = Vec::new();
         for entry in entries {
             match &entry.record {
+                Record::Schema(change) => {
+                    let relation = relation_of(change.relation)?;
+                    schema.push(SchemaStep {
+                        target: self.target_of(&relation),
+                        relation,
+                        change: change.clone(),
+                    });
+                    source_lsn = source_lsn.max(change.lsn);
+                }
                 Record::Change(change) => {
                     let relation = relation_of(change.relation)?;
                     builder
@@ -343,28 +418,42 @@ impl BatchPlanner {
                 }
             }
         }
-        let mut seen: HashMap<RelationId, usize> = HashMap::new();
-        let mut stage_of = |relation_id: RelationId| {
-            let occurrence = seen.entry(relation_id).or_default();
+        let mut seen: HashMap<(RelationId, Option<RelationId>), usize> = HashMap::new();
+        let mut stage_of = |relation_id: RelationId, renamed_by: Option<RelationId>| {
+            let occurrence = seen.entry((relation_id, renamed_by)).or_default();
             *occurrence += 1;
-            stage_name(relation_id, *occurrence - 1)
+            stage_name(relation_id, renamed_by, *occurrence - 1)
+        };
+        // A description older than a schema change of the batch takes the names the change
+        // gives its columns (the change is applied first); its staging table is another.
+        let mut rename = |relation_id: RelationId, relation: &mut Arc<Relation>| {
+            let later = || {
+                schema.iter().filter(|step| {
+                    step.relation.oid == relation.oid && step.change.relation > relation_id
+                })
+            };
+            let renamed_by = later().map(|step| step.change.relation).max();
+            if renamed_by.is_some() {
+                *relation = Arc::new(schema::renamed(relation, later()));
+            }
+            stage_of(relation_id, renamed_by)
         };
         let tables = match builder {
             PlanBuilder::Merge(collapse) => collapse
                 .finish()
                 .into_iter()
-                .map(|plan| {
+                .map(|mut plan| {
+                    let stage = rename(plan.relation_id, &mut plan.relation);
                     let target = self.target_of(&plan.relation);
-                    let stage = stage_of(plan.relation_id);
                     TableWork::merge(target, &stage, plan, self.config.soft_delete)
                 })
                 .collect(),
             PlanBuilder::History(history) => history
                 .finish()
                 .into_iter()
-                .map(|plan| {
+                .map(|mut plan| {
+                    let stage = rename(plan.relation_id, &mut plan.relation);
                     let target = self.target_of(&plan.relation);
-                    let stage = stage_of(plan.relation_id);
                     TableWork::history(target, &stage, plan, self.layout())
                 })
                 .collect(),
@@ -372,6 +461,7 @@ impl BatchPlanner {
         Ok(PlannedBatch {
             first: entries.first().map_or(0, |e| e.seq),
             last: entries.last().map_or(0, |e| e.seq),
+            schema,
             tables,
             source_lsn,
         })
@@ -708,6 +798,13 @@ impl PostgresSink {
                         self.add_to_large(entry.seq, &relation, &Record::Change(change))?;
                     }
                 }
+                Record::Schema(_) => {
+                    // Its rows are applied after the change, under its names: the whole
+                    // transaction must be planned as one batch.
+                    if let Some(large) = self.large.as_mut() {
+                        large.whole = true;
+                    }
+                }
                 Record::Commit(_) => {}
             }
         }
@@ -750,8 +847,8 @@ impl PostgresSink {
             tracing::warn!(
                 sink = %self.name,
                 records = commit.seq - large.begin_seq,
-                "a transaction larger than a batch moves rows to other keys: applying it \
-                 whole, in memory"
+                "a transaction larger than a batch moves rows to other keys or changes a \
+                 table's columns: applying it whole, in memory"
             );
             let mut entries = Vec::new();
             while entries.last().is_none_or(|e: &LogEntry| e.seq < commit.seq) {
@@ -797,6 +894,7 @@ impl PostgresSink {
 
 /// A planned batch ready to apply.
 struct Batch {
+    schema: Vec<SchemaStep>,
     tables: Vec<TableWork>,
     log_position: u64,
     source_lsn: Lsn,
@@ -816,10 +914,11 @@ impl Batch {
     /// Whether the batch is only snapshot rows forwarded as COPY text: new keys, nothing
     /// truncated, nothing staged.
     fn only_snapshot_rows(&self) -> bool {
-        self.tables.iter().all(|t| {
-            matches!(&t.plan, Plan::Merge(plan)
+        self.schema.is_empty()
+            && self.tables.iter().all(|t| {
+                matches!(&t.plan, Plan::Merge(plan)
                 if !plan.truncate && plan.states().is_empty() && !plan.copied().is_empty())
-        })
+            })
     }
 }
 
@@ -1036,9 +1135,17 @@ fn encode_staged(plan: &Plan, pass: Pass) -> Bytes {
 
 /// The staging table of the `occurrence`th plan of a relation description in a batch: a
 /// table truncated inside the batch has a second plan, and staging tables are emptied only
-/// at the commit.
-fn stage_name(relation_id: RelationId, occurrence: usize) -> String {
-    format!("_tidemark_stage_{}_{occurrence}", relation_id.0)
+/// at the commit. A description whose columns a later schema change renamed (`renamed_by`)
+/// stages into a table of the new names.
+fn stage_name(
+    relation_id: RelationId,
+    renamed_by: Option<RelationId>,
+    occurrence: usize,
+) -> String {
+    match renamed_by {
+        None => format!("_tidemark_stage_{}_{occurrence}", relation_id.0),
+        Some(by) => format!("_tidemark_stage_{}_{}_{occurrence}", relation_id.0, by.0),
+    }
 }
 
 impl PostgresSink {
@@ -1059,6 +1166,7 @@ impl PostgresSink {
             .transaction()
             .await
             .map_err(ApplyError::at("starting a transaction"))?;
+        let after_rows = self.planner.alter(&transaction, &batch.schema).await?;
         let mut letters = Vec::new();
         let mut refused_tables = Vec::new();
         for table in &batch.tables {
@@ -1144,6 +1252,14 @@ impl PostgresSink {
                         .map_err(ApplyError::with(context()))?,
                 }
             }
+        }
+        for statement in &after_rows {
+            transaction
+                .batch_execute(statement)
+                .await
+                .map_err(ApplyError::with(format!(
+                    "applying a schema change: {statement}"
+                )))?;
         }
         let end = BatchEnd {
             sink: &self.name,
@@ -1298,6 +1414,8 @@ enum ApplyError {
     },
     #[error("writing dead letters: {0}")]
     DeadLetters(std::io::Error),
+    #[error(transparent)]
+    Narrowing(Box<schema::Narrowing>),
 }
 
 impl ApplyError {
@@ -1338,6 +1456,10 @@ impl ApplyError {
                 sink: sink.to_string(),
                 context: "writing dead letters".into(),
                 source,
+            },
+            ApplyError::Narrowing(narrowing) => SinkError::Blocked {
+                sink: sink.to_string(),
+                message: narrowing.to_string(),
             },
         }
     }

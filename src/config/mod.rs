@@ -159,6 +159,8 @@ pub struct PostgresSinkConfig {
     /// Only meaningful for [`SinkMode::Scd2`].
     pub columns: ColumnNaming,
     pub history_deletes: bool,
+    /// What a column dropped in the source becomes in the target.
+    pub dropped_columns: DroppedColumns,
     /// Per-table renames; a table without one keeps its name in `schema`.
     pub tables: Vec<TableMapping>,
 }
@@ -176,6 +178,14 @@ pub enum SinkMode {
 pub enum ColumnNaming {
     Tidemark,
     Dbt,
+}
+
+/// `dropped_columns` of a postgres sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DroppedColumns {
+    /// Kept, nullable: rows keep the values they had, rows written later hold NULL.
+    Keep,
+    Drop,
 }
 
 /// One `[[sink.table]]`. Both names are always qualified, `"schema.table"`: an unqualified
@@ -322,6 +332,7 @@ mode = "scd2"
 soft_delete = true
 columns = "dbt"
 history_deletes = true
+dropped_columns = "drop"
 [[sink.table]]
 source = "public.orders"
 target = "sales.orders"
@@ -397,6 +408,7 @@ max_file_bytes = 1000
                         soft_delete: true,
                         columns: ColumnNaming::Dbt,
                         history_deletes: true,
+                        dropped_columns: DroppedColumns::Drop,
                         tables: vec![
                             TableMapping {
                                 source: "public.orders".to_owned(),
@@ -485,6 +497,7 @@ schema = "replica"
         assert!(!mirror.soft_delete);
         assert_eq!(mirror.columns, ColumnNaming::Tidemark);
         assert!(!mirror.history_deletes);
+        assert_eq!(mirror.dropped_columns, DroppedColumns::Keep);
         assert_eq!(mirror.tables, vec![]);
 
         // A config file in the working directory resolves to plain relative paths.

@@ -8,8 +8,8 @@ use super::check::{shown_value, Checker, Spot, Table};
 use super::document::{entry_at, kind, Key, Node, Val};
 use super::values::{is_literal_name, is_sink_name};
 use super::{
-    ColumnNaming, JsonlSinkConfig, PostgresSinkConfig, SinkConfig, SinkKind, SinkMode,
-    TableMapping, TablePattern,
+    ColumnNaming, DroppedColumns, JsonlSinkConfig, PostgresSinkConfig, SinkConfig, SinkKind,
+    SinkMode, TableMapping, TablePattern,
 };
 
 const DEFAULT_BATCH_MAX_ROWS: usize = 10_000;
@@ -27,6 +27,7 @@ const POSTGRES_SINK_KEYS: &[&str] = &[
     "soft_delete",
     "columns",
     "history_deletes",
+    "dropped_columns",
     "table",
 ];
 const TABLE_MAPPING_KEYS: &[&str] = &["source", "target"];
@@ -258,6 +259,18 @@ impl Checker<'_> {
             })
             .or(ColumnNaming::Tidemark);
         let history_deletes = self.field(t, "history_deletes", Self::bool).or(false);
+        let dropped_columns = self
+            .field(t, "dropped_columns", |c, s, v| {
+                c.choice(
+                    s,
+                    v,
+                    &[
+                        ("keep", DroppedColumns::Keep),
+                        ("drop", DroppedColumns::Drop),
+                    ],
+                )
+            })
+            .or(DroppedColumns::Keep);
         let tables = match t.get("table") {
             None => Some(Vec::new()),
             Some((key, val)) => self.table_mappings(t, key, val, schema.as_deref(), patterns),
@@ -269,6 +282,7 @@ impl Checker<'_> {
             soft_delete: soft_delete?,
             columns: columns?,
             history_deletes: history_deletes?,
+            dropped_columns: dropped_columns?,
             tables: tables?,
         })
     }
