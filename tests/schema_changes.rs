@@ -176,9 +176,14 @@ fn a_schema_change_survives_a_sigkill_before_the_batch_after_it() {
     pg.psql(
         &db,
         "ALTER TABLE t ADD COLUMN d int NOT NULL DEFAULT 7;
+         ALTER TABLE t ADD COLUMN x text DEFAULT 'x';
          ALTER TABLE t RENAME COLUMN a TO b;
          ALTER TABLE t ALTER COLUMN n TYPE bigint;
-         UPDATE t SET b = 'renamed', n = 7000000000 WHERE id = 3;",
+         ALTER TABLE t ALTER COLUMN v TYPE text;
+         ALTER TABLE t ALTER COLUMN p TYPE numeric(12,4);
+         ALTER TABLE t DROP COLUMN c;
+         UPDATE t SET b = 'renamed', n = 7000000000, v = repeat('v', 20), p = 1234567.8912
+           WHERE id = 3;",
     );
     let waiting = eventually(Duration::from_secs(60), || {
         pg.psql(
@@ -199,7 +204,39 @@ fn a_schema_change_survives_a_sigkill_before_the_batch_after_it() {
     );
 
     let agent = setup.start();
-    assert_followed(&pg, &db, &warehouse, "id, b, n, d");
+    assert_followed(&pg, &db, &warehouse, "id, b, n, v, p, at, d, x");
+    assert_no_dead_letters(&setup);
+    assert!(agent.terminate().success());
+}
+
+#[test]
+fn a_migration_in_a_transaction_larger_than_a_batch_is_followed() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("shop");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(&db, CREATE_TABLE);
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.t\"",
+        &sinks(&pg.url(&warehouse), "batch_max_rows = 20\n"),
+    );
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(&db, INSERT_ROWS);
+    assert_followed(&pg, &db, &warehouse, "id, a, n, v, p, at, c");
+
+    // A backfill: rows changed before and after the columns change, many batches' worth.
+    pg.psql(
+        &db,
+        "BEGIN;
+           UPDATE t SET a = a || '-before' WHERE id <= 30;
+           ALTER TABLE t ADD COLUMN score int DEFAULT 0;
+           ALTER TABLE t RENAME COLUMN a TO label;
+           UPDATE t SET score = id * 2 WHERE id > 10;
+           INSERT INTO t (id, label) SELECT i, 'late ' || i FROM generate_series(100, 140) i;
+         COMMIT;",
+    );
+    assert_followed(&pg, &db, &warehouse, "id, label, n, v, p, at, c, score");
     assert_no_dead_letters(&setup);
     assert!(agent.terminate().success());
 }
