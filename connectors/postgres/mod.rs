@@ -237,6 +237,11 @@ struct Session {
     catalog: Catalog,
     /// The oids of the captured tables: schema changes of other tables are not followed.
     captured_tables: HashSet<u32>,
+    /// The schema-change trigger is installed: its messages say each change, and a Relation
+    /// message is compared only with the description this session saw last (after a
+    /// restart the log's last description may be ahead of the stream, from a transaction the
+    /// crash cut short).
+    ddl_messages: bool,
     relations: HashMap<u32, (RelationId, Arc<Relation>)>,
     /// The transaction being received; `None` between transactions.
     open: Option<OpenTransaction>,
@@ -429,7 +434,7 @@ impl PostgresSource {
         let added = self.tables_to_snapshot(writer, &tables, &catalog).await?;
         let log_position = writer.last_appended();
         let streaming = catalog.server_version_num().await? >= 140_000;
-        let captured_tables = self
+        let (captured_tables, ddl_messages) = self
             .follow_schema_changes(&catalog, writer.log(), &tables, streaming)
             .await?;
         connection
@@ -457,6 +462,7 @@ impl PostgresSource {
         let mut session = Session {
             catalog,
             captured_tables,
+            ddl_messages,
             relations: HashMap::new(),
             open: None,
             streaming: None,
@@ -624,20 +630,21 @@ impl PostgresSource {
     /// Installs the schema-change trigger when the role may and the server sends its
     /// messages (PostgreSQL 14 and newer), and keeps each captured table's columns where the
     /// log has none yet: what its first schema change is compared with. Returns the captured
-    /// tables' oids.
+    /// tables' oids, and whether the trigger's messages will say each schema change.
     async fn follow_schema_changes(
         &self,
         catalog: &Catalog,
         log: &OffsetLog,
         tables: &[SourceTable],
         messages: bool,
-    ) -> Result<HashSet<u32>, SourceError> {
+    ) -> Result<(HashSet<u32>, bool), SourceError> {
+        let trigger = messages && catalog.install_ddl_trigger().await?;
         if !messages {
             tracing::warn!(
                 "schema changes are inferred from the stream's table descriptions: PostgreSQL \
                  13 and older send no logical decoding messages (see the README, Schema changes)"
             );
-        } else if !catalog.install_ddl_trigger().await? {
+        } else if !trigger {
             tracing::warn!(
                 trigger = ddl::TRIGGER_NAME,
                 "the source role may not create the schema-change event trigger (it needs a \
@@ -657,7 +664,7 @@ impl PostgresSource {
                 log.set_table_shape(shape.oid, Lsn(0), &encode_shape(&shape))?;
             }
         }
-        Ok(captured)
+        Ok((captured, trigger))
     }
 
     async fn tables_to_snapshot(
@@ -877,6 +884,7 @@ impl Session {
                 let relation = self.catalog.describe(&body).await?;
                 let previous = match self.relations.get(&body.relation_id) {
                     Some((_, known)) => Some(Arc::clone(known)),
+                    None if self.ddl_messages => None,
                     None => writer
                         .log()
                         .latest_relation(body.relation_id)?
