@@ -624,9 +624,6 @@ impl PostgresSource {
         Ok(())
     }
 
-    /// The tables added to `source.tables` since the initial snapshot, for an incremental
-    /// snapshot: the one under way first, with the key it stopped after. None when there are
-    /// none (or no initial snapshot to add to).
     /// Installs the schema-change trigger when the role may and the server sends its
     /// messages (PostgreSQL 14 and newer), and keeps each captured table's columns where the
     /// log has none yet: what its first schema change is compared with. Returns the captured
@@ -667,6 +664,9 @@ impl PostgresSource {
         Ok((captured, trigger))
     }
 
+    /// The tables added to `source.tables` since the initial snapshot, for an incremental
+    /// snapshot: the one under way first, with the key it stopped after. None when there are
+    /// none (or no initial snapshot to add to).
     async fn tables_to_snapshot(
         &self,
         writer: &LogWriter,

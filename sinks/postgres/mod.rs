@@ -16,6 +16,7 @@ pub mod scd2;
 pub mod schema;
 pub mod staging;
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::pin::pin;
@@ -288,8 +289,8 @@ impl BatchPlanner {
         let mut tables: HashMap<TargetTable, schema::TargetColumns> = HashMap::new();
         for step in steps {
             let columns = match tables.entry(step.target.clone()) {
-                std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
-                std::collections::hash_map::Entry::Vacant(unknown) => {
+                Entry::Occupied(known) => known.into_mut(),
+                Entry::Vacant(unknown) => {
                     let rows = transaction
                         .query(schema::TARGET_COLUMNS_QUERY, &[&step.target.quoted()])
                         .await
