@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::agent::{eventually, mirror_sink, AgentSetup};
+use common::agent::{eventually, mirror_sink, Agent, AgentSetup};
 use common::PgCluster;
 
 /// A merge sink `mirror` (schema `replica`), an SCD2 sink `history` (schema `history`) and a
@@ -70,21 +70,28 @@ const INSERT_ROWS: &str = "INSERT INTO t SELECT i, 'a' || i, i, 'v' || i, i + 0.
      '2026-03-29 00:30'::timestamp + i * interval '17 minutes', 'c' || i \
      FROM generate_series(1, 50) i";
 
-#[test]
-fn each_column_change_reaches_every_sink_at_its_place_in_the_stream() {
-    let pg = PgCluster::start();
+/// Starts an agent with [`sinks`] on table `t` of a new database and waits until its 50 rows
+/// are in every table sink. Returns the source and target databases.
+fn start_followed(pg: &PgCluster, extra: &str) -> (String, String, AgentSetup, Agent) {
     let db = pg.fresh_database("shop");
     let warehouse = pg.fresh_database("warehouse");
     pg.psql(&db, CREATE_TABLE);
     let setup = AgentSetup::with_sinks(
         &pg.url(&db),
         "\"public.t\"",
-        &sinks(&pg.url(&warehouse), ""),
+        &sinks(&pg.url(&warehouse), extra),
     );
     let mut agent = setup.start();
     agent.wait_streaming();
     pg.psql(&db, INSERT_ROWS);
-    assert_followed(&pg, &db, &warehouse, "id, a, n, v, p, at, c");
+    assert_followed(pg, &db, &warehouse, "id, a, n, v, p, at, c");
+    (db, warehouse, setup, agent)
+}
+
+#[test]
+fn each_column_change_reaches_every_sink_at_its_place_in_the_stream() {
+    let pg = PgCluster::start();
+    let (db, warehouse, setup, agent) = start_followed(&pg, "");
 
     pg.psql(
         &db,
@@ -151,18 +158,7 @@ fn each_column_change_reaches_every_sink_at_its_place_in_the_stream() {
 #[test]
 fn a_schema_change_survives_a_sigkill_before_the_batch_after_it() {
     let pg = PgCluster::start();
-    let db = pg.fresh_database("shop");
-    let warehouse = pg.fresh_database("warehouse");
-    pg.psql(&db, CREATE_TABLE);
-    let setup = AgentSetup::with_sinks(
-        &pg.url(&db),
-        "\"public.t\"",
-        &sinks(&pg.url(&warehouse), ""),
-    );
-    let mut agent = setup.start();
-    agent.wait_streaming();
-    pg.psql(&db, INSERT_ROWS);
-    assert_followed(&pg, &db, &warehouse, "id, a, n, v, p, at, c");
+    let (db, warehouse, setup, agent) = start_followed(&pg, "");
 
     // Both table sinks are held back by locks on their target tables, so the schema change is
     // in the offset log, and neither has applied it, when the agent is killed.
@@ -212,18 +208,7 @@ fn a_schema_change_survives_a_sigkill_before_the_batch_after_it() {
 #[test]
 fn a_migration_in_a_transaction_larger_than_a_batch_is_followed() {
     let pg = PgCluster::start();
-    let db = pg.fresh_database("shop");
-    let warehouse = pg.fresh_database("warehouse");
-    pg.psql(&db, CREATE_TABLE);
-    let setup = AgentSetup::with_sinks(
-        &pg.url(&db),
-        "\"public.t\"",
-        &sinks(&pg.url(&warehouse), "batch_max_rows = 20\n"),
-    );
-    let mut agent = setup.start();
-    agent.wait_streaming();
-    pg.psql(&db, INSERT_ROWS);
-    assert_followed(&pg, &db, &warehouse, "id, a, n, v, p, at, c");
+    let (db, warehouse, setup, agent) = start_followed(&pg, "batch_max_rows = 20\n");
 
     // A backfill: rows changed before and after the columns change, many batches' worth.
     pg.psql(

@@ -306,14 +306,7 @@ impl BatchPlanner {
             let create = self.table_sql(&step.target, &step.relation);
             let alters = schema::alters(step, columns, &create, self.config.dropped_columns)
                 .map_err(ApplyError::Narrowing)?;
-            for statement in &alters.before {
-                transaction
-                    .batch_execute(statement)
-                    .await
-                    .map_err(ApplyError::with(format!(
-                        "applying a schema change: {statement}"
-                    )))?;
-            }
+            schema_statements(transaction, &alters.before).await?;
             tracing::info!(
                 sink = %self.sink,
                 table = %step.target,
@@ -1254,14 +1247,7 @@ impl PostgresSink {
                 }
             }
         }
-        for statement in &after_rows {
-            transaction
-                .batch_execute(statement)
-                .await
-                .map_err(ApplyError::with(format!(
-                    "applying a schema change: {statement}"
-                )))?;
-        }
+        schema_statements(&transaction, &after_rows).await?;
         let end = BatchEnd {
             sink: &self.name,
             schema: &self.config.schema,
@@ -1387,6 +1373,21 @@ impl BatchEnd<'_> {
             .await
             .map_err(ApplyError::at("committing the batch"))
     }
+}
+
+async fn schema_statements(
+    transaction: &tokio_postgres::Transaction<'_>,
+    statements: &[String],
+) -> Result<(), ApplyError> {
+    for statement in statements {
+        transaction
+            .batch_execute(statement)
+            .await
+            .map_err(ApplyError::with(format!(
+                "applying a schema change: {statement}"
+            )))?;
+    }
+    Ok(())
 }
 
 /// Sends `rows` (blocks of whole lines in COPY text format) into a started `COPY … FROM
