@@ -108,22 +108,13 @@ pub fn write_envelopes<W: Write>(
     }
 }
 
-/// Whether an update moved the row to another key. Compares the primary key, or the replica
-/// identity columns where the table has no primary key.
+/// Whether an update moved the row to another primary key. A table without a primary key has
+/// no key to move (Debezium's message key is null there): its update is one `u`, even under
+/// REPLICA IDENTITY FULL, where every column is part of the identity.
 pub fn key_changed(relation: &Relation, before: &Row, after: &Row) -> bool {
-    let has_pk = relation.columns.iter().any(|c| c.primary_key);
     relation
-        .columns
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| {
-            if has_pk {
-                c.primary_key
-            } else {
-                c.replica_identity
-            }
-        })
-        .any(|(i, _)| match (before.get(i), after.get(i)) {
+        .primary_key_indexes()
+        .any(|i| match (before.get(i), after.get(i)) {
             (Some(Value::UnchangedToast), _) | (_, Some(Value::UnchangedToast)) => false,
             (b, a) => b != a,
         })
@@ -282,7 +273,14 @@ mod tests {
     use super::*;
     use crate::event::{Column, Lsn, RelationId, ValueType};
 
+    /// `orders (id PRIMARY KEY, note)` with the default replica identity.
     fn relation() -> Relation {
+        orders(true, false)
+    }
+
+    /// `orders (id, note)`: `id` the primary key or not; the replica identity the key, or
+    /// every column (FULL).
+    fn orders(id_is_key: bool, identity_full: bool) -> Relation {
         let column = |name: &str, pk: bool| Column {
             name: name.into(),
             type_oid: 23,
@@ -290,17 +288,26 @@ mod tests {
             type_name: "integer".into(),
             value_type: ValueType::Int4,
             primary_key: pk,
-            replica_identity: pk,
+            replica_identity: pk || identity_full,
         };
         Relation {
             oid: 1,
             schema: "public".into(),
             table: "orders".into(),
-            columns: vec![column("id", true), column("note", false)],
+            columns: vec![column("id", id_is_key), column("note", false)],
         }
     }
 
     fn render(op: Op, before: Option<Row>, after: Option<Row>) -> Vec<serde_json::Value> {
+        render_with(&relation(), op, before, after)
+    }
+
+    fn render_with(
+        relation: &Relation,
+        op: Op,
+        before: Option<Row>,
+        after: Option<Row>,
+    ) -> Vec<serde_json::Value> {
         let change = ChangeEvent {
             relation: RelationId(1),
             lsn: Lsn(500),
@@ -320,7 +327,7 @@ mod tests {
         };
         let mut out = Vec::new();
         let mut order = TransactionOrder::default();
-        write_envelopes(&mut out, &source, &tx, &relation(), &change, &mut order, 99).unwrap();
+        write_envelopes(&mut out, &source, &tx, relation, &change, &mut order, 99).unwrap();
         String::from_utf8(out)
             .unwrap()
             .lines()
@@ -362,6 +369,39 @@ mod tests {
         assert_eq!(events[1]["after"]["id"], 2);
         assert_eq!(events[1]["transaction"]["total_order"], 2);
         assert_eq!(events[1]["transaction"]["data_collection_order"], 2);
+    }
+
+    #[test]
+    fn update_without_a_primary_key_is_one_update_under_identity_full() {
+        let before = vec![Value::Int(1), Value::Text("old".into())];
+        let after = vec![Value::Int(2), Value::Text("new".into())];
+        let events = render_with(&orders(false, true), Op::Update, Some(before), Some(after));
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["op"], "u");
+        assert_eq!(
+            events[0]["before"],
+            serde_json::json!({"id": 1, "note": "old"})
+        );
+        assert_eq!(
+            events[0]["after"],
+            serde_json::json!({"id": 2, "note": "new"})
+        );
+    }
+
+    #[test]
+    fn key_update_under_identity_full_is_still_delete_and_create() {
+        let events = render_with(
+            &orders(true, true),
+            Op::Update,
+            Some(vec![Value::Int(1), Value::Text("n".into())]),
+            Some(vec![Value::Int(2), Value::Text("n".into())]),
+        );
+        let ops: Vec<_> = events.iter().map(|e| e["op"].clone()).collect();
+        assert_eq!(ops, ["d", "c"]);
+        assert_eq!(
+            events[0]["before"],
+            serde_json::json!({"id": 1, "note": "n"})
+        );
     }
 
     #[test]

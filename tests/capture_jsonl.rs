@@ -516,3 +516,46 @@ fn options_in_the_url_cannot_change_the_value_format_capture_reads() {
     );
     assert!(agent.terminate().success());
 }
+
+#[test]
+fn update_of_a_table_without_a_primary_key_is_one_update_envelope() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("nokey");
+    pg.psql(
+        &db,
+        "CREATE TABLE nokey (id int, note text);
+         ALTER TABLE nokey REPLICA IDENTITY FULL;
+         CREATE TABLE keyed (id int PRIMARY KEY, note text);
+         ALTER TABLE keyed REPLICA IDENTITY FULL;
+         CREATE TABLE marker (id int PRIMARY KEY);",
+    );
+    let setup = AgentSetup::jsonl(&pg.url(&db), "\"public.*\"");
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(
+        &db,
+        "INSERT INTO nokey VALUES (1, 'a');
+         UPDATE nokey SET id = 2, note = 'b';
+         UPDATE nokey SET note = 'c';
+         DELETE FROM nokey;
+         INSERT INTO keyed VALUES (1, 'k');
+         UPDATE keyed SET id = 2;
+         INSERT INTO marker VALUES (1);",
+    );
+    let envelopes = wait_for_marker(&setup, 1);
+    let nokey = of_table(&envelopes, "nokey");
+    let ops: Vec<&str> = nokey.iter().map(|e| e["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["c", "u", "u", "d"]);
+    assert_eq!(nokey[1]["before"], json!({"id": 1, "note": "a"}));
+    assert_eq!(nokey[1]["after"], json!({"id": 2, "note": "b"}));
+    assert_eq!(nokey[2]["before"], json!({"id": 2, "note": "b"}));
+    assert_eq!(nokey[2]["after"], json!({"id": 2, "note": "c"}));
+    assert_eq!(nokey[3]["before"], json!({"id": 2, "note": "c"}));
+    // A table with a primary key still splits a key update, as Debezium does.
+    let keyed = of_table(&envelopes, "keyed");
+    let ops: Vec<&str> = keyed.iter().map(|e| e["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["c", "d", "c"]);
+    assert_eq!(keyed[1]["before"], json!({"id": 1, "note": "k"}));
+    assert_eq!(keyed[2]["after"], json!({"id": 2, "note": "k"}));
+    assert!(agent.terminate().success());
+}
