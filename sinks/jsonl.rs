@@ -144,7 +144,7 @@ impl JsonlSink {
             let entries = self.log.read(seen, (cursor - seen) as usize)?;
             let Some(last) = entries.last() else { break };
             seen = last.seq;
-            self.render(&entries, &mut std::io::sink(), now_ms())?;
+            self.render(&entries, &mut std::io::sink(), now_ns())?;
         }
         Ok(())
     }
@@ -153,14 +153,14 @@ impl JsonlSink {
         &mut self,
         entries: &[LogEntry],
         out: &mut impl Write,
-        now_ms: i64,
+        now_ns: i64,
     ) -> Result<(), SinkError> {
         for entry in entries {
             match &entry.record {
                 Record::Begin(begin) => {
                     self.transaction = Some((*begin, TransactionOrder::default()));
                 }
-                Record::Change(change) => self.render_change(out, entry.seq, change, now_ms)?,
+                Record::Change(change) => self.render_change(out, entry.seq, change, now_ns)?,
                 Record::SnapshotRows(rows) => {
                     let relation = self.log.relation(rows.relation)?;
                     let changes =
@@ -170,7 +170,7 @@ impl JsonlSink {
                                 message: format!("log record {}: {message}", entry.seq),
                             })?;
                     for change in &changes {
-                        self.render_change(out, entry.seq, change, now_ms)?;
+                        self.render_change(out, entry.seq, change, now_ns)?;
                     }
                 }
                 Record::Commit(_) => self.transaction = None,
@@ -188,7 +188,7 @@ impl JsonlSink {
         out: &mut impl Write,
         seq: u64,
         change: &ChangeEvent,
-        now_ms: i64,
+        now_ns: i64,
     ) -> Result<(), SinkError> {
         let relation = self.log.relation(change.relation)?;
         let Some((begin, order)) = self.transaction.as_mut() else {
@@ -197,7 +197,7 @@ impl JsonlSink {
                 message: format!("log record {seq} is a change outside a transaction"),
             });
         };
-        write_envelopes(out, &self.source, begin, &relation, change, order, now_ms).map_err(
+        write_envelopes(out, &self.source, begin, &relation, change, order, now_ns).map_err(
             |source| SinkError::Io {
                 sink: self.name.clone(),
                 context: format!("writing {}", self.dir.display()),
@@ -219,7 +219,7 @@ impl JsonlSink {
             });
         };
         let mut out = BufWriter::with_capacity(WRITE_BUFFER_BYTES, &file);
-        let rendered = self.render(entries, &mut out, now_ms());
+        let rendered = self.render(entries, &mut out, now_ns());
         let flushed = out.flush();
         drop(out);
         let written = flushed
@@ -278,10 +278,12 @@ impl Sink for JsonlSink {
     }
 }
 
-fn now_ms() -> i64 {
+/// The processing time of the envelopes, in nanoseconds since the Unix epoch (an `i64` holds
+/// them until 2262).
+fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
         .unwrap_or_default()
 }
 

@@ -1,9 +1,9 @@
 //! Debezium's JSON value payload (schemas disabled) for one change: `before`, `after`, the
-//! `source` block, `op`, `ts_ms` and the `transaction` block. Values follow Debezium's default
-//! encodings, except numeric, which is an exact string (`decimal.handling.mode=string`). A
-//! TOASTed value the change left untouched is Debezium's placeholder. An update that changes
-//! the primary key becomes a delete of the old key and a create of the new one, as Debezium
-//! emits it.
+//! `source` block, `op`, `ts_ms`/`ts_us`/`ts_ns` and the `transaction` block. Values follow
+//! Debezium's default encodings, except numeric, which is an exact string
+//! (`decimal.handling.mode=string`). A TOASTed value the change left untouched is Debezium's
+//! placeholder. An update that changes the primary key becomes a delete of the old key and a
+//! create of the new one, as Debezium emits it.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -47,6 +47,8 @@ impl TransactionOrder {
 }
 
 /// Writes the envelopes of one change, one JSON object per line, and advances `order`.
+/// `now_ns` (nanoseconds since the Unix epoch) is the processing time of the top-level
+/// `ts_ms`/`ts_us`/`ts_ns`; the `source` block's are the commit time.
 pub fn write_envelopes<W: Write>(
     out: &mut W,
     source: &SourceInfo,
@@ -54,7 +56,7 @@ pub fn write_envelopes<W: Write>(
     relation: &Relation,
     change: &ChangeEvent,
     order: &mut TransactionOrder,
-    now_ms: i64,
+    now_ns: i64,
 ) -> std::io::Result<()> {
     let mut emit = |op: &'static str, before: Option<&Row>, after: Option<&Row>| {
         let (total_order, table_order) = order.next(relation);
@@ -66,6 +68,9 @@ pub fn write_envelopes<W: Write>(
                 connector: source.connector,
                 name: &source.name,
                 ts_ms: tx.commit_ts.div_euclid(1000),
+                // PostgreSQL's commit timestamp has microseconds: the nanoseconds are exact.
+                ts_us: tx.commit_ts,
+                ts_ns: tx.commit_ts.saturating_mul(1000),
                 snapshot: match change.op {
                     Op::Read => "true",
                     Op::IncrementalRead => "incremental",
@@ -80,7 +85,9 @@ pub fn write_envelopes<W: Write>(
                 xmin: None,
             },
             op,
-            ts_ms: now_ms,
+            ts_ms: now_ns.div_euclid(1_000_000),
+            ts_us: now_ns.div_euclid(1000),
+            ts_ns: now_ns,
             transaction: TransactionJson {
                 id: format!("{}:{}", tx.xid, tx.commit_lsn.0),
                 total_order,
@@ -137,6 +144,8 @@ struct Envelope<'a> {
     source: SourceJson<'a>,
     op: &'static str,
     ts_ms: i64,
+    ts_us: i64,
+    ts_ns: i64,
     transaction: TransactionJson,
 }
 
@@ -149,6 +158,8 @@ struct SourceJson<'a> {
     snapshot: &'static str,
     db: &'a str,
     sequence: String,
+    ts_us: i64,
+    ts_ns: i64,
     schema: &'a str,
     table: &'a str,
     #[serde(rename = "txId")]
@@ -327,7 +338,11 @@ mod tests {
         };
         let mut out = Vec::new();
         let mut order = TransactionOrder::default();
-        write_envelopes(&mut out, &source, &tx, relation, &change, &mut order, 99).unwrap();
+        let now_ns = 1_732_460_000_456_789_012;
+        write_envelopes(
+            &mut out, &source, &tx, relation, &change, &mut order, now_ns,
+        )
+        .unwrap();
         String::from_utf8(out)
             .unwrap()
             .lines()
@@ -346,11 +361,15 @@ mod tests {
         assert_eq!(e["source"]["name"], "shop");
         assert_eq!(e["source"]["db"], "shopdb");
         assert_eq!(e["source"]["ts_ms"], 1_732_460_000_123i64);
+        assert_eq!(e["source"]["ts_us"], 1_732_460_000_123_456i64);
+        assert_eq!(e["source"]["ts_ns"], 1_732_460_000_123_456_000i64);
         assert_eq!(e["source"]["txId"], 7);
         assert_eq!(e["source"]["lsn"], 500);
         assert_eq!(e["source"]["sequence"], "[\"600\",\"500\"]");
         assert_eq!(e["source"]["snapshot"], "false");
-        assert_eq!(e["ts_ms"], 99);
+        assert_eq!(e["ts_ms"], 1_732_460_000_456i64);
+        assert_eq!(e["ts_us"], 1_732_460_000_456_789i64);
+        assert_eq!(e["ts_ns"], 1_732_460_000_456_789_012i64);
         assert_eq!(e["transaction"]["id"], "7:600");
         assert_eq!(e["transaction"]["total_order"], 1);
     }

@@ -559,3 +559,53 @@ fn update_of_a_table_without_a_primary_key_is_one_update_envelope() {
     assert_eq!(keyed[2]["after"], json!({"id": 2, "note": "k"}));
     assert!(agent.terminate().success());
 }
+
+#[test]
+fn envelopes_carry_commit_and_processing_times_in_ms_us_and_ns() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("times");
+    pg.psql(
+        &db,
+        "CREATE TABLE t (id int PRIMARY KEY, started timestamptz)",
+    );
+    let setup = AgentSetup::jsonl(&pg.url(&db), "\"public.t\"");
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    // now() is the start of the transaction: the commit comes at or after it.
+    pg.psql(&db, "INSERT INTO t VALUES (1, now())");
+    let started: i64 = pg
+        .psql(
+            &db,
+            "SELECT (extract(epoch FROM started) * 1000000)::bigint FROM t",
+        )
+        .parse()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || setup.envelopes().len() == 1),
+        "{}",
+        agent.log()
+    );
+    let envelope = &setup.envelopes()[0];
+    let times = |block: &Value| {
+        (
+            block["ts_ms"].as_i64().unwrap(),
+            block["ts_us"].as_i64().unwrap(),
+            block["ts_ns"].as_i64().unwrap(),
+        )
+    };
+    let (commit_ms, commit_us, commit_ns) = times(&envelope["source"]);
+    assert_eq!(commit_ms, commit_us.div_euclid(1000));
+    assert_eq!(commit_ns, commit_us * 1000);
+    assert!(
+        commit_us >= started,
+        "commit {commit_us} before start {started}"
+    );
+    let (now_ms, now_us, now_ns) = times(envelope);
+    assert_eq!(now_ms, now_us.div_euclid(1000));
+    assert_eq!(now_us, now_ns.div_euclid(1000));
+    assert!(
+        now_us >= commit_us,
+        "processed {now_us} before commit {commit_us}"
+    );
+    assert!(agent.terminate().success());
+}
