@@ -609,3 +609,52 @@ fn envelopes_carry_commit_and_processing_times_in_ms_us_and_ns() {
     );
     assert!(agent.terminate().success());
 }
+
+#[test]
+fn unchanged_toast_under_identity_full_carries_the_old_rows_value() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("toastfull");
+    pg.psql(
+        &db,
+        "CREATE TABLE docs (id int PRIMARY KEY, rev int, body text);
+         ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;
+         ALTER TABLE docs REPLICA IDENTITY FULL;
+         CREATE TABLE plain (id int PRIMARY KEY, rev int, body text);
+         ALTER TABLE plain ALTER COLUMN body SET STORAGE EXTERNAL;
+         CREATE TABLE marker (id int PRIMARY KEY);",
+    );
+    let setup = AgentSetup::jsonl(&pg.url(&db), "\"public.*\"");
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(
+        &db,
+        "INSERT INTO docs VALUES (1, 1, repeat('0123456789abcdef', 4096));
+         UPDATE docs SET rev = 2;
+         UPDATE docs SET id = 2, rev = 3;
+         INSERT INTO plain VALUES (1, 1, repeat('x', 100000));
+         UPDATE plain SET rev = 2;
+         INSERT INTO marker VALUES (1);",
+    );
+    let envelopes = wait_for_marker(&setup, 1);
+    let body = "0123456789abcdef".repeat(4096);
+    let docs = of_table(&envelopes, "docs");
+    let ops: Vec<&str> = docs.iter().map(|e| e["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["c", "u", "d", "c"]);
+    let update = docs[1];
+    assert_eq!(update["before"]["rev"], 1);
+    assert_eq!(
+        update["before"]["body"],
+        body.as_str(),
+        "the old row is whole"
+    );
+    assert_eq!(update["after"]["rev"], 2);
+    assert_eq!(update["after"]["body"], body.as_str());
+    // A key update under FULL: the created row carries the value too.
+    assert_eq!(docs[3]["after"]["id"], 2);
+    assert_eq!(docs[3]["after"]["body"], body.as_str());
+    // Without FULL the server sends no old row: the placeholder stays.
+    let plain = of_table(&envelopes, "plain");
+    assert_eq!(plain[1]["op"], "u");
+    assert_eq!(plain[1]["after"]["body"], "__debezium_unavailable_value");
+    assert!(agent.terminate().success());
+}

@@ -600,6 +600,26 @@ fn replica_identity_full_tables_mirror_too() {
 }
 
 #[test]
+fn unchanged_toast_under_identity_full_completes_a_row_the_target_never_had() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("fulltoast");
+    let warehouse = pg.fresh_database("warehouse");
+    // The row is older than the agent (no snapshot): the target learns it from the update,
+    // whose TOASTed body only the old row under REPLICA IDENTITY FULL carries.
+    pg.psql(
+        &db,
+        "CREATE TABLE docs (id int PRIMARY KEY, rev int, body text);
+         ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;
+         ALTER TABLE docs REPLICA IDENTITY FULL;
+         INSERT INTO docs VALUES (1, 1, repeat('0123456789abcdef', 4096));",
+    );
+    let (_setup, agent) = start_merge(&pg, &db, &warehouse, "\"public.docs\"", "");
+    pg.psql(&db, "UPDATE docs SET rev = 2");
+    assert_mirrors(&pg, &db, &warehouse, &[("docs", "id, rev, md5(body)")]);
+    assert!(agent.terminate().success());
+}
+
+#[test]
 fn a_table_without_primary_key_is_refused_at_start_with_the_fix() {
     let pg = PgCluster::start();
     let db = pg.fresh_database("nopk");

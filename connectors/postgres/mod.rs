@@ -909,8 +909,13 @@ impl Session {
                 xid,
                 relation_id,
                 old,
-                new,
+                mut new,
             } => {
+                // Under REPLICA IDENTITY FULL an unchanged TOAST value is the old row's:
+                // every sink then gets the value, not the placeholder.
+                if let Some(old) = &old {
+                    old.fill_unchanged_toast(&mut new);
+                }
                 let old = old.map(|o| match o {
                     OldTuple::Key(t) | OldTuple::Full(t) => t,
                 });

@@ -5,7 +5,10 @@
 //! of one XLogData message, no I/O. The invariant it keeps: server bytes never cause a panic;
 //! every read goes through a bounds-checked cursor, and a malformed, truncated or over-long
 //! message is a [`DecodeError`] naming the message, what was expected and the byte offset.
-//! Column values are zero-copy slices of the input buffer.
+//! Column values are zero-copy slices of the input buffer. Beside decoding it knows one
+//! rule of what an Update's tuples mean: an unchanged TOAST marker in the new tuple stands
+//! for the value the old tuple, when it holds the column, carries
+//! ([`OldTuple::fill_unchanged_toast`]).
 
 use std::fmt;
 use std::str::Utf8Error;
@@ -170,6 +173,24 @@ impl OldTuple {
     pub fn values(&self) -> &[TupleValue] {
         match self {
             OldTuple::Key(values) | OldTuple::Full(values) => values,
+        }
+    }
+
+    /// Replaces each unchanged TOAST marker of an Update's `new` tuple with the old tuple's
+    /// value of that column, where the old tuple carries one: every column under REPLICA
+    /// IDENTITY FULL, the key columns under a key identity. The marker stands for the very
+    /// value the row had: the server sends it only for an on-disk TOAST pointer the update
+    /// kept from the old row (a value the update wrote is decoded in full), and it writes
+    /// the old tuple with its TOASTed values inline (`ExtractReplicaIdentity` in
+    /// `heapam.c`), so the old value is the one the marker left out. A column the old tuple
+    /// does not hold (Null, or itself a marker) keeps its marker.
+    pub fn fill_unchanged_toast(&self, new: &mut [TupleValue]) {
+        for (value, old) in new.iter_mut().zip(self.values()) {
+            if *value == TupleValue::UnchangedToast
+                && matches!(old, TupleValue::Text(_) | TupleValue::Binary(_))
+            {
+                *value = old.clone();
+            }
         }
     }
 }
@@ -1139,6 +1160,32 @@ mod tests {
         assert_eq!(new, [text("1"), TupleValue::UnchangedToast, text("2")]);
         assert_ne!(new.get(1), Some(&TupleValue::Null));
         Ok(())
+    }
+
+    #[test]
+    fn unchanged_toast_is_filled_from_a_full_old_tuple() {
+        let old = OldTuple::Full(vec![text("1"), text("big"), TupleValue::Null]);
+        let mut new = vec![text("1"), TupleValue::UnchangedToast, text("2")];
+        old.fill_unchanged_toast(&mut new);
+        assert_eq!(new, [text("1"), text("big"), text("2")]);
+    }
+
+    #[test]
+    fn unchanged_toast_is_filled_only_where_the_old_tuple_holds_the_value() {
+        // An old key sends the key columns; the others are Null, not the row's values.
+        let old = OldTuple::Key(vec![text("key"), TupleValue::Null, TupleValue::Null]);
+        let mut new = vec![
+            TupleValue::UnchangedToast,
+            TupleValue::UnchangedToast,
+            text("2"),
+        ];
+        old.fill_unchanged_toast(&mut new);
+        assert_eq!(new, [text("key"), TupleValue::UnchangedToast, text("2")]);
+        // A marker is never copied for a value, nor does a value replace a sent value.
+        let old = OldTuple::Full(vec![TupleValue::UnchangedToast, text("old")]);
+        let mut new = vec![TupleValue::UnchangedToast, text("new")];
+        old.fill_unchanged_toast(&mut new);
+        assert_eq!(new, [TupleValue::UnchangedToast, text("new")]);
     }
 
     #[test]
