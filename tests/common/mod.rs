@@ -71,6 +71,9 @@ pub struct PgCluster {
     runuser: Option<PathBuf>,
     port: u16,
     dir: TempDir,
+    /// Locales compiled for this cluster (see [`PgCluster::start_with_locale`]), given to the
+    /// server programs as `LOCPATH`.
+    locales: Option<PathBuf>,
 }
 
 impl PgCluster {
@@ -84,7 +87,15 @@ impl PgCluster {
     /// e.g. `&[("wal_level", "replica")]`. The harness owns `port` and
     /// `unix_socket_directories`.
     pub fn start_with(settings: &[(&str, &str)]) -> PgCluster {
-        PgCluster::start_configured(settings, None)
+        PgCluster::start_configured(settings, None, None)
+    }
+
+    /// Starts a cluster whose server knows the locale `name` (e.g. `de_DE.UTF-8`: glibc's
+    /// `de_DE` source with the `UTF-8` charmap) besides `C`, so that `settings` or a database
+    /// may use it. The locale is compiled with `localedef` into the cluster's temp dir and
+    /// found through `LOCPATH`: nothing is installed on the machine.
+    pub fn start_with_locale(name: &str, settings: &[(&str, &str)]) -> PgCluster {
+        PgCluster::start_configured(settings, None, Some(name))
     }
 
     /// Starts a cluster that takes TCP connections over TLS only: `ssl = on` with `tls`'s
@@ -93,10 +104,14 @@ impl PgCluster {
     /// `create_database` and `fresh_database` use, negotiates TLS by itself; `connect`, which
     /// does not, is refused.
     pub fn start_tls(tls: &ServerTls) -> PgCluster {
-        PgCluster::start_configured(&[], Some(tls))
+        PgCluster::start_configured(&[], Some(tls), None)
     }
 
-    fn start_configured(settings: &[(&str, &str)], tls: Option<&ServerTls>) -> PgCluster {
+    fn start_configured(
+        settings: &[(&str, &str)],
+        tls: Option<&ServerTls>,
+        locale: Option<&str>,
+    ) -> PgCluster {
         let bindir = find_bindir();
         let runuser = if effective_uid() == 0 {
             Some(find_runuser())
@@ -117,7 +132,11 @@ impl PgCluster {
             runuser,
             port: 0,
             dir,
+            locales: None,
         };
+        if let Some(name) = locale {
+            cluster.locales = Some(compile_locale(cluster.dir.path(), name));
+        }
         if cluster.runuser.is_some() {
             cluster.hand_dir_to_system_user();
         }
@@ -555,9 +574,35 @@ impl PgCluster {
             None => Command::new(program),
         };
         clear_pg_env(&mut cmd);
+        if let Some(locales) = &self.locales {
+            cmd.env("LOCPATH", locales);
+        }
         cmd.current_dir(self.dir.path()).stdin(Stdio::null());
         cmd
     }
+}
+
+/// Compiles the locale `name` (`<source>.<charmap>`) into `<dir>/locales/<name>` with
+/// `localedef`; returns `<dir>/locales`, a `LOCPATH` for it.
+fn compile_locale(dir: &Path, name: &str) -> PathBuf {
+    let (source, charmap) = name
+        .split_once('.')
+        .unwrap_or_else(|| panic!("locale {name:?} is not <source>.<charmap>"));
+    let locales = dir.join("locales");
+    fs::create_dir_all(&locales).unwrap_or_else(|e| panic!("creating {}: {e}", locales.display()));
+    let output = Command::new("localedef")
+        .args(["-i", source, "-f", charmap])
+        .arg(locales.join(name))
+        .output()
+        .unwrap_or_else(|e| panic!("running localedef (it comes with libc-bin): {e}"));
+    assert!(
+        output.status.success(),
+        "localedef -i {source} -f {charmap} failed ({}): {}\n\
+         The locale sources come with the `locales` package: `apt-get install locales`.",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim_end()
+    );
+    locales
 }
 
 impl Drop for PgCluster {
