@@ -1,6 +1,6 @@
 //! Debezium's JSON value payload (schemas disabled) for one change: `before`, `after`, the
 //! `source` block, `op`, `ts_ms`/`ts_us`/`ts_ns` and the `transaction` block. Values follow
-//! Debezium's default encodings, except numeric, which is an exact string
+//! Debezium's default encodings, except numeric and money, which are exact strings
 //! (`decimal.handling.mode=string`). A TOASTed value the change left untouched is Debezium's
 //! placeholder. An update that changes the primary key becomes a delete of the old key and a
 //! create of the new one, as Debezium emits it.

@@ -8,7 +8,7 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use common::agent::{eventually, AgentSetup};
+use common::agent::{eventually, mirror_sink, AgentSetup};
 use common::{workload, PgCluster};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -656,5 +656,90 @@ fn unchanged_toast_under_identity_full_carries_the_old_rows_value() {
     let plain = of_table(&envelopes, "plain");
     assert_eq!(plain[1]["op"], "u");
     assert_eq!(plain[1]["after"]["body"], "__debezium_unavailable_value");
+    assert!(agent.terminate().success());
+}
+
+/// Under `lc_monetary = 'de_DE.UTF-8'` money prints as `1.234,56 €` and reads `1234.56` as
+/// 123456 euros: capture and the target must not depend on the server's setting.
+#[test]
+fn money_is_a_decimal_string_whatever_the_servers_lc_monetary() {
+    let pg = PgCluster::start_with_locale("de_DE.UTF-8", &[("lc_monetary", "de_DE.UTF-8")]);
+    let db = pg.fresh_database("money");
+    let warehouse = pg.fresh_database("warehouse");
+    assert_eq!(
+        pg.psql(&db, "SELECT 1234.56::numeric::money"),
+        "1.234,56 €",
+        "the server's money format is not de_DE's: the test would prove nothing"
+    );
+    // Amounts are written as numeric casts, which read the same under every lc_monetary.
+    pg.psql(
+        &db,
+        "CREATE TABLE wallet (id int PRIMARY KEY, amount money, history money[]);
+         CREATE TABLE marker (id int PRIMARY KEY);
+         INSERT INTO wallet VALUES
+           (1, 1234.56::numeric::money, ARRAY[1.5, -2, 1000]::numeric[]::money[]),
+           (2, (-1234.56)::numeric::money, NULL),
+           (3, 0::numeric::money, '{}');",
+    );
+    let sinks = format!(
+        "[[sink]]\nname = \"events\"\ntype = \"jsonl\"\npath = \"events\"\n\n{}",
+        mirror_sink(&pg.url(&warehouse))
+    );
+    let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.*\"", &sinks);
+    let config = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .replace("snapshot = \"never\"", "snapshot = \"initial\"");
+    std::fs::write(&setup.config, config).unwrap();
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(
+        &db,
+        "INSERT INTO wallet VALUES
+           (4, 92233720368547758.07::numeric::money, ARRAY[0.05]::numeric[]::money[]),
+           (5, (-92233720368547758.08)::numeric::money, NULL);
+         UPDATE wallet SET amount = amount + 0.01::numeric::money WHERE id = 1;
+         INSERT INTO marker VALUES (1);",
+    );
+    let envelopes = wait_for_marker(&setup, 1);
+    let wallet: Vec<(String, Value, Value)> = of_table(&envelopes, "wallet")
+        .iter()
+        .map(|e| {
+            (
+                e["op"].as_str().unwrap().to_string(),
+                e["after"]["amount"].clone(),
+                e["after"]["history"].clone(),
+            )
+        })
+        .collect();
+    let row = |op: &str, amount: Value, history: Value| (op.to_string(), amount, history);
+    assert_eq!(
+        wallet,
+        [
+            row("r", json!("1234.56"), json!(["1.50", "-2.00", "1000.00"])),
+            row("r", json!("-1234.56"), Value::Null),
+            row("r", json!("0.00"), json!([])),
+            row("c", json!("92233720368547758.07"), json!(["0.05"])),
+            row("c", json!("-92233720368547758.08"), Value::Null),
+            row("u", json!("1234.57"), json!(["1.50", "-2.00", "1000.00"])),
+        ],
+        "{}",
+        agent.log()
+    );
+    // The target, under de_DE too, holds the amounts the snapshot copied and the stream wrote.
+    let want = pg.dump(&db, "public.wallet", "*");
+    let mut got = String::new();
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            got = pg.dump(&warehouse, "replica.wallet", "*");
+            got == want
+        }),
+        "source:\n{want}\ntarget:\n{got}\n{}",
+        agent.log()
+    );
+    assert!(
+        !agent.log().contains("value kept as text"),
+        "{}",
+        agent.log()
+    );
     assert!(agent.terminate().success());
 }

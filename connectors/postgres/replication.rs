@@ -106,9 +106,12 @@ pub struct ReplicationConnection {
 }
 
 /// Session settings that fix the text output of every value the server sends, so the type
-/// conversion sees one format (they apply to the walsender's output functions too).
-const SESSION_OPTIONS: &str =
-    "-c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC -c extra_float_digits=3";
+/// conversion sees one format (they apply to the walsender's output functions too). money
+/// prints in the session's `lc_monetary`, which the database may set to any locale
+/// (`1.234,56 €`); `C` prints one format (`$1,234.56`) with two fraction digits, and table
+/// sinks load it back under `C` too, so a target holds the source's amount.
+const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC \
+     -c extra_float_digits=3 -c lc_monetary=C";
 
 impl ReplicationConnection {
     /// Opens a `replication=database` connection, encrypted as the URL's `sslmode` says, and

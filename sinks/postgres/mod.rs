@@ -133,6 +133,13 @@ impl PostgresSink {
                 tracing::warn!(sink, error = %e, "target connection closed");
             }
         });
+        // money's input reads the session's lc_monetary format (under de_DE `1234.56` is
+        // 123456 euros): the amounts capture reads under C, and the snapshot's COPY text
+        // forwarded as is, load back exactly under C.
+        client
+            .batch_execute("SET lc_monetary = 'C'")
+            .await
+            .map_err(self.error("setting lc_monetary".into()))?;
         Ok(client)
     }
 

@@ -3,12 +3,12 @@
 //! arrays of user types), and the conversion of PostgreSQL's text output into `Value`. All of it
 //! is pure functions over strings. The invariant: the text parsed is what the server prints
 //! under the replication session's settings (`DateStyle=ISO`, `IntervalStyle=iso_8601`,
-//! `TimeZone=UTC`, `extra_float_digits=3`; see "Date/Time Output" and "Interval Output" in the
-//! PostgreSQL manual), and any other input, malformed or beyond what `Value` can represent, is a
+//! `TimeZone=UTC`, `extra_float_digits=3`, `lc_monetary=C`; see "Date/Time Output", "Interval
+//! Output" and "Monetary Types" in the PostgreSQL manual), and any other input, malformed or beyond what `Value` can represent, is a
 //! `TypeError`: never a panic, never a silently different value.
 //!
 //! This module holds the public API and the dispatch by type; the parsers live by idea in
-//! `scalar` (integers, numeric, bytea, uuid), `datetime` (date, time, timestamp, interval and the
+//! `scalar` (integers, numeric, money, bytea, uuid), `datetime` (date, time, timestamp, interval and the
 //! calendar arithmetic) and `array` (array literals).
 
 mod array;
@@ -23,7 +23,7 @@ use crate::event::{Value, ValueType};
 pub use array::is_array_space;
 use array::parse_array;
 use datetime::{parse_date, parse_interval, parse_time, parse_timestamp, parse_timetz};
-use scalar::{is_numeric_text, is_uuid_text, parse_bytea, parse_integer};
+use scalar::{is_numeric_text, is_uuid_text, parse_bytea, parse_integer, parse_money};
 
 /// Built-in types with a mapping: (type OID, array type OID, value type), from PostgreSQL's
 /// `src/include/catalog/pg_type.dat`.
@@ -41,7 +41,7 @@ static BUILTIN_TYPES: [(u32, u32, ValueType); 25] = [
     (142, 143, ValueType::Text),          // xml
     (700, 1021, ValueType::Float4),       // float4
     (701, 1022, ValueType::Float8),       // float8
-    (790, 791, ValueType::Other),         // money: its text depends on lc_monetary
+    (790, 791, ValueType::Numeric),       // money: an exact decimal, see `parse_money`
     (1042, 1014, ValueType::Text),        // bpchar
     (1043, 1015, ValueType::Text),        // varchar
     (1082, 1182, ValueType::Date),        // date
@@ -126,6 +126,9 @@ pub enum TypeError {
 /// a `Value` of the column's type.
 ///
 /// Representations beyond what `Value`'s doc comments fix:
+/// - money is a `Value::Numeric`: the decimal of its `lc_monetary=C` text (`$1,234.56` is
+///   `1234.56`), two fraction digits as that locale has; text in another locale's format is
+///   `Invalid`.
 /// - float4 is read as the decimal it prints (`0.1` → `0.1_f64`); with
 ///   `extra_float_digits=3` that decimal converts back to the exact float4.
 /// - timetz keeps what PostgreSQL stores, the local time of day and the printed offset, not
@@ -185,7 +188,8 @@ fn parse_scalar(value_type: &ValueType, text: &str) -> Result<Value, Fault> {
                 .map_err(|_| Fault::Invalid("not a floating-point number"))?,
         ),
         ValueType::Numeric if is_numeric_text(text) => Value::Numeric(text.to_owned()),
-        ValueType::Numeric => return Err(Fault::Invalid("not a decimal number")),
+        // Money, which maps to numeric, prints as an amount (`$1,234.56`).
+        ValueType::Numeric => Value::Numeric(parse_money(text)?),
         ValueType::Text | ValueType::Other => Value::Text(text.to_owned()),
         ValueType::Bytea => Value::Bytes(parse_bytea(text)?),
         ValueType::Date => Value::Date(parse_date(text)?),
@@ -279,7 +283,7 @@ mod tests {
             (700, ValueType::Float4),
             (701, ValueType::Float8),
             (1700, ValueType::Numeric),
-            (790, ValueType::Other),
+            (790, ValueType::Numeric),
             (25, ValueType::Text),
             (1043, ValueType::Text),
             (1042, ValueType::Text),
@@ -313,7 +317,7 @@ mod tests {
             (1021, ValueType::Float4),
             (1022, ValueType::Float8),
             (1231, ValueType::Numeric),
-            (791, ValueType::Other),
+            (791, ValueType::Numeric),
             (1009, ValueType::Text),
             (1015, ValueType::Text),
             (1014, ValueType::Text),

@@ -1,6 +1,6 @@
 //! Scalar values whose text is one token: integers (within their type's bounds), numeric
-//! text, uuid and bytea in the hex and escape formats. The dispatch in `mod.rs` handles the
-//! types that need no parsing (bool, floats, text, json).
+//! text, money amounts, uuid and bytea in the hex and escape formats. The dispatch in `mod.rs`
+//! handles the types that need no parsing (bool, floats, text, json).
 
 use std::num::{IntErrorKind, ParseIntError};
 use std::str::FromStr;
@@ -27,6 +27,38 @@ pub(super) fn is_numeric_text(text: &str) -> bool {
         Some((whole, fraction)) => all_digits(whole) && all_digits(fraction),
         None => all_digits(unsigned),
     }
+}
+
+/// A money amount as PostgreSQL prints it under `lc_monetary=C`, the setting of every capture
+/// session: a dollar sign after an optional minus, the whole units in groups of three digits
+/// separated by commas, a point and two fraction digits (`$1,234.56`, `-$0.05`). Returns the
+/// decimal it stands for, as numeric prints it (`1234.56`, `-0.05`). Under another
+/// `lc_monetary` the symbols, separators, sign and even the number of fraction digits differ
+/// (see `cash_out` in PostgreSQL's `cash.c`): such text is refused, never guessed at.
+pub(super) fn parse_money(text: &str) -> Result<String, Fault> {
+    const NOT_MONEY: Fault =
+        Fault::Invalid("not a decimal number (nor money as lc_monetary=C prints it)");
+    let (sign, unsigned) = match text.strip_prefix('-') {
+        Some(rest) => ("-", rest),
+        None => ("", text),
+    };
+    let (whole, fraction) = unsigned
+        .strip_prefix('$')
+        .and_then(|amount| amount.split_once('.'))
+        .ok_or(NOT_MONEY)?;
+    let digits = |s: &str, count: std::ops::RangeInclusive<usize>| {
+        count.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())
+    };
+    let mut groups = whole.split(',');
+    let first = groups.next().unwrap_or_default();
+    let well_formed = digits(first, 1..=3)
+        && (whole == "0" || !first.starts_with('0'))
+        && groups.all(|group| digits(group, 3..=3))
+        && digits(fraction, 2..=2);
+    if !well_formed {
+        return Err(NOT_MONEY);
+    }
+    Ok(format!("{sign}{}.{fraction}", whole.replace(',', "")))
 }
 
 pub(super) fn is_uuid_text(text: &str) -> bool {
@@ -178,6 +210,50 @@ mod tests {
         }
         for bad in ["", "-", "1.", ".5", "1e5", "1,5", "nan", " 1"] {
             assert!(is_invalid(&ValueType::Numeric, bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn money_under_lc_monetary_c_is_its_decimal() {
+        for (money, decimal) in [
+            ("$0.00", "0.00"),
+            ("$0.05", "0.05"),
+            ("-$0.05", "-0.05"),
+            ("$1,234.56", "1234.56"),
+            ("-$1,234.56", "-1234.56"),
+            ("$999.99", "999.99"),
+            ("$1,000,000.00", "1000000.00"),
+            ("-$92,233,720,368,547,758.08", "-92233720368547758.08"),
+            ("$92,233,720,368,547,758.07", "92233720368547758.07"),
+        ] {
+            assert_eq!(
+                parse(&ValueType::Numeric, money),
+                Value::Numeric(decimal.to_owned()),
+                "{money}"
+            );
+        }
+    }
+
+    #[test]
+    fn money_in_another_format_is_refused_not_guessed() {
+        for other in [
+            "1.234,56 €",  // de_DE
+            "￥1,234",     // ja_JP: no fraction digits
+            "($1,234.56)", // a locale that puts negatives in parentheses
+            "$1234.56",    // no thousands separator
+            "$1,23.45",    // a group of two
+            "$1,234.5",    // one fraction digit
+            "$1,234",      // no fraction
+            "$01.00",      // a leading zero
+            "$0,123.00",
+            "$,123.00",
+            "$1,234.56 ",
+            "-$",
+            "$.50",
+            "--$1.00",
+            "$-1.00",
+        ] {
+            assert!(is_invalid(&ValueType::Numeric, other), "{other:?}");
         }
     }
 
