@@ -97,7 +97,9 @@ fn each_column_change_reaches_every_sink_at_its_place_in_the_stream() {
         &db,
         "ALTER TABLE t ADD COLUMN d text DEFAULT 'x';
          ALTER TABLE t ADD COLUMN e int NOT NULL DEFAULT 7;
+         SET DateStyle = 'SQL, DMY';
          ALTER TABLE t ADD COLUMN f timestamptz DEFAULT now();
+         RESET DateStyle;
          ALTER TABLE t RENAME COLUMN a TO b;
          ALTER TABLE t ALTER COLUMN n TYPE bigint, ALTER COLUMN v TYPE text;
          ALTER TABLE t ALTER COLUMN p TYPE numeric(12,4);

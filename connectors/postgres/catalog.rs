@@ -69,6 +69,12 @@ impl Catalog {
                 tracing::debug!(error = %e, "catalog connection closed");
             }
         });
+        // The values it reads (an incremental snapshot's rows, the value a new column holds
+        // for existing rows) are converted as the stream's are.
+        client
+            .batch_execute(&super::replication::set_output_settings())
+            .await
+            .map_err(|e| SourceError::catalog("setting the session's output formats", e))?;
         Ok(Catalog {
             client,
             value_types: HashMap::new(),

@@ -88,11 +88,15 @@ pub fn shape_query(table: &str) -> String {
 }
 
 /// The trigger function's body: one message per table an `ALTER TABLE` changed. It runs as
-/// its owner (`SECURITY DEFINER`), so the role that alters a table needs no extra right.
+/// its owner (`SECURITY DEFINER`), so the role that alters a table needs no extra right, and
+/// prints the values existing rows hold in the formats the agent reads (all but `TimeZone`,
+/// which it reports: a timestamp with time zone prints with its offset).
 fn trigger_function() -> String {
     format!(
         "CREATE OR REPLACE FUNCTION tidemark.ddl_message() RETURNS event_trigger \
-         LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $tidemark$ \
+         LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog \
+         SET DateStyle = 'ISO' SET IntervalStyle = 'iso_8601' SET extra_float_digits = 3 \
+         SET lc_monetary = 'C' AS $tidemark$ \
          DECLARE altered oid; shape text; \
          BEGIN \
            FOR altered IN SELECT DISTINCT objid FROM pg_event_trigger_ddl_commands() \

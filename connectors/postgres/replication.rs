@@ -110,8 +110,32 @@ pub struct ReplicationConnection {
 /// prints in the session's `lc_monetary`, which the database may set to any locale
 /// (`1.234,56 €`); `C` prints one format (`$1,234.56`) with two fraction digits, and table
 /// sinks load it back under `C` too, so a target holds the source's amount.
-const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC \
-     -c extra_float_digits=3 -c lc_monetary=C";
+const OUTPUT_SETTINGS: &[(&str, &str)] = &[
+    ("DateStyle", "ISO"),
+    ("IntervalStyle", "iso_8601"),
+    ("TimeZone", "UTC"),
+    ("extra_float_digits", "3"),
+    ("lc_monetary", "C"),
+];
+
+/// [`OUTPUT_SETTINGS`] as startup options.
+fn session_options() -> String {
+    OUTPUT_SETTINGS
+        .iter()
+        .map(|(name, value)| format!("-c {name}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// [`OUTPUT_SETTINGS`] as `SET` statements, for the ordinary connections that read values
+/// (the snapshot's, the catalog's).
+pub fn set_output_settings() -> String {
+    OUTPUT_SETTINGS
+        .iter()
+        .map(|(name, value)| format!("SET {name} = {}", quote_literal(value)))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
 
 impl ReplicationConnection {
     /// Opens a `replication=database` connection, encrypted as the URL's `sslmode` says, and
@@ -141,8 +165,8 @@ impl ReplicationConnection {
         ];
         // Ours last: a later -c wins, and the type conversion depends on these.
         let options = match config.get_options() {
-            Some(extra) => format!("{extra} {SESSION_OPTIONS}"),
-            None => SESSION_OPTIONS.to_string(),
+            Some(extra) => format!("{extra} {}", session_options()),
+            None => session_options(),
         };
         params.push(("options", &options));
         frontend::startup_message(params.iter().copied(), &mut self.write_buf)?;

@@ -393,10 +393,10 @@ async fn open_reader(config: &PostgresSourceConfig, snapshot: &str) -> Result<Cl
     });
     client
         .batch_execute(&format!(
-            "SET DateStyle = ISO; SET IntervalStyle = iso_8601; SET TimeZone = 'UTC'; \
-             SET extra_float_digits = 3; SET client_encoding = 'UTF8'; SET lc_monetary = 'C'; \
+            "{}; SET client_encoding = 'UTF8'; \
              BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
              SET TRANSACTION SNAPSHOT {}",
+            super::replication::set_output_settings(),
             super::replication::quote_literal(snapshot)
         ))
         .await
