@@ -1,3 +1,89 @@
-//! Sources: one folder per database.
+//! Sources: one folder per database, each reading its database's change stream into the
+//! offset log.
+//!
+//! The contract of a source (the pipeline keeps its side, every source keeps its own):
+//! - `run` is called once, with the log's only writer, and returns when `cancel` fires (`Ok`)
+//!   or on a failure retrying cannot cure (`Err`: the agent stops and says why). Connection
+//!   trouble is retried inside `run`, with backoff.
+//! - It appends whole committed transactions in commit order (Begin, changes, Commit), and a
+//!   transaction the database sends again after a restart, which the log holds already, is
+//!   recognised and skipped: the log never holds a transaction twice.
+//! - It confirms a position to its database (so the database may discard what is before it)
+//!   only once every transaction up to it is durable in the log.
+//! - It never resumes silently from the wrong place: a different server, a missing slot or a
+//!   position the database no longer has stops it with the recovery command.
+//! - On `cancel` it stops reading, makes what it appended durable, confirms it, and returns.
 
 pub mod postgres;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::check::Check;
+use crate::config::SourceConfig;
+use crate::envelope::SourceInfo;
+use crate::log::LogWriter;
+use crate::telemetry::Telemetry;
+
+/// The closed set of sources, built from config with one match.
+pub enum AnySource {
+    Postgres(postgres::PostgresSource),
+}
+
+/// What a source needs besides its own config section.
+pub struct SourceSettings {
+    /// A table sink is configured: every captured table needs a primary key.
+    pub require_primary_keys: bool,
+    pub telemetry: Arc<Telemetry>,
+    /// Backpressure: capture pauses while the log holds more than this.
+    pub log_max_bytes: u64,
+}
+
+impl AnySource {
+    pub fn build(config: &SourceConfig, settings: SourceSettings) -> AnySource {
+        match config {
+            SourceConfig::Postgres(config) => AnySource::Postgres(postgres::PostgresSource::new(
+                config.clone(),
+                settings.require_primary_keys,
+                settings.telemetry,
+                settings.log_max_bytes,
+            )),
+        }
+    }
+
+    /// Who the envelopes say produced them: the `source` block's connector, name and db.
+    pub fn info(&self, name: &str) -> SourceInfo {
+        match self {
+            AnySource::Postgres(source) => source.info(name),
+        }
+    }
+
+    /// How many connections copy the initial snapshot at once (and how many a table sink
+    /// loads it with).
+    pub fn snapshot_parallelism(&self) -> usize {
+        match self {
+            AnySource::Postgres(source) => source.snapshot_parallelism(),
+        }
+    }
+
+    /// The source's part of `tidemark check`.
+    pub async fn check(config: &SourceConfig, require_primary_keys: bool) -> Vec<Check> {
+        match config {
+            SourceConfig::Postgres(config) => {
+                postgres::check::run(config, require_primary_keys).await
+            }
+        }
+    }
+
+    /// Captures into the log until `cancel` fires (see the module's contract).
+    pub async fn run(
+        &self,
+        writer: &mut LogWriter,
+        cancel: CancellationToken,
+    ) -> Result<(), postgres::SourceError> {
+        match self {
+            AnySource::Postgres(source) => source.run(writer, cancel).await,
+        }
+    }
+}

@@ -3,8 +3,8 @@
 
 use std::fmt;
 
-use crate::config::{Config, SinkKind, SourceConfig};
-use crate::connectors::postgres;
+use crate::config::{Config, SinkKind};
+use crate::connectors::AnySource;
 
 /// The outcome of one check: what was checked, and either what was found or what is wrong
 /// and how to fix it.
@@ -63,12 +63,11 @@ pub async fn run(config: &Config) -> Vec<Check> {
         "config",
         format!("{} is valid", config.path.display()),
     )];
-    let SourceConfig::Postgres(source) = &config.source;
     let table_sinks = config
         .sinks
         .iter()
         .any(|s| matches!(s.kind, SinkKind::Postgres(_)));
-    checks.extend(postgres::check::run(source, table_sinks).await);
+    checks.extend(AnySource::check(&config.source, table_sinks).await);
     for sink in &config.sinks {
         let subject = format!("sink {:?}", sink.name);
         checks.push(match &sink.kind {

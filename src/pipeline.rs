@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, SinkConfig, SinkKind, SourceConfig};
-use crate::connectors::postgres::{PostgresSource, SourceError};
-use crate::envelope::SourceInfo;
+use crate::config::{Config, SinkConfig, SinkKind};
+use crate::connectors::postgres::SourceError;
+use crate::connectors::{AnySource, SourceSettings};
 use crate::event::{Record, RelationId};
 use crate::health;
 use crate::log::{LogEntry, LogError, OffsetLog};
@@ -58,18 +58,21 @@ impl PipelineError {
 
 /// Runs until `shutdown` fires (then exits cleanly) or a component fails for good.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), PipelineError> {
-    let SourceConfig::Postgres(source_config) = &config.source;
     let log = OffsetLog::open(&config.agent.data_dir)?;
-    let source_info = SourceInfo {
-        connector: "postgresql",
-        name: config.agent.name.clone(),
-        database: source_config
-            .url
-            .pg_config()
-            .get_dbname()
-            .unwrap_or_default()
-            .to_string(),
-    };
+    let telemetry = Arc::new(Telemetry::new().map_err(PipelineError::Metrics)?);
+    let table_sinks = config
+        .sinks
+        .iter()
+        .any(|s| matches!(s.kind, SinkKind::Postgres(_)));
+    let source = AnySource::build(
+        &config.source,
+        SourceSettings {
+            require_primary_keys: table_sinks,
+            telemetry: Arc::clone(&telemetry),
+            log_max_bytes: config.agent.log_max_bytes,
+        },
+    );
+    let source_info = source.info(&config.agent.name);
     let mut sinks = Vec::new();
     for sink_config in &config.sinks {
         sinks.push((
@@ -79,7 +82,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Pipe
                 &log,
                 &source_info,
                 &config.agent.data_dir,
-                source_config.snapshot_parallelism,
+                source.snapshot_parallelism(),
             )?,
         ));
     }
@@ -90,7 +93,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Pipe
             source,
         })?;
 
-    let telemetry = Arc::new(Telemetry::new().map_err(PipelineError::Metrics)?);
     let stop = shutdown.child_token();
     let mut tasks: JoinSet<Result<(), PipelineError>> = JoinSet::new();
     tasks.spawn(health::serve(
@@ -128,16 +130,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Pipe
         tasks.spawn(run_trimmer(log, names, stop.clone()));
     }
     {
-        let table_sinks = config
-            .sinks
-            .iter()
-            .any(|s| matches!(s.kind, SinkKind::Postgres(_)));
-        let source = PostgresSource::new(
-            source_config.clone(),
-            table_sinks,
-            Arc::clone(&telemetry),
-            config.agent.log_max_bytes,
-        );
         let mut writer = log.writer()?;
         let stop = stop.clone();
         tasks.spawn(async move {

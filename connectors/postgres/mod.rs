@@ -34,6 +34,7 @@ use self::replication::{
     ReplicationConnection, ReplicationError, ReplicationMessage, PG_EPOCH_OFFSET_MICROS,
 };
 use crate::config::{ConnectionUrl, PostgresSourceConfig, SnapshotMode};
+use crate::envelope::SourceInfo;
 use crate::event::{
     ChangeEvent, Column, ColumnChange, ExistingRows, Lsn, Op, Record, Relation, RelationId, Row,
     SchemaChange, TxBegin, TxCommit, Value,
@@ -293,6 +294,25 @@ impl PostgresSource {
             telemetry,
             log_max_bytes,
         }
+    }
+
+    /// The envelopes' `source` block: connector `postgresql`, the database of `url`.
+    pub fn info(&self, name: &str) -> SourceInfo {
+        SourceInfo {
+            connector: "postgresql",
+            name: name.to_string(),
+            database: self
+                .config
+                .url
+                .pg_config()
+                .get_dbname()
+                .unwrap_or_default()
+                .to_string(),
+        }
+    }
+
+    pub fn snapshot_parallelism(&self) -> usize {
+        self.config.snapshot_parallelism
     }
 
     /// Streams into the log until `cancel` fires. Transient failures reconnect with backoff;
