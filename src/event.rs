@@ -238,7 +238,7 @@ pub struct SnapshotRows {
 impl SnapshotRows {
     /// The rows as `Read` changes of `relation` (the description `self.relation` names).
     pub fn changes(&self, relation: &Relation) -> Result<Vec<ChangeEvent>, String> {
-        let rows = crate::connectors::postgres::parse_copy_rows(relation, &self.text)?;
+        let rows = crate::pgtext::copy_rows::parse_copy_rows(relation, &self.text)?;
         Ok(rows
             .into_iter()
             .map(|row| ChangeEvent {

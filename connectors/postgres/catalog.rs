@@ -11,10 +11,10 @@ use tokio_postgres::Client;
 use super::ddl::{self, ShapeColumn, TableShape};
 use super::pgoutput::RelationMessage;
 use super::replication::quote_ident;
-use super::types::{builtin_value_type, value_type_from_catalog};
 use super::SourceError;
 use crate::config::{ConnectionUrl, TablePattern};
 use crate::event::{Column, Lsn, Relation, ValueType};
+use crate::pgtext::{builtin_value_type, value_type_from_catalog};
 use crate::tls::ConnectError;
 
 pub struct Catalog {

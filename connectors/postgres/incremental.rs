@@ -23,8 +23,9 @@ use tokio::sync::mpsc;
 
 use super::catalog::{Catalog, SourceTable};
 use super::replication::quote_ident;
-use super::{parse_column, SourceError};
+use super::SourceError;
 use crate::event::{ChangeEvent, Op, Relation, RelationId, Row, Value};
+use crate::pgtext::copy_rows::parse_column;
 use crate::telemetry::{SnapshotStatus, TableProgress};
 
 /// Rows per chunk: small enough that the reader holds one or two in memory, large enough that

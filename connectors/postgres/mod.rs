@@ -17,9 +17,6 @@ pub mod incremental;
 pub mod pgoutput;
 pub mod replication;
 pub mod snapshot;
-pub mod types;
-
-pub use snapshot::parse_copy_rows;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -36,12 +33,13 @@ use self::replication::{
 use crate::config::{ConnectionUrl, PostgresSourceConfig, SnapshotMode};
 use crate::envelope::SourceInfo;
 use crate::event::{
-    ChangeEvent, Column, ColumnChange, ExistingRows, Lsn, Op, Record, Relation, RelationId, Row,
+    ChangeEvent, ColumnChange, ExistingRows, Lsn, Op, Record, Relation, RelationId, Row,
     SchemaChange, TxBegin, TxCommit, Value,
 };
 use crate::log::{
     InspectChange, LogError, LogWriter, OffsetLog, SnapshotState, SourceIdentity, TableSnapshots,
 };
+use crate::pgtext::copy_rows::parse_column;
 use crate::retry::{is_transient, RetryPolicy};
 use crate::telemetry::Telemetry;
 
@@ -1420,21 +1418,6 @@ fn to_row(relation: &Relation, lsn: Lsn, tuple: Vec<TupleValue>) -> Result<Row, 
             ))),
         })
         .collect()
-}
-
-/// A column's text as the server printed it, converted to its value; a value the type
-/// conversion cannot read is kept as its text, with a warning, rather than stopping capture
-/// or losing it.
-fn parse_column(relation: &Relation, column: &Column, text: &str) -> Value {
-    types::parse_text(&column.value_type, text).unwrap_or_else(|e| {
-        tracing::warn!(
-            table = %relation.qualified_name(),
-            column = %column.name,
-            error = %e,
-            "value kept as text"
-        );
-        Value::Text(text.to_string())
-    })
 }
 
 /// Whether two descriptions of a table have the same columns (names and types, in order).

@@ -6,13 +6,13 @@
 use bytes::Bytes;
 
 use super::collapse::{KeyState, TablePlan};
-use super::copy_text::write_row;
 use super::ddl::TargetTable;
 use super::staging::{
     stage_row, unchanged_columns, Names, Pass, PlanSql, FROM_COLUMN, OP_COLUMN, ROW_COLUMN,
     UNCHANGED_COLUMN,
 };
 use crate::event::{Value, ValueType};
+use crate::pgtext::copy_text::write_row;
 
 pub const DELETED_COLUMN: &str = "_tidemark_deleted";
 

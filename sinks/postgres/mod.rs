@@ -7,7 +7,6 @@
 
 pub mod check;
 pub mod collapse;
-pub mod copy_text;
 pub mod ddl;
 pub mod history;
 mod large;
@@ -34,10 +33,10 @@ use self::schema::SchemaStep;
 use self::staging::{Pass, PlanSql};
 use super::{DeadLettered, Sink, SinkError};
 use crate::config::{PostgresSinkConfig, SinkMode};
-use crate::connectors::postgres::parse_copy_rows;
 use crate::dead_letter::{self, DeadLetterQueue, LetterChange, Touch};
 use crate::event::{ChangeEvent, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit};
 use crate::log::{LogEntry, OffsetLog, SinkCursor};
+use crate::pgtext::copy_rows::parse_copy_rows;
 use crate::retry::is_transient;
 use crate::tls::ConnectError;
 

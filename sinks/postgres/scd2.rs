@@ -7,7 +7,6 @@
 
 use postgres_protocol::escape::escape_identifier;
 
-use super::copy_text::write_row;
 use super::ddl::{target_type, TargetTable, FILLFACTOR};
 use super::history::{EventKind, HistoryPlan, KeyEvent};
 use super::staging::{
@@ -16,6 +15,7 @@ use super::staging::{
 };
 use crate::config::ColumnNaming;
 use crate::event::{Relation, Value, ValueType};
+use crate::pgtext::copy_text::write_row;
 
 // The staging table's other-row key columns hold the key whose latest version before
 // `FROM_LSN_COLUMN` supplies unchanged TOAST values, when it is not the row's own key.

@@ -5,9 +5,9 @@
 
 use postgres_protocol::escape::escape_identifier;
 
-use super::copy_text::write_row;
 use super::ddl::{target_type, TargetTable};
 use crate::event::{Relation, Row, Value, ValueType};
+use crate::pgtext::copy_text::write_row;
 
 /// The staging column numbering the staged rows, which a one-row statement filters on.
 pub const ROW_COLUMN: &str = "_tidemark_row";

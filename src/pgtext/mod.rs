@@ -1,7 +1,9 @@
-//! PostgreSQL type knowledge of the source connector: which built-in type OIDs map to which
+//! PostgreSQL's text formats, both ways, for every part of tidemark that talks to PostgreSQL
+//! (the source reads them, the table sinks write them): which built-in type OIDs map to which
 //! `ValueType`, how a `pg_type` row resolves the types that are not built in (domains, enums,
-//! arrays of user types), and the conversion of PostgreSQL's text output into `Value`. All of it
-//! is pure functions over strings. The invariant: the text parsed is what the server prints
+//! arrays of user types), the conversion of PostgreSQL's text output into `Value`, rows of
+//! COPY text (`copy_rows`), and values written as COPY text (`copy_text`). All of it is pure
+//! functions over strings. The invariant: the text parsed is what the server prints
 //! under the replication session's settings (`DateStyle=ISO`, `IntervalStyle=iso_8601`,
 //! `TimeZone=UTC`, `extra_float_digits=3`, `lc_monetary=C`; see "Date/Time Output", "Interval
 //! Output" and "Monetary Types" in the PostgreSQL manual), and any other input, malformed or beyond what `Value` can represent, is a
@@ -12,6 +14,8 @@
 //! calendar arithmetic) and `array` (array literals).
 
 mod array;
+pub mod copy_rows;
+pub mod copy_text;
 mod cursor;
 mod datetime;
 mod scalar;

@@ -217,7 +217,7 @@ mod tests {
 
     use proptest::prelude::*;
 
-    use crate::sinks::postgres::copy_text::write_array_element;
+    use crate::pgtext::copy_text::write_array_element;
 
     /// One element as `array_out` writes it (the merge sink's encoder writes the same form).
     fn pg_array_element(element: Option<&str>) -> String {

@@ -3,14 +3,14 @@
 //! text that the column type's input function reads back as exactly that value, whatever the
 //! loading session's `DateStyle`, `IntervalStyle`, `TimeZone` and `extra_float_digits` — so
 //! the target holds what the source held. Where PostgreSQL has a canonical output, the text is
-//! that output (as `connectors/postgres/types.rs` parses it), so the encoder is tested against
+//! that output (as [`crate::pgtext::parse_text`] parses it), so the encoder is tested against
 //! that parser; then COPY's own escapes are applied ("COPY", section "Text Format", in the
 //! PostgreSQL manual). The bytes are UTF-8: the loading session's `client_encoding` must be
 //! `UTF8`.
 
 use std::fmt;
 
-use crate::connectors::postgres::types::is_array_space;
+use super::is_array_space;
 use crate::event::{Value, ValueType};
 
 const MICROS_PER_SECOND: i64 = 1_000_000;
@@ -384,7 +384,7 @@ mod tests {
 
     use proptest::prelude::*;
 
-    use crate::connectors::postgres::types::parse_text;
+    use crate::pgtext::parse_text;
 
     /// 4714-11-24 00:00:00 BC, PostgreSQL's earliest timestamp (Julian day 0).
     const PG_MIN_TIMESTAMP: i64 = -210_866_803_200_000_000;

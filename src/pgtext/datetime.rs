@@ -305,7 +305,7 @@ mod tests {
     use super::*;
     // The encoder's calendar math, independent of `days_from_civil` under test.
     use crate::event::{Value, ValueType};
-    use crate::sinks::postgres::copy_text::civil_from_days;
+    use crate::pgtext::copy_text::civil_from_days;
 
     use chrono::Datelike;
     use proptest::prelude::*;
