@@ -229,6 +229,79 @@ fn a_migration_in_a_transaction_larger_than_a_batch_is_followed() {
 }
 
 #[test]
+fn a_column_added_while_the_initial_snapshot_runs_is_followed() {
+    let pg = PgCluster::start();
+    let db = pg.fresh_database("shop");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(
+        &db,
+        "CREATE TABLE t (id int PRIMARY KEY, v text); \
+         INSERT INTO t SELECT g, repeat('x', 40) FROM generate_series(1, 120000) g",
+    );
+    // The sinks are held back by locks on their target tables, so the log fills and the
+    // snapshot pauses with its COPY open: the ALTER TABLE waits for it, and commits while
+    // the snapshot is still being logged.
+    pg.psql(
+        &warehouse,
+        "CREATE SCHEMA replica; CREATE TABLE replica.t (id int PRIMARY KEY, v text)",
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let holder = runtime.block_on(pg.connect(&warehouse));
+    runtime
+        .block_on(holder.batch_execute("BEGIN; LOCK TABLE replica.t IN SHARE MODE"))
+        .unwrap();
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.t\"",
+        &mirror_sink(&pg.url(&warehouse)),
+    );
+    let config = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .replace("snapshot = \"never\"", "snapshot = \"initial\"")
+        .replace(
+            "data_dir = \"data\"",
+            "data_dir = \"data\"\nlog_max_bytes = \"128KiB\"",
+        );
+    std::fs::write(&setup.config, config).unwrap();
+    let mut agent = setup.start();
+    agent.wait_log("capture paused", Duration::from_secs(60));
+    let alter = {
+        let url = pg.url(&db);
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(connection);
+                client
+                    .batch_execute(
+                        "ALTER TABLE t ADD COLUMN d int DEFAULT 5; \
+                         UPDATE t SET d = 6 WHERE id = 1",
+                    )
+                    .await
+                    .unwrap();
+            })
+        })
+    };
+    runtime.block_on(holder.batch_execute("COMMIT")).unwrap();
+    alter.join().unwrap();
+    let want = pg.dump(&db, "public.t", "id, v, d");
+    let mut got = String::new();
+    let same = eventually(Duration::from_secs(120), || {
+        got = pg.dump(&warehouse, "replica.t", "id, v, d");
+        got == want
+    });
+    assert!(
+        same,
+        "the mirror differs (first lines: {:?})\n{}",
+        got.lines().take(3).collect::<Vec<_>>(),
+        agent.log()
+    );
+    assert!(agent.terminate().success());
+}
+
+#[test]
 fn a_narrowing_change_blocks_the_sink_until_the_target_column_is_altered() {
     let pg = PgCluster::start();
     let db = pg.fresh_database("shop");

@@ -375,6 +375,12 @@ impl PostgresSource {
         catalog
             .ensure_publication(&self.config.publication, &tables)
             .await?;
+        let streaming = catalog.server_version_num().await? >= 140_000;
+        // Before a snapshot starts: a change made while it runs is compared with the columns
+        // the tables had when it began.
+        let (captured_tables, ddl_messages) = self
+            .follow_schema_changes(&catalog, writer.log(), &tables, streaming)
+            .await?;
 
         let mut connection = ReplicationConnection::connect(&self.config.url.pg_config()).await?;
         let system = connection.identify_system().await?;
@@ -451,10 +457,6 @@ impl PostgresSource {
         }
         let added = self.tables_to_snapshot(writer, &tables, &catalog).await?;
         let log_position = writer.last_appended();
-        let streaming = catalog.server_version_num().await? >= 140_000;
-        let (captured_tables, ddl_messages) = self
-            .follow_schema_changes(&catalog, writer.log(), &tables, streaming)
-            .await?;
         connection
             .start_replication(
                 &self.config.slot,
