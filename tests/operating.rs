@@ -515,21 +515,10 @@ fn a_snapshot_pauses_while_the_log_is_full_and_completes() {
         &warehouse,
         "CREATE SCHEMA replica; CREATE TABLE replica.t (id int PRIMARY KEY, v text)",
     );
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let holder = runtime.block_on(pg.connect(&warehouse));
-    runtime
-        .block_on(holder.batch_execute("BEGIN; LOCK TABLE replica.t IN SHARE MODE"))
-        .unwrap();
+    let locks = pg.lock_tables(&warehouse, &["replica.t"]);
     let sink = mirror_sink(&pg.url(&warehouse));
-    let setup = AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &sink);
-    let config = std::fs::read_to_string(&setup.config)
-        .unwrap()
-        .replace("snapshot = \"never\"", "snapshot = \"initial\"")
-        .replace(
-            "data_dir = \"data\"",
-            "data_dir = \"data\"\nlog_max_bytes = \"128KiB\"",
-        );
-    std::fs::write(&setup.config, config).unwrap();
+    let setup =
+        AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &sink).with_initial_snapshot("128KiB");
     let mut agent = setup.start();
     let snapshot = || {
         get(setup.health_port, "/status")
@@ -543,7 +532,7 @@ fn a_snapshot_pauses_while_the_log_is_full_and_completes() {
     });
     assert!(running, "{}\n{}", snapshot(), agent.log());
     agent.wait_log("capture paused", Duration::from_secs(60));
-    runtime.block_on(holder.batch_execute("COMMIT")).unwrap();
+    locks.release();
     let want = pg.dump(&db, "public.t", "*");
     let copied = eventually(Duration::from_secs(120), || {
         pg.dump(&warehouse, "replica.t", "*") == want

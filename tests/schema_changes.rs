@@ -164,13 +164,7 @@ fn a_schema_change_survives_a_sigkill_before_the_batch_after_it() {
 
     // Both table sinks are held back by locks on their target tables, so the schema change is
     // in the offset log, and neither has applied it, when the agent is killed.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let holder = runtime.block_on(pg.connect(&warehouse));
-    runtime
-        .block_on(holder.batch_execute(
-            "BEGIN; LOCK TABLE replica.t IN SHARE MODE; LOCK TABLE history.t IN SHARE MODE",
-        ))
-        .unwrap();
+    let locks = pg.lock_tables(&warehouse, &["replica.t", "history.t"]);
     pg.psql(
         &db,
         "ALTER TABLE t ADD COLUMN d int NOT NULL DEFAULT 7;
@@ -195,7 +189,7 @@ fn a_schema_change_survives_a_sigkill_before_the_batch_after_it() {
         agent.log()
     );
     agent.kill();
-    runtime.block_on(holder.batch_execute("COMMIT")).unwrap();
+    locks.release();
     pg.psql(
         &db,
         "UPDATE t SET b = b || '!', d = 8 WHERE id BETWEEN 10 AND 12",
@@ -238,54 +232,43 @@ fn a_column_added_while_the_initial_snapshot_runs_is_followed() {
         "CREATE TABLE t (id int PRIMARY KEY, v text); \
          INSERT INTO t SELECT g, repeat('x', 40) FROM generate_series(1, 120000) g",
     );
-    // The sinks are held back by locks on their target tables, so the log fills and the
-    // snapshot pauses with its COPY open: the ALTER TABLE waits for it, and commits while
-    // the snapshot is still being logged.
+    // The sink is held back by a lock on its target table, so the log fills and the snapshot
+    // pauses: the ALTER TABLE commits while the snapshot is still being logged.
     pg.psql(
         &warehouse,
         "CREATE SCHEMA replica; CREATE TABLE replica.t (id int PRIMARY KEY, v text)",
     );
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let holder = runtime.block_on(pg.connect(&warehouse));
-    runtime
-        .block_on(holder.batch_execute("BEGIN; LOCK TABLE replica.t IN SHARE MODE"))
-        .unwrap();
+    let locks = pg.lock_tables(&warehouse, &["replica.t"]);
     let setup = AgentSetup::with_sinks(
         &pg.url(&db),
         "\"public.t\"",
         &mirror_sink(&pg.url(&warehouse)),
-    );
-    let config = std::fs::read_to_string(&setup.config)
-        .unwrap()
-        .replace("snapshot = \"never\"", "snapshot = \"initial\"")
-        .replace(
-            "data_dir = \"data\"",
-            "data_dir = \"data\"\nlog_max_bytes = \"128KiB\"",
-        );
-    std::fs::write(&setup.config, config).unwrap();
+    )
+    .with_initial_snapshot("128KiB");
     let mut agent = setup.start();
     agent.wait_log("capture paused", Duration::from_secs(60));
-    let alter = {
-        let url = pg.url(&db);
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Runtime::new().unwrap();
-            runtime.block_on(async {
-                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(connection);
-                client
-                    .batch_execute(
-                        "ALTER TABLE t ADD COLUMN d int DEFAULT 5; \
-                         UPDATE t SET d = 6 WHERE id = 1",
-                    )
-                    .await
-                    .unwrap();
-            })
-        })
-    };
-    runtime.block_on(holder.batch_execute("COMMIT")).unwrap();
-    alter.join().unwrap();
+    // psql may wait for a snapshot reader's COPY to end, which waits for the sink.
+    std::thread::scope(|scope| {
+        let alter = scope.spawn(|| {
+            pg.psql(
+                &db,
+                "ALTER TABLE t ADD COLUMN d int DEFAULT 5; UPDATE t SET d = 6 WHERE id = 1",
+            )
+        });
+        // Committed, or waiting for the snapshot's reader: either way while the snapshot is
+        // still being logged.
+        let under_way = eventually(Duration::from_secs(30), || {
+            alter.is_finished()
+                || pg.psql(
+                    &db,
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                ) == "1"
+        });
+        assert!(under_way, "the ALTER TABLE neither ran nor waited");
+        locks.release();
+        alter.join().expect("the ALTER TABLE")
+    });
     let want = pg.dump(&db, "public.t", "id, v, d");
     let mut got = String::new();
     let same = eventually(Duration::from_secs(120), || {

@@ -55,6 +55,21 @@ impl AgentSetup {
         }
     }
 
+    /// Takes an initial snapshot (the config's default is none) and keeps the offset log
+    /// under `log_max_bytes` (a size, e.g. `"128KiB"`), so that a sink held back pauses the
+    /// snapshot.
+    pub fn with_initial_snapshot(self, log_max_bytes: &str) -> AgentSetup {
+        let config = std::fs::read_to_string(&self.config)
+            .expect("read config")
+            .replace("snapshot = \"never\"", "snapshot = \"initial\"")
+            .replace(
+                "data_dir = \"data\"",
+                &format!("data_dir = \"data\"\nlog_max_bytes = \"{log_max_bytes}\""),
+            );
+        std::fs::write(&self.config, config).expect("write config");
+        self
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }

@@ -217,6 +217,21 @@ impl PgCluster {
         self.connect_url(&self.url(db)).await
     }
 
+    /// Holds `LOCK TABLE … IN SHARE MODE` on `tables` of `db` in an open transaction until
+    /// [`TableLocks::release`]: a sink writing them waits, without failing.
+    pub fn lock_tables(&self, db: &str, tables: &[&str]) -> TableLocks {
+        let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+        let client = runtime.block_on(self.connect(db));
+        let locks: Vec<String> = tables
+            .iter()
+            .map(|t| format!("LOCK TABLE {t} IN SHARE MODE"))
+            .collect();
+        runtime
+            .block_on(client.batch_execute(&format!("BEGIN; {}", locks.join("; "))))
+            .unwrap_or_else(|e| panic!("locking {tables:?}: {e}"));
+        TableLocks { runtime, client }
+    }
+
     /// Connects to `db` as `user` with `password`.
     pub async fn connect_as(&self, user: &str, password: &str, db: &str) -> tokio_postgres::Client {
         self.connect_url(&self.url_as(user, password, db)).await
@@ -767,4 +782,18 @@ fn percent_encode(text: &str) -> String {
     encoded
 }
 pub mod agent;
+
+/// Locks that [`PgCluster::lock_tables`] holds.
+pub struct TableLocks {
+    runtime: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+}
+
+impl TableLocks {
+    pub fn release(self) {
+        self.runtime
+            .block_on(self.client.batch_execute("COMMIT"))
+            .expect("releasing the locks");
+    }
+}
 pub mod workload;
