@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::agent::{eventually, http_get, mirror_sink, AgentSetup};
+use common::agent::{eventually, held_back_snapshot, http_get, mirror_sink, AgentSetup};
 use common::{workload, PgCluster};
 use rand::SeedableRng;
 
@@ -502,23 +502,9 @@ fn the_source_pauses_while_the_log_is_full_and_resumes_when_the_sinks_catch_up()
 #[test]
 fn a_snapshot_pauses_while_the_log_is_full_and_completes() {
     let pg = PgCluster::start();
-    let db = pg.fresh_database("src");
-    let warehouse = pg.fresh_database("warehouse");
-    pg.psql(
-        &db,
-        "CREATE TABLE t (id int PRIMARY KEY, v text); \
-         INSERT INTO t SELECT g, repeat('x', 40) FROM generate_series(1, 120000) g",
-    );
-    // The sink is held back by a lock on its target table until the snapshot has filled the
-    // log: it cannot catch up, so the snapshot must pause midway.
-    pg.psql(
-        &warehouse,
-        "CREATE SCHEMA replica; CREATE TABLE replica.t (id int PRIMARY KEY, v text)",
-    );
-    let locks = pg.lock_tables(&warehouse, &["replica.t"]);
-    let sink = mirror_sink(&pg.url(&warehouse));
-    let setup =
-        AgentSetup::with_sinks(&pg.url(&db), "\"public.t\"", &sink).with_initial_snapshot("128KiB");
+    // The sink is held back until the snapshot has filled the log: it cannot catch up, so
+    // the snapshot must pause midway.
+    let (db, warehouse, locks, setup) = held_back_snapshot(&pg);
     let mut agent = setup.start();
     let snapshot = || {
         get(setup.health_port, "/status")

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::agent::{eventually, mirror_sink, Agent, AgentSetup};
+use common::agent::{eventually, held_back_snapshot, mirror_sink, Agent, AgentSetup};
 use common::PgCluster;
 
 /// A merge sink `mirror` (schema `replica`), an SCD2 sink `history` (schema `history`) and a
@@ -225,26 +225,9 @@ fn a_migration_in_a_transaction_larger_than_a_batch_is_followed() {
 #[test]
 fn a_column_added_while_the_initial_snapshot_runs_is_followed() {
     let pg = PgCluster::start();
-    let db = pg.fresh_database("shop");
-    let warehouse = pg.fresh_database("warehouse");
-    pg.psql(
-        &db,
-        "CREATE TABLE t (id int PRIMARY KEY, v text); \
-         INSERT INTO t SELECT g, repeat('x', 40) FROM generate_series(1, 120000) g",
-    );
-    // The sink is held back by a lock on its target table, so the log fills and the snapshot
-    // pauses: the ALTER TABLE commits while the snapshot is still being logged.
-    pg.psql(
-        &warehouse,
-        "CREATE SCHEMA replica; CREATE TABLE replica.t (id int PRIMARY KEY, v text)",
-    );
-    let locks = pg.lock_tables(&warehouse, &["replica.t"]);
-    let setup = AgentSetup::with_sinks(
-        &pg.url(&db),
-        "\"public.t\"",
-        &mirror_sink(&pg.url(&warehouse)),
-    )
-    .with_initial_snapshot("128KiB");
+    // The sink is held back, so the log fills and the snapshot pauses: the ALTER TABLE
+    // commits while the snapshot is still being logged.
+    let (db, warehouse, locks, setup) = held_back_snapshot(&pg);
     let mut agent = setup.start();
     agent.wait_log("capture paused", Duration::from_secs(60));
     // psql may wait for a snapshot reader's COPY to end, which waits for the sink.

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use super::{PgCluster, TableLocks};
+
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_tidemark")
 }
@@ -290,6 +292,32 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A source database with a table `t` of 120,000 rows, a warehouse with its merge target
+/// (`replica.t`) locked, and an agent setup that snapshots `t` with a 128 KiB log: the sink
+/// is held back until the locks are released, so the snapshot fills the log and pauses.
+/// Returns the source database, the warehouse, the locks and the setup.
+pub fn held_back_snapshot(pg: &PgCluster) -> (String, String, TableLocks, AgentSetup) {
+    let db = pg.fresh_database("src");
+    let warehouse = pg.fresh_database("warehouse");
+    pg.psql(
+        &db,
+        "CREATE TABLE t (id int PRIMARY KEY, v text); \
+         INSERT INTO t SELECT g, repeat('x', 40) FROM generate_series(1, 120000) g",
+    );
+    pg.psql(
+        &warehouse,
+        "CREATE SCHEMA replica; CREATE TABLE replica.t (id int PRIMARY KEY, v text)",
+    );
+    let locks = pg.lock_tables(&warehouse, &["replica.t"]);
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.t\"",
+        &mirror_sink(&pg.url(&warehouse)),
+    )
+    .with_initial_snapshot("128KiB");
+    (db, warehouse, locks, setup)
 }
 
 /// A bare HTTP/1.1 GET; the response text, or None when nothing answers.
