@@ -317,6 +317,7 @@ impl BatchPlanner {
                 sink = %self.sink,
                 table = %step.target,
                 changes = ?step.change.columns,
+                inferred = !step.change.exact,
                 "schema change applied"
             );
             after_rows.extend(alters.after);
