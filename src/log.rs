@@ -118,15 +118,6 @@ pub struct SinkCursor {
     pub state: Vec<u8>,
 }
 
-/// What the log was captured from, so a restart can tell it still follows the same source.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SourceIdentity {
-    pub system_id: String,
-    pub database: String,
-    pub slot: String,
-}
-
-/// One record read back from the log.
 /// Where the initial snapshot stands, kept with the log: a snapshot that is still `Running`
 /// when the agent starts was cut short, and its rows may have reached the sinks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +137,7 @@ pub struct TableSnapshots {
     pub in_progress: Option<(String, Option<Vec<String>>)>,
 }
 
+/// One record read back from the log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogEntry {
     pub seq: u64,
@@ -286,15 +278,14 @@ impl OffsetLog {
         self.durable.subscribe()
     }
 
-    pub fn source_identity(&self) -> Result<Option<SourceIdentity>, LogError> {
-        self.meta
-            .get(SOURCE_KEY)?
-            .map(|v| decode(0, &v))
-            .transpose()
+    /// What the log was captured from, as the source described it (opaque to the log), so a
+    /// restart can tell it still follows the same source.
+    pub fn source_identity(&self) -> Result<Option<Vec<u8>>, LogError> {
+        Ok(self.meta.get(SOURCE_KEY)?.map(|v| v.to_vec()))
     }
 
-    pub async fn set_source_identity(&self, identity: &SourceIdentity) -> Result<(), LogError> {
-        self.meta.insert(SOURCE_KEY, encode(identity))?;
+    pub async fn set_source_identity(&self, identity: &[u8]) -> Result<(), LogError> {
+        self.meta.insert(SOURCE_KEY, identity)?;
         self.db.flush_async().await?;
         Ok(())
     }

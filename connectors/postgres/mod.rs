@@ -36,9 +36,7 @@ use crate::event::{
     ChangeEvent, ColumnChange, ExistingRows, Lsn, Op, Record, Relation, RelationId, Row,
     SchemaChange, TxBegin, TxCommit, Value,
 };
-use crate::log::{
-    InspectChange, LogError, LogWriter, OffsetLog, SnapshotState, SourceIdentity, TableSnapshots,
-};
+use crate::log::{InspectChange, LogError, LogWriter, OffsetLog, SnapshotState, TableSnapshots};
 use crate::pgtext::copy_rows::parse_column;
 use crate::retry::{is_transient, RetryPolicy};
 use crate::telemetry::Telemetry;
@@ -149,6 +147,15 @@ fn connect_message(e: &tokio_postgres::Error) -> String {
         source = inner.source();
     }
     message
+}
+
+/// What an offset log was captured from, kept in the log, so that a restart can tell it
+/// still follows the same server, database and slot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct SourceIdentity {
+    system_id: String,
+    database: String,
+    slot: String,
 }
 
 /// Captures the configured tables of one PostgreSQL database.
@@ -622,8 +629,25 @@ impl PostgresSource {
             database: database.to_string(),
             slot: self.config.slot.clone(),
         };
-        match writer.log().source_identity()? {
-            None => writer.log().set_source_identity(&current).await?,
+        let logged = writer
+            .log()
+            .source_identity()?
+            .map(|bytes| {
+                postcard::from_bytes::<SourceIdentity>(&bytes).map_err(|e| {
+                    SourceError::Diverged(format!(
+                        "the offset log names its source in a form this release cannot read \
+                         ({e}); use the release that wrote it, or move agent.data_dir aside \
+                         and re-snapshot"
+                    ))
+                })
+            })
+            .transpose()?;
+        match logged {
+            None => {
+                // Serialising plain data into a Vec cannot fail.
+                let encoded = postcard::to_allocvec(&current).unwrap_or_default();
+                writer.log().set_source_identity(&encoded).await?
+            }
             Some(logged) if logged == current => {}
             Some(logged) => {
                 return Err(SourceError::Diverged(format!(
