@@ -26,6 +26,22 @@ use crate::envelope::SourceInfo;
 use crate::log::LogWriter;
 use crate::telemetry::Telemetry;
 
+/// Why a source stopped: each source's own errors, which say what happened and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Postgres(#[from] postgres::SourceError),
+}
+
+impl SourceError {
+    /// Whether the operator's setup is at fault (exit code 2) rather than a runtime failure.
+    pub fn is_prerequisite(&self) -> bool {
+        match self {
+            SourceError::Postgres(e) => e.is_prerequisite(),
+        }
+    }
+}
+
 /// The closed set of sources, built from config with one match.
 pub enum AnySource {
     Postgres(postgres::PostgresSource),
@@ -81,9 +97,9 @@ impl AnySource {
         &self,
         writer: &mut LogWriter,
         cancel: CancellationToken,
-    ) -> Result<(), postgres::SourceError> {
+    ) -> Result<(), SourceError> {
         match self {
-            AnySource::Postgres(source) => source.run(writer, cancel).await,
+            AnySource::Postgres(source) => Ok(source.run(writer, cancel).await?),
         }
     }
 }

@@ -11,8 +11,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SinkConfig, SinkKind};
-use crate::connectors::postgres::SourceError;
-use crate::connectors::{AnySource, SourceSettings};
+use crate::connectors::{AnySource, SourceError, SourceSettings};
 use crate::event::{Record, RelationId};
 use crate::health;
 use crate::log::{LogEntry, LogError, OffsetLog};
