@@ -461,40 +461,12 @@ impl Catalog {
     /// The relation the log stores for `table` as the catalog describes it now, for rows a
     /// snapshot reads: the columns pgoutput sends (not dropped, not generated), in order.
     pub async fn describe_table(&mut self, table: &SourceTable) -> Result<Relation, SourceError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT c.oid, a.attname::text, a.atttypid, a.atttypmod, \
-                   coalesce(a.attnum = ANY(pk.indkey), false), \
-                   CASE c.relreplident WHEN 'f' THEN true \
-                     WHEN 'i' THEN coalesce(a.attnum = ANY(ri.indkey), false) \
-                     WHEN 'd' THEN coalesce(a.attnum = ANY(pk.indkey), false) ELSE false END \
-                 FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid \
-                 LEFT JOIN pg_index pk ON pk.indrelid = c.oid AND pk.indisprimary \
-                 LEFT JOIN pg_index ri ON ri.indrelid = c.oid AND ri.indisreplident \
-                 WHERE c.oid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
-                   AND a.attgenerated = '' \
-                 ORDER BY a.attnum",
-                &[&table.quoted()],
-            )
-            .await
-            .map_err(|e| SourceError::catalog("describing a captured table", e))?;
-        let mut columns = Vec::with_capacity(rows.len());
-        let mut oid = 0;
-        for row in &rows {
-            oid = row.get(0);
-            let name: String = row.get(1);
-            columns.push(
-                self.column(&name, row.get(2), row.get(3), row.get(4), row.get(5))
-                    .await?,
-            );
-        }
-        Ok(Relation {
-            oid,
-            schema: table.schema.clone(),
-            table: table.table.clone(),
-            columns,
-        })
+        let shape = self.table_shape_of(table).await?.ok_or_else(|| {
+            SourceError::Prerequisite(format!(
+                "{table} is not a table (nor a partitioned table): only tables can be captured"
+            ))
+        })?;
+        self.describe_shape(&shape).await
     }
 
     /// The table's size: its heap blocks now, and its rows as the planner last estimated them
