@@ -14,7 +14,9 @@
 //!   position the database no longer has stops it with the recovery command.
 //! - On `cancel` it stops reading, makes what it appended durable, confirms it, and returns.
 
+pub mod backpressure;
 pub mod postgres;
+pub mod snapshot_log;
 
 use std::sync::Arc;
 

@@ -158,7 +158,7 @@ impl JsonlSink {
         for entry in entries {
             match &entry.record {
                 Record::Begin(begin) => {
-                    self.transaction = Some((*begin, TransactionOrder::default()));
+                    self.transaction = Some((begin.clone(), TransactionOrder::default()));
                 }
                 Record::Change(change) => self.render_change(out, entry.seq, change, now_ns)?,
                 Record::SnapshotRows(rows) => {
@@ -290,7 +290,9 @@ fn now_ns() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{ChangeEvent, Column, Lsn, Op, Relation, TxCommit, Value, ValueType};
+    use crate::event::{
+        ChangeEvent, Column, Op, Position, Relation, TxCommit, TxOrigin, Value, ValueType,
+    };
     use crate::log::LogWriter;
 
     fn relation() -> Relation {
@@ -312,11 +314,11 @@ mod tests {
 
     fn append_tx(writer: &mut LogWriter, xid: u32, ids: std::ops::Range<i64>) {
         let (relation, _) = writer.relation(relation()).unwrap();
-        let lsn = Lsn(u64::from(xid) * 1000);
+        let lsn = Position(u64::from(xid) * 1000);
         writer
             .append(&Record::Begin(TxBegin {
-                xid,
-                commit_lsn: lsn,
+                origin: TxOrigin::Postgres { xid },
+                commit_position: lsn,
                 commit_ts: 0,
             }))
             .unwrap();
@@ -324,7 +326,7 @@ mod tests {
             writer
                 .append(&Record::Change(ChangeEvent {
                     relation,
-                    lsn: Lsn(lsn.0 - 500 + id as u64),
+                    position: Position(lsn.0 - 500 + id as u64),
                     op: Op::Insert,
                     before: None,
                     after: Some(vec![Value::Int(id)]),
@@ -333,8 +335,8 @@ mod tests {
         }
         writer
             .append(&Record::Commit(TxCommit {
-                commit_lsn: lsn,
-                end_lsn: Lsn(lsn.0 + 8),
+                commit_position: lsn,
+                end_position: Position(lsn.0 + 8),
                 commit_ts: 0,
             }))
             .unwrap();

@@ -18,7 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::RowJson;
-use crate::event::{Lsn, Op, Relation, Row, Value};
+use crate::event::{Op, Position, Relation, Row, Value};
 
 /// One refused change.
 #[derive(Serialize)]
@@ -50,7 +50,7 @@ pub struct LetterChange {
     pub after: Option<Row>,
     /// The source transaction's commit (SCD2: the version's `valid_from`); merge letters
     /// have none, the mirror keeps no time.
-    pub commit: Option<(Lsn, i64)>,
+    pub commit: Option<(Position, i64)>,
 }
 
 /// A later batch that touched a key with a dead letter.

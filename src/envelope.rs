@@ -12,7 +12,7 @@ use base64::Engine;
 use serde::ser::{SerializeMap, SerializeSeq, Serializer};
 use serde::Serialize;
 
-use crate::event::{ChangeEvent, Op, Relation, Row, TxBegin, Value};
+use crate::event::{ChangeEvent, Op, Position, Relation, Row, TxBegin, TxOrigin, Value};
 
 pub const UNAVAILABLE_VALUE: &str = "__debezium_unavailable_value";
 /// Debezium's average month (365.25 / 12 days) for interval → microseconds.
@@ -27,11 +27,14 @@ pub struct SourceInfo {
     pub database: String,
 }
 
-/// Counts a transaction's events for the `transaction` block.
+/// Counts a transaction's events for the `transaction` block, and the rows of each binlog
+/// event for MySQL's `row`.
 #[derive(Debug, Default)]
 pub struct TransactionOrder {
     total: u64,
     per_table: HashMap<(String, String), u64>,
+    /// The position of the last change and how many changes before it had that position.
+    event_row: Option<(Position, u64)>,
 }
 
 impl TransactionOrder {
@@ -43,6 +46,17 @@ impl TransactionOrder {
             .or_default();
         *per_table += 1;
         (self.total, *per_table)
+    }
+
+    /// The change's row number within the source event at its position (a MySQL rows event
+    /// holds many rows at one position).
+    fn row_in_event(&mut self, position: Position) -> u64 {
+        let row = match self.event_row {
+            Some((last, row)) if last == position => row + 1,
+            _ => 0,
+        };
+        self.event_row = Some((position, row));
+        row
     }
 }
 
@@ -58,38 +72,74 @@ pub fn write_envelopes<W: Write>(
     order: &mut TransactionOrder,
     now_ns: i64,
 ) -> std::io::Result<()> {
+    let snapshot = match change.op {
+        Op::Read => "true",
+        Op::IncrementalRead => "incremental",
+        _ => "false",
+    };
+    let row_in_event = order.row_in_event(change.position);
     let mut emit = |op: &'static str, before: Option<&Row>, after: Option<&Row>| {
         let (total_order, table_order) = order.next(relation);
+        let common = CommonSourceJson {
+            version: env!("CARGO_PKG_VERSION"),
+            connector: source.connector,
+            name: &source.name,
+            ts_ms: tx.commit_ts.div_euclid(1000),
+            // The sources' commit timestamps have microseconds: the nanoseconds are exact.
+            ts_us: tx.commit_ts,
+            ts_ns: tx.commit_ts.saturating_mul(1000),
+            snapshot,
+        };
+        let (source_json, transaction_id) = match &tx.origin {
+            TxOrigin::Postgres { xid } => (
+                SourceJson::Postgres(PostgresSourceJson {
+                    common,
+                    db: &source.database,
+                    sequence: format!("[\"{}\",\"{}\"]", tx.commit_position.0, change.position.0),
+                    schema: &relation.schema,
+                    table: &relation.table,
+                    tx_id: *xid,
+                    lsn: change.position.0,
+                    xmin: None,
+                }),
+                format!("{xid}:{}", tx.commit_position.0),
+            ),
+            TxOrigin::MySql {
+                server_id,
+                thread,
+                file,
+                gtid,
+                ..
+            } => (
+                SourceJson::MySql(MySqlSourceJson {
+                    common,
+                    db: &relation.schema,
+                    sequence: None,
+                    table: &relation.table,
+                    server_id: *server_id,
+                    gtid: gtid.as_deref(),
+                    file,
+                    pos: change.position.binlog_offset(),
+                    row: row_in_event,
+                    thread: *thread,
+                    query: None,
+                }),
+                match gtid {
+                    Some(gtid) => gtid.clone(),
+                    None => format!("{file}:{}", tx.commit_position.binlog_offset()),
+                },
+            ),
+        };
         let envelope = Envelope {
             before: before.map(|row| RowJson { relation, row }),
             after: after.map(|row| RowJson { relation, row }),
-            source: SourceJson {
-                version: env!("CARGO_PKG_VERSION"),
-                connector: source.connector,
-                name: &source.name,
-                ts_ms: tx.commit_ts.div_euclid(1000),
-                // PostgreSQL's commit timestamp has microseconds: the nanoseconds are exact.
-                ts_us: tx.commit_ts,
-                ts_ns: tx.commit_ts.saturating_mul(1000),
-                snapshot: match change.op {
-                    Op::Read => "true",
-                    Op::IncrementalRead => "incremental",
-                    _ => "false",
-                },
-                db: &source.database,
-                sequence: format!("[\"{}\",\"{}\"]", tx.commit_lsn.0, change.lsn.0),
-                schema: &relation.schema,
-                table: &relation.table,
-                tx_id: tx.xid,
-                lsn: change.lsn.0,
-                xmin: None,
-            },
+            source: source_json,
             op,
             ts_ms: now_ns.div_euclid(1_000_000),
             ts_us: now_ns.div_euclid(1000),
             ts_ns: now_ns,
             transaction: TransactionJson {
-                id: format!("{}:{}", tx.xid, tx.commit_lsn.0),
+                id: transaction_id,
                 total_order,
                 data_collection_order: table_order,
             },
@@ -149,23 +199,54 @@ struct Envelope<'a> {
     transaction: TransactionJson,
 }
 
+/// The `source` block as the Debezium connector of the source's database writes it.
 #[derive(Serialize)]
-struct SourceJson<'a> {
+#[serde(untagged)]
+enum SourceJson<'a> {
+    Postgres(PostgresSourceJson<'a>),
+    MySql(MySqlSourceJson<'a>),
+}
+
+/// The fields every connector's `source` block starts with.
+#[derive(Serialize)]
+struct CommonSourceJson<'a> {
     version: &'static str,
     connector: &'static str,
     name: &'a str,
     ts_ms: i64,
     snapshot: &'static str,
-    db: &'a str,
-    sequence: String,
     ts_us: i64,
     ts_ns: i64,
+}
+
+#[derive(Serialize)]
+struct PostgresSourceJson<'a> {
+    #[serde(flatten)]
+    common: CommonSourceJson<'a>,
+    db: &'a str,
+    sequence: String,
     schema: &'a str,
     table: &'a str,
     #[serde(rename = "txId")]
     tx_id: u32,
     lsn: u64,
     xmin: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct MySqlSourceJson<'a> {
+    #[serde(flatten)]
+    common: CommonSourceJson<'a>,
+    db: &'a str,
+    sequence: Option<&'a str>,
+    table: &'a str,
+    server_id: u32,
+    gtid: Option<&'a str>,
+    file: &'a str,
+    pos: u64,
+    row: u64,
+    thread: u32,
+    query: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -282,7 +363,7 @@ fn zoned_timestamp(micros: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Column, Lsn, RelationId, ValueType};
+    use crate::event::{Column, RelationId, ValueType};
 
     /// `orders (id PRIMARY KEY, note)` with the default replica identity.
     fn relation() -> Relation {
@@ -321,14 +402,14 @@ mod tests {
     ) -> Vec<serde_json::Value> {
         let change = ChangeEvent {
             relation: RelationId(1),
-            lsn: Lsn(500),
+            position: Position(500),
             op,
             before,
             after,
         };
         let tx = TxBegin {
-            xid: 7,
-            commit_lsn: Lsn(600),
+            origin: TxOrigin::Postgres { xid: 7 },
+            commit_position: Position(600),
             commit_ts: 1_732_460_000_123_456,
         };
         let source = SourceInfo {
@@ -372,6 +453,64 @@ mod tests {
         assert_eq!(e["ts_ns"], 1_732_460_000_456_789_012i64);
         assert_eq!(e["transaction"]["id"], "7:600");
         assert_eq!(e["transaction"]["total_order"], 1);
+    }
+
+    #[test]
+    fn mysql_envelope_has_the_mysql_connectors_source_block() {
+        let mut relation = relation();
+        relation.schema = "shop".into();
+        let tx = TxBegin {
+            origin: TxOrigin::MySql {
+                server_id: 223344,
+                thread: 12,
+                file: "binlog.000003".into(),
+                gtid: Some("0-223344-41".into()),
+                gtid_state: Some("0-223344-41".into()),
+            },
+            commit_position: Position::binlog(3, 900),
+            commit_ts: 1_732_460_000_123_000,
+        };
+        let source = SourceInfo {
+            connector: "mysql",
+            name: "shop".into(),
+            database: "shop".into(),
+        };
+        let mut out = Vec::new();
+        let mut order = TransactionOrder::default();
+        for (position, id) in [(400, 1), (400, 2), (700, 3)] {
+            let change = ChangeEvent {
+                relation: RelationId(1),
+                position: Position::binlog(3, position),
+                op: Op::Insert,
+                before: None,
+                after: Some(vec![Value::Int(id), Value::Null]),
+            };
+            write_envelopes(&mut out, &source, &tx, &relation, &change, &mut order, 0).unwrap();
+        }
+        let events: Vec<serde_json::Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let rows: Vec<_> = events
+            .iter()
+            .map(|e| (e["source"]["pos"].clone(), e["source"]["row"].clone()))
+            .collect();
+        assert_eq!(
+            rows,
+            [(400, 0), (400, 1), (700, 0)].map(|(p, r)| (p.into(), r.into()))
+        );
+        let e = &events[0]["source"];
+        assert_eq!(e["connector"], "mysql");
+        assert_eq!(e["db"], "shop");
+        assert_eq!(e["table"], "orders");
+        assert_eq!(e["server_id"], 223344);
+        assert_eq!(e["gtid"], "0-223344-41");
+        assert_eq!(e["file"], "binlog.000003");
+        assert_eq!(e["thread"], 12);
+        assert_eq!(e["ts_ms"], 1_732_460_000_123i64);
+        assert!(e.get("lsn").is_none() && e.get("txId").is_none());
+        assert_eq!(events[0]["transaction"]["id"], "0-223344-41");
     }
 
     #[test]

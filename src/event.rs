@@ -1,4 +1,4 @@
-//! The change model every part of tidemark speaks: positions (`Lsn`), values, rows, the
+//! The change model every part of tidemark speaks: positions (`Position`), values, rows, the
 //! relations they belong to, and the records a source appends to the offset log. It is
 //! source-agnostic: a connector converts its wire values into `Value`s once, at capture, and
 //! every sink reads the same model back from the log.
@@ -8,29 +8,53 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// A position in PostgreSQL's write-ahead log.
+/// A position in a source's change stream, ordered within that source: PostgreSQL's WAL LSN;
+/// for MySQL and MariaDB, the binlog file's number in the high 24 bits and the offset in that
+/// file in the low 40 (see `connectors::mysql`). Shown in PostgreSQL's LSN notation, which
+/// every target that orders by it (`pg_lsn`) reads.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
 )]
-pub struct Lsn(pub u64);
+pub struct Position(pub u64);
 
-impl fmt::Display for Lsn {
-    /// PostgreSQL's own notation, `16/B374D848`.
+/// Bits of a binlog position that hold the offset in its file.
+const BINLOG_OFFSET_BITS: u32 = 40;
+
+impl Position {
+    /// The position of `offset` in the binlog file numbered `file_number` (`binlog.000042` is
+    /// 42): ordered as the server writes its binlog.
+    pub fn binlog(file_number: u32, offset: u64) -> Position {
+        Position((u64::from(file_number) << BINLOG_OFFSET_BITS) | offset)
+    }
+
+    /// The offset in its binlog file of a [`Position::binlog`] position.
+    pub fn binlog_offset(self) -> u64 {
+        self.0 & ((1 << BINLOG_OFFSET_BITS) - 1)
+    }
+
+    /// The binlog file number of a [`Position::binlog`] position.
+    pub fn binlog_file_number(self) -> u32 {
+        (self.0 >> BINLOG_OFFSET_BITS) as u32
+    }
+}
+
+impl fmt::Display for Position {
+    /// PostgreSQL's LSN notation, `16/B374D848`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
     }
 }
 
-impl FromStr for Lsn {
+impl FromStr for Position {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (high, low) = s
             .split_once('/')
-            .ok_or_else(|| format!("LSN {s:?} is not of the form X/X"))?;
-        let high = u32::from_str_radix(high, 16).map_err(|e| format!("LSN {s:?}: {e}"))?;
-        let low = u32::from_str_radix(low, 16).map_err(|e| format!("LSN {s:?}: {e}"))?;
-        Ok(Lsn((u64::from(high) << 32) | u64::from(low)))
+            .ok_or_else(|| format!("position {s:?} is not of the form X/X"))?;
+        let high = u32::from_str_radix(high, 16).map_err(|e| format!("position {s:?}: {e}"))?;
+        let low = u32::from_str_radix(low, 16).map_err(|e| format!("position {s:?}: {e}"))?;
+        Ok(Position((u64::from(high) << 32) | u64::from(low)))
     }
 }
 
@@ -192,7 +216,7 @@ pub enum Op {
 pub struct ChangeEvent {
     pub relation: RelationId,
     /// Position of the change in the source's log.
-    pub lsn: Lsn,
+    pub position: Position,
     pub op: Op,
     /// Update: the old key (or old row, under REPLICA IDENTITY FULL) when the source sent it.
     /// Delete: the old key or old row. Insert and truncate: none.
@@ -202,22 +226,44 @@ pub struct ChangeEvent {
 }
 
 /// The start of a committed source transaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TxBegin {
-    pub xid: u32,
-    /// LSN of the transaction's commit record.
-    pub commit_lsn: Lsn,
+    /// Position of the transaction's commit record.
+    pub commit_position: Position,
     /// Commit time, microseconds since the Unix epoch.
     pub commit_ts: i64,
+    pub origin: TxOrigin,
+}
+
+/// What the source database says a transaction is, in its own terms: the envelopes' `source`
+/// block, and what a source resumes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxOrigin {
+    Postgres {
+        xid: u32,
+    },
+    MySql {
+        server_id: u32,
+        /// The connection (thread) id that ran the transaction.
+        thread: u32,
+        /// The binlog file the transaction is in.
+        file: String,
+        /// The transaction's GTID (`domain-server-seq` on MariaDB, `uuid:seq` on MySQL); none
+        /// where GTIDs are off.
+        gtid: Option<String>,
+        /// The server's GTID state once this transaction is applied, which a restart resumes
+        /// from; none where GTIDs are off (it resumes from the file and offset).
+        gtid_state: Option<String>,
+    },
 }
 
 /// The end of a committed source transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TxCommit {
-    pub commit_lsn: Lsn,
+    pub commit_position: Position,
     /// The position just past the commit record: what the slot may be confirmed up to once
     /// this transaction is durable.
-    pub end_lsn: Lsn,
+    pub end_position: Position,
     pub commit_ts: i64,
 }
 
@@ -227,7 +273,7 @@ pub struct TxCommit {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotRows {
     pub relation: RelationId,
-    pub lsn: Lsn,
+    pub position: Position,
     /// How many rows `text` holds.
     pub rows: u32,
     /// One line per row, each ended by `\n`, the relation's columns in order, as `COPY … TO
@@ -243,7 +289,7 @@ impl SnapshotRows {
             .into_iter()
             .map(|row| ChangeEvent {
                 relation: self.relation,
-                lsn: self.lsn,
+                position: self.position,
                 op: Op::Read,
                 before: None,
                 after: Some(row),
@@ -258,7 +304,7 @@ impl SnapshotRows {
 pub struct SchemaChange {
     /// The table's description after the change.
     pub relation: RelationId,
-    pub lsn: Lsn,
+    pub position: Position,
     pub columns: Vec<ColumnChange>,
     /// Whether the source knew each column by its number (a DDL message), or inferred the
     /// change from two descriptions by name (a rename then looks like a drop and an add).

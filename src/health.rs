@@ -99,7 +99,7 @@ async fn status(State(surface): State<Surface>) -> impl IntoResponse {
         log: LogStatus {
             bytes: surface.log.size_on_disk(),
             durable_position: durable.seq,
-            durable_lsn: durable.end_lsn.to_string(),
+            durable_lsn: durable.end_position.to_string(),
         },
     })
 }

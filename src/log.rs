@@ -28,11 +28,12 @@ use tokio::sync::{watch, Notify};
 use self::segments::{Kind, Location, SegmentError, SegmentReader, SegmentWriter, Segments};
 use self::spill::{Spill, SpillReader};
 
-use crate::event::{ChangeEvent, Lsn, Record, Relation, RelationId, TxBegin};
+use crate::event::{ChangeEvent, Position, Record, Relation, RelationId, TxBegin};
 
 /// Bumped whenever the on-disk encoding changes; `open` refuses other versions. Version 2 moved
-/// the records from sled into segment files.
-const FORMAT_VERSION: u64 = 2;
+/// the records from sled into segment files; version 3 gave each transaction its source's
+/// origin (`TxOrigin`) in place of PostgreSQL's xid.
+const FORMAT_VERSION: u64 = 3;
 const FORMAT_KEY: &[u8] = b"format_version";
 const ID_KEY: &[u8] = b"log_id";
 const SOURCE_KEY: &[u8] = b"source_identity";
@@ -104,9 +105,9 @@ impl From<SegmentError> for LogError {
 pub struct Durable {
     /// Sequence number of its Commit record; 0 when the log holds nothing yet.
     pub seq: u64,
-    pub commit_lsn: Lsn,
+    pub commit_position: Position,
     /// The source position that may be confirmed.
-    pub end_lsn: Lsn,
+    pub end_position: Position,
 }
 
 /// Where a sink stands in the log, plus whatever the sink needs to resume (the JSONL sink keeps
@@ -207,8 +208,8 @@ impl OffsetLog {
             Some((seq, payload)) => match decode(seq, &payload)? {
                 Record::Commit(commit) => Durable {
                     seq,
-                    commit_lsn: commit.commit_lsn,
-                    end_lsn: commit.end_lsn,
+                    commit_position: commit.commit_position,
+                    end_position: commit.end_position,
                 },
                 _ => {
                     return Err(LogError::Corrupt {
@@ -322,11 +323,11 @@ impl OffsetLog {
 
     /// The furthest position the source confirmed to the server past the log's last commit
     /// (a new slot's start, an idle stream's keepalive), if any.
-    pub fn confirmed_without_commit(&self) -> Result<Lsn, LogError> {
+    pub fn confirmed_without_commit(&self) -> Result<Position, LogError> {
         Ok(self
             .meta
             .get(CONFIRMED_KEY)?
-            .map(|v| decode::<Lsn>(0, &v))
+            .map(|v| decode::<Position>(0, &v))
             .transpose()?
             .unwrap_or_default())
     }
@@ -334,7 +335,7 @@ impl OffsetLog {
     /// Records (durably) a position the source is about to confirm past the log's last
     /// commit, so that a slot confirmed further than the log reaches shows the log lost
     /// records.
-    pub async fn set_confirmed_without_commit(&self, lsn: Lsn) -> Result<(), LogError> {
+    pub async fn set_confirmed_without_commit(&self, lsn: Position) -> Result<(), LogError> {
         if lsn <= self.confirmed_without_commit()? {
             return Ok(());
         }
@@ -544,15 +545,15 @@ impl OffsetLog {
     /// it) as it stands from `lsn` on, durable before it returns (as [`LogWriter::relation`]).
     /// Kept per position, so that a transaction the source sends again after a restart finds
     /// the description before it.
-    pub fn set_table_shape(&self, oid: u32, lsn: Lsn, shape: &[u8]) -> Result<(), LogError> {
+    pub fn set_table_shape(&self, oid: u32, lsn: Position, shape: &[u8]) -> Result<(), LogError> {
         self.table_shapes.insert(shape_key(oid, lsn), shape)?;
         self.db.flush()?;
         Ok(())
     }
 
     /// The description of table `oid` that holds just before `lsn`, if one was stored.
-    pub fn table_shape_before(&self, oid: u32, lsn: Lsn) -> Result<Option<Vec<u8>>, LogError> {
-        let start = shape_key(oid, Lsn(0));
+    pub fn table_shape_before(&self, oid: u32, lsn: Position) -> Result<Option<Vec<u8>>, LogError> {
+        let start = shape_key(oid, Position(0));
         let end = shape_key(oid, lsn);
         Ok(self
             .table_shapes
@@ -675,8 +676,8 @@ impl LogWriter {
             self.committed_end = self.file.end();
             self.log.appended.send_replace(Durable {
                 seq,
-                commit_lsn: commit.commit_lsn,
-                end_lsn: commit.end_lsn,
+                commit_position: commit.commit_position,
+                end_position: commit.end_position,
             });
         }
         Ok(seq)
@@ -795,7 +796,7 @@ impl LogWriter {
 }
 
 /// Big-endian, so that sled's byte order is (table, position) order.
-fn shape_key(oid: u32, lsn: Lsn) -> [u8; 12] {
+fn shape_key(oid: u32, lsn: Position) -> [u8; 12] {
     let mut key = [0; 12];
     key[..4].copy_from_slice(&oid.to_be_bytes());
     key[4..].copy_from_slice(&lsn.0.to_be_bytes());
@@ -888,7 +889,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{ChangeEvent, Op, TxCommit, Value};
+    use crate::event::{ChangeEvent, Op, TxCommit, TxOrigin, Value};
 
     /// Opens the log in `dir`, waiting while sled's background threads still hold the file
     /// lock of a handle the test dropped: sled lets go of its files on its own threads a
@@ -911,8 +912,8 @@ mod tests {
 
     fn begin(lsn: u64) -> Record {
         Record::Begin(TxBegin {
-            xid: lsn as u32,
-            commit_lsn: Lsn(lsn),
+            origin: TxOrigin::Postgres { xid: lsn as u32 },
+            commit_position: Position(lsn),
             commit_ts: 0,
         })
     }
@@ -920,7 +921,7 @@ mod tests {
     fn change(lsn: u64) -> Record {
         Record::Change(ChangeEvent {
             relation: RelationId(1),
-            lsn: Lsn(lsn),
+            position: Position(lsn),
             op: Op::Insert,
             before: None,
             after: Some(vec![
@@ -933,8 +934,8 @@ mod tests {
 
     fn commit(lsn: u64) -> Record {
         Record::Commit(TxCommit {
-            commit_lsn: Lsn(lsn),
-            end_lsn: Lsn(lsn + 8),
+            commit_position: Position(lsn),
+            end_position: Position(lsn + 8),
             commit_ts: 0,
         })
     }
@@ -974,7 +975,7 @@ mod tests {
             "unflushed commit visible"
         );
         let durable = log.flush().await.unwrap();
-        assert_eq!(durable.end_lsn, Lsn(108));
+        assert_eq!(durable.end_position, Position(108));
         let read = log.read(0, 10).unwrap();
         assert_eq!(read.len(), 3);
         assert_eq!(read[1].record, change(90));
@@ -994,7 +995,7 @@ mod tests {
         let rows = |n: u32| {
             Record::SnapshotRows(crate::event::SnapshotRows {
                 relation: RelationId(1),
-                lsn: Lsn(90),
+                position: Position(90),
                 rows: n,
                 text: bytes::Bytes::from("1\tx\n".repeat(n as usize)),
             })
@@ -1037,7 +1038,7 @@ mod tests {
         }
         let log = open(dir.path());
         assert_eq!(log.durable().seq, 4);
-        assert_eq!(log.durable().commit_lsn, Lsn(100));
+        assert_eq!(log.durable().commit_position, Position(100));
         let mut writer = log.writer().unwrap();
         assert_eq!(writer.append(&begin(300)).unwrap(), 5);
     }
@@ -1055,7 +1056,7 @@ mod tests {
         log.flush().await.unwrap();
         let records = durable_records(&log);
         assert_eq!(records.len(), 7);
-        assert!(matches!(records[4], Record::Begin(b) if b.commit_lsn == Lsn(200)));
+        assert!(matches!(&records[4], Record::Begin(b) if b.commit_position == Position(200)));
         assert_eq!(log.transaction_of(6).unwrap().map(|(seq, _)| seq), Some(5));
     }
 
@@ -1072,7 +1073,7 @@ mod tests {
             append_tx(&mut writer, lsn, 3);
         }
         log.wait_beyond(14).await;
-        assert_eq!(log.durable().commit_lsn, Lsn(300));
+        assert_eq!(log.durable().commit_position, Position(300));
         assert_eq!(log.read(0, 100).unwrap().len(), 15);
         flusher.abort();
     }
@@ -1122,7 +1123,7 @@ mod tests {
         drop(writer);
         drop(log);
         let log = open(dir.path());
-        assert_eq!(log.durable().commit_lsn, Lsn(200));
+        assert_eq!(log.durable().commit_position, Position(200));
         assert_eq!(log.writer().unwrap().next_seq, 11);
     }
 
@@ -1163,7 +1164,7 @@ mod tests {
         writer.append(&begin(30)).unwrap();
         let mut inspected = Vec::new();
         let mut inspect = |c: &ChangeEvent| {
-            inspected.push(c.lsn.0);
+            inspected.push(c.position.0);
             Ok(())
         };
         let aborted = HashSet::from([8]);
@@ -1233,7 +1234,7 @@ mod tests {
     fn wide_change(lsn: u64) -> Record {
         Record::Change(ChangeEvent {
             relation: RelationId(1),
-            lsn: Lsn(lsn),
+            position: Position(lsn),
             op: Op::Insert,
             before: None,
             after: Some(vec![Value::Int(lsn as i64), Value::Text("x".repeat(4096))]),
@@ -1287,14 +1288,14 @@ mod tests {
             seen += batch.len() as u64;
         }
         assert_eq!(seen, log.durable().seq);
-        assert_eq!(log.durable().commit_lsn, Lsn(last));
+        assert_eq!(log.durable().commit_position, Position(last));
         // A record in the third segment knows its transaction's Begin.
         let in_third = log.durable().seq * 2 / 3;
         let (begin_seq, tx) = log.transaction_of(in_third).unwrap().unwrap();
         assert_eq!(log.commit_of(begin_seq).unwrap(), Some(begin_seq + 11));
         assert_eq!((in_third - begin_seq) / 12, 0, "12 records per transaction");
         assert_eq!((in_third - 1) / 12 * 12 + 1, begin_seq);
-        assert_eq!(tx.commit_lsn, Lsn((begin_seq - 1) / 12 + 1));
+        assert_eq!(tx.commit_position, Position((begin_seq - 1) / 12 + 1));
 
         let held = log.held_bytes().unwrap();
         log.store_cursor(
@@ -1320,7 +1321,7 @@ mod tests {
         drop(writer);
         drop(log);
         let log = open(dir.path());
-        assert_eq!(log.durable().commit_lsn, Lsn(last));
+        assert_eq!(log.durable().commit_position, Position(last));
         let first = log.read(0, 1).unwrap();
         assert!(matches!(first[0].record, Record::Begin(_)), "{first:?}");
         assert!(first[0].seq <= keep_from);
@@ -1412,7 +1413,7 @@ mod tests {
         std::fs::write(&segment, &bytes).unwrap();
 
         let log = open(dir.path());
-        assert_eq!(log.durable().commit_lsn, Lsn(100));
+        assert_eq!(log.durable().commit_position, Position(100));
         let mut writer = log.writer().unwrap();
         append_tx(&mut writer, 300, 1);
         log.flush().await.unwrap();

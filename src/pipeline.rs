@@ -145,7 +145,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Pipe
     match first_error {
         Some(e) => Err(e),
         None => {
-            tracing::info!(durable = %log.durable().end_lsn, "stopped");
+            tracing::info!(durable = %log.durable().end_position, "stopped");
             Ok(())
         }
     }
@@ -318,7 +318,7 @@ fn report_batch(
         records: batch.len(),
         took: started.elapsed(),
         position,
-        lsn: last_commit.map(|c| c.commit_lsn),
+        lsn: last_commit.map(|c| c.commit_position),
     });
     let durable = log.durable();
     let oldest_pending = match durable.seq > position {
@@ -327,7 +327,9 @@ fn report_batch(
             .map(|(_, begin)| begin.commit_ts),
         false => None,
     };
-    let behind = last_commit.map_or(0, |c| durable.end_lsn.0.saturating_sub(c.end_lsn.0));
+    let behind = last_commit.map_or(0, |c| {
+        durable.end_position.0.saturating_sub(c.end_position.0)
+    });
     telemetry.sink_lag(sink, behind, oldest_pending);
     Ok(())
 }

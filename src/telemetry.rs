@@ -16,7 +16,7 @@ use prometheus::{
 };
 use serde::Serialize;
 
-use crate::event::Lsn;
+use crate::event::Position;
 
 pub struct Telemetry {
     registry: Registry,
@@ -129,7 +129,7 @@ pub struct AppliedBatch<'a> {
     pub records: usize,
     pub took: Duration,
     pub position: u64,
-    pub lsn: Option<Lsn>,
+    pub lsn: Option<Position>,
 }
 
 impl Telemetry {
@@ -244,7 +244,7 @@ impl Telemetry {
         self.state().source.paused = reason;
     }
 
-    pub fn source_positions(&self, received: Lsn, logged: Lsn, confirmed: Lsn) {
+    pub fn source_positions(&self, received: Position, logged: Position, confirmed: Position) {
         let mut state = self.state();
         state.source.received_lsn = Some(received.to_string());
         state.source.logged_lsn = Some(logged.to_string());
@@ -410,7 +410,7 @@ mod tests {
             records: 7,
             took: Duration::from_millis(3),
             position: 7,
-            lsn: Some(Lsn(42)),
+            lsn: Some(Position(42)),
         });
         let text = telemetry.render_metrics(1024);
         assert!(text.contains("tidemark_events_captured_total{table=\"public.t\"} 5"));

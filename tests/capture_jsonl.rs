@@ -356,7 +356,7 @@ async fn slot_is_never_confirmed_past_what_the_log_holds() {
     let setup = AgentSetup::jsonl(&pg.url(&db), "\"public.burst\"");
     let client = pg.connect(&db).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    let mut committed: Vec<(i64, tidemark::event::Lsn)> = Vec::new();
+    let mut committed: Vec<(i64, tidemark::event::Position)> = Vec::new();
     let mut confirmed_any = false;
     for round in 0..4i64 {
         let mut agent = setup.start();
@@ -392,7 +392,7 @@ async fn slot_is_never_confirmed_past_what_the_log_holds() {
             )
             .await
             .unwrap();
-        let confirmed: tidemark::event::Lsn = row.get::<_, String>(0).parse().unwrap();
+        let confirmed: tidemark::event::Position = row.get::<_, String>(0).parse().unwrap();
         let logged = logged_burst_ids(&setup);
         let must_be_logged: Vec<i64> = committed
             .iter()

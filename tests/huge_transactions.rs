@@ -501,10 +501,10 @@ fn an_aborted_transaction_leaves_no_trace() {
 }
 
 /// One transaction as the JSONL sink wrote it: a run of consecutive envelopes with one
-/// `transaction.id` (`xid:commit_lsn`).
+/// `transaction.id` (`xid:commit_position`).
 struct Written<'a> {
     id: &'a str,
-    commit_lsn: u64,
+    commit_position: u64,
     envelopes: &'a [Value],
 }
 
@@ -513,10 +513,10 @@ fn written_transactions(envelopes: &[Value]) -> Vec<Written<'_>> {
         .chunk_by(|a, b| a["transaction"]["id"] == b["transaction"]["id"])
         .map(|run| {
             let id = run[0]["transaction"]["id"].as_str().unwrap();
-            let (_, commit_lsn) = id.split_once(':').unwrap();
+            let (_, commit_position) = id.split_once(':').unwrap();
             Written {
                 id,
-                commit_lsn: commit_lsn.parse().unwrap(),
+                commit_position: commit_position.parse().unwrap(),
                 envelopes: run,
             }
         })
@@ -619,7 +619,7 @@ async fn interleaved_big_and_small_transactions_keep_commit_order() {
             written.len(),
             "a transaction's envelopes are split by another's"
         );
-        let lsns: Vec<u64> = written.iter().map(|t| t.commit_lsn).collect();
+        let lsns: Vec<u64> = written.iter().map(|t| t.commit_position).collect();
         assert!(
             lsns.windows(2).all(|w| w[0] < w[1]),
             "transactions out of commit-LSN order: {lsns:?}"

@@ -213,7 +213,8 @@ fn a_target_that_is_down_at_start_catches_up_when_it_returns() {
 async fn replaying_an_applied_suffix_changes_nothing() {
     use tidemark::config::{ColumnNaming, DroppedColumns, PostgresSinkConfig, SinkMode};
     use tidemark::event::{
-        ChangeEvent, Column, Lsn, Op, Record, Relation, TxBegin, TxCommit, Value, ValueType,
+        ChangeEvent, Column, Op, Position, Record, Relation, TxBegin, TxCommit, TxOrigin, Value,
+        ValueType,
     };
     use tidemark::log::OffsetLog;
     use tidemark::sinks::postgres::PostgresSink;
@@ -248,8 +249,8 @@ async fn replaying_an_applied_suffix_changes_nothing() {
         lsn += 100;
         writer
             .append(&Record::Begin(TxBegin {
-                xid: lsn as u32,
-                commit_lsn: Lsn(lsn),
+                origin: TxOrigin::Postgres { xid: lsn as u32 },
+                commit_position: Position(lsn),
                 commit_ts: 0,
             }))
             .unwrap();
@@ -257,7 +258,7 @@ async fn replaying_an_applied_suffix_changes_nothing() {
             writer
                 .append(&Record::Change(ChangeEvent {
                     relation,
-                    lsn: Lsn(lsn - 50),
+                    position: Position(lsn - 50),
                     op,
                     before,
                     after,
@@ -266,8 +267,8 @@ async fn replaying_an_applied_suffix_changes_nothing() {
         }
         writer
             .append(&Record::Commit(TxCommit {
-                commit_lsn: Lsn(lsn),
-                end_lsn: Lsn(lsn + 8),
+                commit_position: Position(lsn),
+                end_position: Position(lsn + 8),
                 commit_ts: 0,
             }))
             .unwrap();

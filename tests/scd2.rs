@@ -1109,7 +1109,8 @@ fn unchanged_toast_is_carried_when_one_batch_spans_a_restart_or_an_added_column(
 async fn replaying_an_applied_suffix_changes_nothing() {
     use tidemark::config::{ColumnNaming, DroppedColumns, PostgresSinkConfig, SinkMode};
     use tidemark::event::{
-        ChangeEvent, Column, Lsn, Op, Record, Relation, TxBegin, TxCommit, Value, ValueType,
+        ChangeEvent, Column, Op, Position, Record, Relation, TxBegin, TxCommit, TxOrigin, Value,
+        ValueType,
     };
     use tidemark::log::OffsetLog;
     use tidemark::sinks::postgres::PostgresSink;
@@ -1150,8 +1151,8 @@ async fn replaying_an_applied_suffix_changes_nothing() {
         let commit_ts = BASE + lsn as i64 * 1_000_000;
         writer
             .append(&Record::Begin(TxBegin {
-                xid: lsn as u32,
-                commit_lsn: Lsn(lsn),
+                origin: TxOrigin::Postgres { xid: lsn as u32 },
+                commit_position: Position(lsn),
                 commit_ts,
             }))
             .unwrap();
@@ -1159,7 +1160,7 @@ async fn replaying_an_applied_suffix_changes_nothing() {
             writer
                 .append(&Record::Change(ChangeEvent {
                     relation,
-                    lsn: Lsn(lsn - 50 + offset as u64),
+                    position: Position(lsn - 50 + offset as u64),
                     op,
                     before,
                     after,
@@ -1168,8 +1169,8 @@ async fn replaying_an_applied_suffix_changes_nothing() {
         }
         writer
             .append(&Record::Commit(TxCommit {
-                commit_lsn: Lsn(lsn),
-                end_lsn: Lsn(lsn + 8),
+                commit_position: Position(lsn),
+                end_position: Position(lsn + 8),
                 commit_ts,
             }))
             .unwrap();

@@ -13,7 +13,7 @@ use super::pgoutput::RelationMessage;
 use super::replication::quote_ident;
 use super::SourceError;
 use crate::config::{ConnectionUrl, TablePattern};
-use crate::event::{Column, Lsn, Relation, ValueType};
+use crate::event::{Column, Position, Relation, ValueType};
 use crate::pgtext::{builtin_value_type, value_type_from_catalog};
 use crate::tls::ConnectError;
 
@@ -28,7 +28,7 @@ pub struct Catalog {
 pub struct SlotInfo {
     pub plugin: Option<String>,
     pub database: Option<String>,
-    pub confirmed_flush: Option<Lsn>,
+    pub confirmed_flush: Option<Position>,
     pub active_pid: Option<i32>,
 }
 

@@ -336,7 +336,7 @@ async fn select_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Column, Lsn, ValueType};
+    use crate::event::{Column, Position, ValueType};
 
     fn relation() -> Relation {
         let column = |name: &str, primary_key| Column {
@@ -373,7 +373,7 @@ mod tests {
     fn change(op: Op, before: Option<Row>, after: Option<Row>) -> ChangeEvent {
         ChangeEvent {
             relation: RelationId(1),
-            lsn: Lsn(1),
+            position: Position(1),
             op,
             before,
             after,

@@ -31,10 +31,11 @@ use self::replication::{
     ReplicationConnection, ReplicationError, ReplicationMessage, PG_EPOCH_OFFSET_MICROS,
 };
 use crate::config::{ConnectionUrl, PostgresSourceConfig, SnapshotMode};
+use crate::connectors::backpressure::{self, Backpressure};
 use crate::envelope::SourceInfo;
 use crate::event::{
-    ChangeEvent, ColumnChange, ExistingRows, Lsn, Op, Record, Relation, RelationId, Row,
-    SchemaChange, TxBegin, TxCommit, Value,
+    ChangeEvent, ColumnChange, ExistingRows, Op, Position, Record, Relation, RelationId, Row,
+    SchemaChange, TxBegin, TxCommit, TxOrigin, Value,
 };
 use crate::log::{InspectChange, LogError, LogWriter, OffsetLog, SnapshotState, TableSnapshots};
 use crate::pgtext::copy_rows::parse_column;
@@ -62,7 +63,7 @@ pub enum SourceError {
     Prerequisite(String),
     #[error("malformed pgoutput data at {lsn}: {source}")]
     Decode {
-        lsn: Lsn,
+        lsn: Position,
         source: pgoutput::DecodeError,
     },
     /// Continuing could silently skip changes; the message says how to recover.
@@ -168,75 +169,9 @@ pub struct PostgresSource {
     log_max_bytes: u64,
 }
 
-/// How often the log's size is compared with `agent.log_max_bytes` (a lock and a sum): while
-/// capture is paused, also how soon it goes on once the sinks have caught up.
-const BACKPRESSURE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// Changes of a committed streamed transaction appended between two status updates (well
 /// under a second).
 const STREAMED_PART_CHANGES: usize = 50_000;
-
-/// Capture (reading WAL, or copying the snapshot) stops while the log holds more than `max`
-/// bytes (the slowest sink is that far behind) and goes on below nine tenths of it; the
-/// connection stays alive meanwhile (status updates go on), and the server keeps the WAL.
-struct Backpressure {
-    max: u64,
-    paused: bool,
-    warned: Option<Instant>,
-}
-
-impl Backpressure {
-    fn new(max: u64) -> Backpressure {
-        Backpressure {
-            max,
-            paused: false,
-            warned: None,
-        }
-    }
-
-    /// Compares the log's size with the limit; while paused, asks for a trim, so the log
-    /// shrinks as soon as the sinks have applied what it holds.
-    fn update(&mut self, log: &OffsetLog, telemetry: &Telemetry) -> Result<(), LogError> {
-        let held = log.held_bytes()?;
-        self.compare(held, telemetry);
-        if self.paused {
-            log.want_trim();
-        }
-        Ok(())
-    }
-
-    fn compare(&mut self, held: u64, telemetry: &Telemetry) {
-        if !self.paused && held > self.max {
-            self.paused = true;
-        } else if self.paused && held < self.max / 10 * 9 {
-            self.paused = false;
-            self.warned = None;
-            telemetry.source_paused(None);
-            tracing::info!(log_bytes = held, "the sinks caught up; capture goes on");
-            return;
-        }
-        if !self.paused {
-            return;
-        }
-        let reason = format!(
-            "the offset log holds about {held} bytes, more than agent.log_max_bytes ({}): the \
-             slowest sink is that far behind",
-            self.max
-        );
-        if self
-            .warned
-            .is_none_or(|at| at.elapsed() >= Duration::from_secs(60))
-        {
-            self.warned = Some(Instant::now());
-            tracing::warn!(
-                log_bytes = held,
-                limit = self.max,
-                "capture paused until the sinks catch up (agent.log_max_bytes); the source keeps \
-                 the WAL meanwhile"
-            );
-        }
-        telemetry.source_paused(Some(reason));
-    }
-}
 
 /// Where the stream stands while a session runs.
 struct Session {
@@ -256,10 +191,10 @@ struct Session {
     /// Streamed transactions whose commit or abort has not come, by transaction id.
     streamed: HashMap<u32, StreamedTransaction>,
     /// The last position reported to the server.
-    confirmed: Lsn,
+    confirmed: Position,
     /// The furthest WAL position of the data received (messages the server writes ahead of
     /// the change they belong to, such as Relation, carry none).
-    received: Lsn,
+    received: Position,
     /// Changes of the open transaction per relation oid, counted as captured at its Commit.
     captured: HashMap<u32, u64>,
     /// When the slot's retained WAL was last warned about.
@@ -276,7 +211,7 @@ struct StreamedTransaction {
     captured: HashMap<(u32, u32), u64>,
     aborted_subtransactions: HashSet<u32>,
     /// Incremental snapshot watermarks it carries, handled at its commit like any other's.
-    watermarks: Vec<(Lsn, bytes::Bytes)>,
+    watermarks: Vec<(Position, bytes::Bytes)>,
 }
 
 #[derive(Clone, Copy)]
@@ -427,7 +362,7 @@ impl PostgresSource {
                      Recover by re-snapshotting: stop the agent, move agent.data_dir aside, and \
                      start again with snapshot = \"initial\" (this re-creates the slot)",
                     self.config.slot,
-                    writer.last_appended().end_lsn
+                    writer.last_appended().end_position
                 )))
             }
             None if snapshot => {
@@ -468,7 +403,7 @@ impl PostgresSource {
             .start_replication(
                 &self.config.slot,
                 &self.config.publication,
-                log_position.end_lsn,
+                log_position.end_position,
                 replication::StreamOptions {
                     streaming,
                     // Schema-change messages, and the incremental snapshot's watermarks.
@@ -479,7 +414,7 @@ impl PostgresSource {
         tracing::info!(
             slot = %self.config.slot,
             publication = %self.config.publication,
-            from = %log_position.end_lsn,
+            from = %log_position.end_position,
             tables = tables.len(),
             "streaming changes"
         );
@@ -494,8 +429,8 @@ impl PostgresSource {
             open: None,
             streaming: None,
             streamed: HashMap::new(),
-            confirmed: Lsn(0),
-            received: Lsn(0),
+            confirmed: Position(0),
+            received: Position(0),
             captured: HashMap::new(),
             retention_warned: None,
             telemetry: Arc::clone(&self.telemetry),
@@ -531,7 +466,7 @@ impl PostgresSource {
         if result.is_ok() {
             // Shutdown: make everything received durable and say so before leaving.
             let durable = writer.log().flush().await?;
-            connection.send_status(durable.end_lsn).await?;
+            connection.send_status(durable.end_position).await?;
             connection.close().await?;
         }
         result
@@ -549,7 +484,7 @@ impl PostgresSource {
         let mut status_timer = tokio::time::interval(self.config.status_interval);
         let heartbeat = !self.config.heartbeat_interval.is_zero();
         let mut backpressure = Backpressure::new(self.log_max_bytes);
-        let mut pressure_timer = tokio::time::interval(BACKPRESSURE_CHECK_INTERVAL);
+        let mut pressure_timer = tokio::time::interval(backpressure::CHECK_INTERVAL);
         let mut heartbeat_timer =
             tokio::time::interval(self.config.heartbeat_interval.max(Duration::from_millis(1)));
         loop {
@@ -558,12 +493,12 @@ impl PostgresSource {
                 _ = cancel.cancelled() => return Ok(()),
                 changed = durable.changed() => {
                     if changed.is_ok() {
-                        let end = durable.borrow_and_update().end_lsn;
+                        let end = durable.borrow_and_update().end_position;
                         session.confirm(connection, end).await?;
                     }
                 }
                 _ = status_timer.tick() => {
-                    let end = writer.log().durable().end_lsn.max(session.confirmed);
+                    let end = writer.log().durable().end_position.max(session.confirmed);
                     connection.send_status(end).await?;
                     session.report(writer, &self.config).await;
                 }
@@ -601,12 +536,12 @@ impl PostgresSource {
                             && session.streamed.is_empty()
                             && writer.last_appended().seq == log.durable().seq;
                         let end = if caught_up {
-                            wal_end.max(log.durable().end_lsn)
+                            wal_end.max(log.durable().end_position)
                         } else {
-                            log.durable().end_lsn
+                            log.durable().end_position
                         };
                         if reply_requested || end > session.confirmed {
-                            if end > log.durable().end_lsn {
+                            if end > log.durable().end_position {
                                 log.set_confirmed_without_commit(end).await?;
                             }
                             connection.send_status(end.max(session.confirmed)).await?;
@@ -701,8 +636,11 @@ impl PostgresSource {
                 continue;
             };
             captured.insert(shape.oid);
-            if log.table_shape_before(shape.oid, Lsn(u64::MAX))?.is_none() {
-                log.set_table_shape(shape.oid, Lsn(0), &encode_shape(&shape))?;
+            if log
+                .table_shape_before(shape.oid, Position(u64::MAX))?
+                .is_none()
+            {
+                log.set_table_shape(shape.oid, Position(0), &encode_shape(&shape))?;
             }
         }
         Ok((captured, trigger))
@@ -773,7 +711,7 @@ impl PostgresSource {
     ) -> Result<(), SourceError> {
         let logged = writer
             .last_appended()
-            .end_lsn
+            .end_position
             .max(writer.log().confirmed_without_commit()?);
         match slot.confirmed_flush {
             Some(confirmed) if confirmed > logged => Err(SourceError::Diverged(format!(
@@ -832,7 +770,7 @@ impl Session {
     async fn report(&mut self, writer: &LogWriter, config: &PostgresSourceConfig) {
         self.telemetry.source_positions(
             self.received,
-            writer.log().durable().end_lsn,
+            writer.log().durable().end_position,
             self.confirmed,
         );
         match self.catalog.slot_retained_bytes(&config.slot).await {
@@ -862,7 +800,7 @@ impl Session {
     async fn confirm(
         &mut self,
         connection: &mut ReplicationConnection,
-        durable_end: Lsn,
+        durable_end: Position,
     ) -> Result<(), SourceError> {
         if durable_end > self.confirmed {
             connection.send_status(durable_end).await?;
@@ -875,7 +813,7 @@ impl Session {
         &mut self,
         connection: &mut ReplicationConnection,
         writer: &mut LogWriter,
-        lsn: Lsn,
+        lsn: Position,
         message: LogicalMessage,
     ) -> Result<(), SourceError> {
         match message {
@@ -883,7 +821,7 @@ impl Session {
                 final_lsn,
                 commit_ts,
                 xid,
-            } => self.begin(writer, xid, Lsn(final_lsn), commit_ts)?,
+            } => self.begin(writer, xid, Position(final_lsn), commit_ts)?,
             LogicalMessage::Commit {
                 commit_lsn,
                 end_lsn,
@@ -916,7 +854,7 @@ impl Session {
                 ..
             } => {
                 let streamed = self.streamed.remove(&xid).unwrap_or_default();
-                self.begin(writer, xid, Lsn(commit_lsn), commit_ts)?;
+                self.begin(writer, xid, Position(commit_lsn), commit_ts)?;
                 if let Some(OpenTransaction::Logging) = self.open {
                     self.append_streamed(connection, writer, xid, streamed)
                         .await?;
@@ -987,7 +925,7 @@ impl Session {
                 lsn: message_lsn,
                 ..
             } if prefix == ddl::MESSAGE_PREFIX => {
-                self.schema_message(writer, Lsn(message_lsn), xid, &content)
+                self.schema_message(writer, Position(message_lsn), xid, &content)
                     .await?
             }
             LogicalMessage::Message {
@@ -1022,7 +960,7 @@ impl Session {
     async fn schema_message(
         &mut self,
         writer: &mut LogWriter,
-        lsn: Lsn,
+        lsn: Position,
         xid: Option<u32>,
         content: &[u8],
     ) -> Result<(), SourceError> {
@@ -1055,7 +993,7 @@ impl Session {
             .insert(shape.oid, (id, Arc::clone(&relation)));
         let change = SchemaChange {
             relation: id,
-            lsn,
+            position: lsn,
             columns,
             exact: true,
         };
@@ -1067,7 +1005,7 @@ impl Session {
     async fn inferred_schema_change(
         &mut self,
         writer: &mut LogWriter,
-        lsn: Lsn,
+        lsn: Position,
         xid: Option<u32>,
         id: RelationId,
         previous: &Relation,
@@ -1094,7 +1032,7 @@ impl Session {
         );
         let change = SchemaChange {
             relation: id,
-            lsn,
+            position: lsn,
             columns,
             exact: false,
         };
@@ -1109,7 +1047,7 @@ impl Session {
         change: SchemaChange,
     ) -> Result<(), SourceError> {
         for column in &change.columns {
-            tracing::info!(table = %relation.qualified_name(), change = ?column, lsn = %change.lsn, "schema change");
+            tracing::info!(table = %relation.qualified_name(), change = ?column, lsn = %change.position, "schema change");
             if let ColumnChange::Added {
                 name,
                 existing_rows: ExistingRows::Unknown,
@@ -1136,23 +1074,23 @@ impl Session {
         Ok(())
     }
 
-    /// Starts logging the transaction that commits at `commit_lsn`, or skipping it when the
+    /// Starts logging the transaction that commits at `commit_position`, or skipping it when the
     /// log already holds it (the server re-sends from the slot's confirmed position).
     fn begin(
         &mut self,
         writer: &mut LogWriter,
         xid: u32,
-        commit_lsn: Lsn,
+        commit_position: Position,
         commit_ts: i64,
     ) -> Result<(), SourceError> {
-        if commit_lsn <= writer.last_appended().commit_lsn {
+        if commit_position <= writer.last_appended().commit_position {
             self.open = Some(OpenTransaction::Skipping);
             return Ok(());
         }
         self.open = Some(OpenTransaction::Logging);
         writer.append(&Record::Begin(TxBegin {
-            xid,
-            commit_lsn,
+            origin: TxOrigin::Postgres { xid },
+            commit_position,
             commit_ts: unix_micros(commit_ts),
         }))?;
         Ok(())
@@ -1172,8 +1110,8 @@ impl Session {
                 }
             }
             writer.append(&Record::Commit(TxCommit {
-                commit_lsn: Lsn(commit_lsn),
-                end_lsn: Lsn(end_lsn),
+                commit_position: Position(commit_lsn),
+                end_position: Position(end_lsn),
                 commit_ts: unix_micros(commit_ts),
             }))?;
             self.record_chunk(writer)?;
@@ -1243,7 +1181,7 @@ impl Session {
     fn change(
         &mut self,
         writer: &mut LogWriter,
-        lsn: Lsn,
+        lsn: Position,
         xid: Option<u32>,
         relation_id: u32,
         op: Op,
@@ -1266,7 +1204,7 @@ impl Session {
         })?;
         let change = ChangeEvent {
             relation: *id,
-            lsn,
+            position: lsn,
             op,
             before: before.map(|t| to_row(relation, lsn, t)).transpose()?,
             after: after.map(|t| to_row(relation, lsn, t)).transpose()?,
@@ -1297,7 +1235,7 @@ impl Session {
     fn watermark(
         &mut self,
         writer: &mut LogWriter,
-        lsn: Lsn,
+        lsn: Position,
         content: &[u8],
     ) -> Result<(), SourceError> {
         let Some(merge) = self.incremental.as_mut() else {
@@ -1345,7 +1283,7 @@ impl Session {
         for row in rows {
             writer.append(&Record::Change(ChangeEvent {
                 relation: relation_id,
-                lsn,
+                position: lsn,
                 op: Op::IncrementalRead,
                 before: None,
                 after: Some(row),
@@ -1414,7 +1352,7 @@ fn protocol_error(message: String) -> SourceError {
 }
 
 /// Converts a pgoutput tuple to a row of values.
-fn to_row(relation: &Relation, lsn: Lsn, tuple: Vec<TupleValue>) -> Result<Row, SourceError> {
+fn to_row(relation: &Relation, lsn: Position, tuple: Vec<TupleValue>) -> Result<Row, SourceError> {
     if tuple.len() != relation.columns.len() {
         return Err(protocol_error(format!(
             "change at {lsn} for {} has {} columns, its Relation message {}",

@@ -24,7 +24,7 @@ use tokio_postgres::error::SqlState;
 use tokio_rustls::TlsConnector;
 
 use crate::config::PgConfig;
-use crate::event::Lsn;
+use crate::event::Position;
 use crate::tls;
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch, 2000-01-01 00:00 UTC.
@@ -67,12 +67,12 @@ impl ReplicationError {
 #[derive(Debug)]
 pub enum ReplicationMessage {
     XLogData {
-        wal_start: Lsn,
-        wal_end: Lsn,
+        wal_start: Position,
+        wal_end: Position,
         data: Bytes,
     },
     PrimaryKeepalive {
-        wal_end: Lsn,
+        wal_end: Position,
         reply_requested: bool,
     },
 }
@@ -82,7 +82,7 @@ pub enum ReplicationMessage {
 pub struct SystemIdentity {
     pub system_id: String,
     pub timeline: u32,
-    pub xlog_position: Lsn,
+    pub xlog_position: Position,
     pub database: Option<String>,
 }
 
@@ -316,7 +316,7 @@ impl ReplicationConnection {
     }
 
     /// Creates a logical slot with pgoutput without exporting a snapshot.
-    pub async fn create_slot(&mut self, slot: &str) -> Result<Lsn, ReplicationError> {
+    pub async fn create_slot(&mut self, slot: &str) -> Result<Position, ReplicationError> {
         let (lsn, _) = self.create_slot_with(slot, "NOEXPORT_SNAPSHOT").await?;
         Ok(lsn)
     }
@@ -328,7 +328,7 @@ impl ReplicationConnection {
     pub async fn create_slot_exporting(
         &mut self,
         slot: &str,
-    ) -> Result<(Lsn, String), ReplicationError> {
+    ) -> Result<(Position, String), ReplicationError> {
         let (lsn, snapshot) = self.create_slot_with(slot, "EXPORT_SNAPSHOT").await?;
         let snapshot = snapshot.ok_or_else(|| {
             ReplicationError::Protocol("CREATE_REPLICATION_SLOT: no snapshot name".into())
@@ -340,7 +340,7 @@ impl ReplicationConnection {
         &mut self,
         slot: &str,
         snapshot_option: &str,
-    ) -> Result<(Lsn, Option<String>), ReplicationError> {
+    ) -> Result<(Position, Option<String>), ReplicationError> {
         let sql = format!(
             "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snapshot_option}",
             quote_ident(slot)
@@ -359,7 +359,7 @@ impl ReplicationConnection {
         &mut self,
         slot: &str,
         publication: &str,
-        start: Lsn,
+        start: Position,
         options: StreamOptions,
     ) -> Result<(), ReplicationError> {
         let protocol = if options.streaming {
@@ -411,7 +411,7 @@ impl ReplicationConnection {
     }
 
     /// Sends a standby status update: everything up to `flush` is durable on our side.
-    pub async fn send_status(&mut self, flush: Lsn) -> Result<(), ReplicationError> {
+    pub async fn send_status(&mut self, flush: Position) -> Result<(), ReplicationError> {
         let mut payload = BytesMut::with_capacity(34);
         payload.put_u8(STANDBY_STATUS_UPDATE_TAG);
         payload.put_u64(flush.0);
@@ -492,8 +492,8 @@ fn parse_copy_data(mut data: Bytes) -> Result<ReplicationMessage, ReplicationErr
                 return Err(truncated("XLogData"));
             }
             data.advance(1);
-            let wal_start = Lsn(data.get_u64());
-            let wal_end = Lsn(data.get_u64());
+            let wal_start = Position(data.get_u64());
+            let wal_end = Position(data.get_u64());
             let _send_time = data.get_i64();
             Ok(ReplicationMessage::XLogData {
                 wal_start,
@@ -506,7 +506,7 @@ fn parse_copy_data(mut data: Bytes) -> Result<ReplicationMessage, ReplicationErr
                 return Err(truncated("primary keepalive"));
             }
             data.advance(1);
-            let wal_end = Lsn(data.get_u64());
+            let wal_end = Position(data.get_u64());
             let _send_time = data.get_i64();
             Ok(ReplicationMessage::PrimaryKeepalive {
                 wal_end,

@@ -25,11 +25,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::catalog::{Catalog, SourceTable};
 use super::replication::quote_ident;
-use super::{Backpressure, PostgresSource, SourceError, BACKPRESSURE_CHECK_INTERVAL};
+use super::{PostgresSource, SourceError};
 use crate::config::PostgresSourceConfig;
-use crate::event::{
-    ChangeEvent, Lsn, Op, Record, Relation, RelationId, SnapshotRows, TxBegin, TxCommit,
-};
+use crate::connectors::backpressure::{self, Backpressure};
+use crate::connectors::snapshot_log::SnapshotTransactions;
+use crate::event::{Position, Relation, RelationId, TxOrigin};
 use crate::log::{LogWriter, SnapshotState, TableSnapshots};
 use crate::pgtext::copy_rows::{check_lines, malformed_row};
 use crate::telemetry::{SnapshotStatus, TableProgress, Telemetry};
@@ -39,8 +39,6 @@ const MIN_RANGE_BLOCKS: u32 = 1024;
 /// Rows (or bytes of rows) a reader hands to the log at once: one record of the log.
 const ROWS_PER_MESSAGE: u32 = 1000;
 const BYTES_PER_MESSAGE: usize = 1 << 20;
-/// Rows of one logged snapshot transaction.
-const ROWS_PER_TRANSACTION: u64 = 50_000;
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 /// How often `/status` learns the rows copied.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -77,7 +75,7 @@ struct Rows {
 pub struct Exported<'a> {
     pub name: &'a str,
     /// Where the slot's stream starts.
-    pub consistent_point: Lsn,
+    pub consistent_point: Position,
     /// Server time (Unix microseconds) just before the slot was created: no transaction the
     /// stream carries committed earlier, so the snapshot's rows are as of then.
     pub taken_at: i64,
@@ -149,13 +147,12 @@ pub async fn copy(
         .await?;
     // Strictly below the consistent point: a transaction whose commit record starts exactly
     // there is not in the snapshot and must not be taken for one the log holds.
-    let mut logged = SnapshotTransactions {
-        lsn: Lsn(snapshot.consistent_point.0.saturating_sub(1)),
-        end_lsn: snapshot.consistent_point,
-        commit_ts: snapshot.taken_at,
-        number: 0,
-        rows: 0,
-    };
+    let mut logged = SnapshotTransactions::new(
+        Position(snapshot.consistent_point.0.saturating_sub(1)),
+        snapshot.consistent_point,
+        snapshot.taken_at,
+        Box::new(|number| TxOrigin::Postgres { xid: number }),
+    );
     logged.begin(writer)?;
     if snapshot.replaces_earlier {
         for table in &described {
@@ -183,7 +180,7 @@ pub async fn copy(
             publish_progress(&mut last_status, &described, rows, started, telemetry);
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(None),
-                _ = tokio::time::sleep(BACKPRESSURE_CHECK_INTERVAL) => {}
+                _ = tokio::time::sleep(backpressure::CHECK_INTERVAL) => {}
             }
         }
         let table = &mut described[chunk.table];
@@ -267,76 +264,6 @@ fn progress(tables: &[Table], rows: u64, started: Instant, state: &'static str) 
                 (t.relation.qualified_name(), progress)
             })
             .collect(),
-    }
-}
-
-/// The snapshot's transactions in the log: all at the snapshot's position, numbered from 1 in
-/// place of a source transaction id, each of at most `ROWS_PER_TRANSACTION` rows.
-struct SnapshotTransactions {
-    lsn: Lsn,
-    end_lsn: Lsn,
-    commit_ts: i64,
-    number: u32,
-    rows: u64,
-}
-
-impl SnapshotTransactions {
-    fn begin(&mut self, writer: &mut LogWriter) -> Result<(), SourceError> {
-        self.number += 1;
-        self.rows = 0;
-        writer.append(&Record::Begin(TxBegin {
-            xid: self.number,
-            commit_lsn: self.lsn,
-            commit_ts: self.commit_ts,
-        }))?;
-        Ok(())
-    }
-
-    fn truncate(
-        &mut self,
-        writer: &mut LogWriter,
-        relation: RelationId,
-    ) -> Result<(), SourceError> {
-        writer.append(&Record::Change(ChangeEvent {
-            relation,
-            lsn: self.lsn,
-            op: Op::Truncate,
-            before: None,
-            after: None,
-        }))?;
-        // A truncate is a change of the transaction like a row (50,000 changes at most).
-        self.rows += 1;
-        Ok(())
-    }
-
-    fn rows(
-        &mut self,
-        writer: &mut LogWriter,
-        relation: RelationId,
-        rows: u32,
-        text: Bytes,
-    ) -> Result<(), SourceError> {
-        if self.rows > 0 && self.rows + u64::from(rows) > ROWS_PER_TRANSACTION {
-            self.commit(writer)?;
-            self.begin(writer)?;
-        }
-        writer.append(&Record::SnapshotRows(SnapshotRows {
-            relation,
-            lsn: self.lsn,
-            rows,
-            text,
-        }))?;
-        self.rows += u64::from(rows);
-        Ok(())
-    }
-
-    fn commit(&mut self, writer: &mut LogWriter) -> Result<(), SourceError> {
-        writer.append(&Record::Commit(TxCommit {
-            commit_lsn: self.lsn,
-            end_lsn: self.end_lsn,
-            commit_ts: self.commit_ts,
-        }))?;
-        Ok(())
     }
 }
 

@@ -289,7 +289,7 @@ pub(crate) fn fill_unchanged(row: &mut Row, previous: &Row) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::event::{Column, Lsn, ValueType};
+    use crate::event::{Column, Position, ValueType};
     use proptest::prelude::*;
 
     /// A table `t{oid}` (id text primary key, body text).
@@ -322,7 +322,7 @@ pub(crate) mod tests {
     pub(crate) fn change(op: Op, before: Option<Row>, after: Option<Row>) -> ChangeEvent {
         ChangeEvent {
             relation: RelationId(1),
-            lsn: Lsn(0),
+            position: Position(0),
             op,
             before,
             after,
@@ -371,7 +371,7 @@ pub(crate) mod tests {
     fn snapshot_rows(text: &str) -> SnapshotRows {
         SnapshotRows {
             relation: RelationId(1),
-            lsn: Lsn(0),
+            position: Position(0),
             rows: text.matches('\n').count() as u32,
             text: Bytes::from(text.to_string()),
         }

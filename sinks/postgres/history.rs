@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::collapse::{fill_unchanged, key_of, CollapseError};
-use crate::event::{ChangeEvent, Lsn, Op, Relation, RelationId, Row, TxBegin, Value};
+use crate::event::{ChangeEvent, Op, Position, Relation, RelationId, Row, TxBegin, Value};
 
 /// What one transaction did to one key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +59,7 @@ impl EventKind {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Carry {
     pub from: Row,
-    pub before: Lsn,
+    pub before: Position,
 }
 
 /// One key's event in one committed transaction.
@@ -72,23 +72,23 @@ pub struct KeyEvent {
     /// key (None: the key's own latest version before this one).
     pub carry_from: Option<Carry>,
     /// Commit LSN and time of the transaction.
-    pub lsn: Lsn,
+    pub lsn: Position,
     pub at: i64,
     /// Commit LSN of the key's previous event in the batch.
-    pub previous: Option<Lsn>,
+    pub previous: Option<Position>,
     /// Commit time of the key's next event in the batch (versions only).
     pub valid_to: Option<i64>,
 }
 
 impl KeyEvent {
     /// The event of a key in `begin`'s transaction, not yet chained.
-    fn new(kind: EventKind, row: Row, carry_from: Option<Carry>, begin: &TxBegin) -> KeyEvent {
+    fn new(kind: EventKind, row: Row, carry_from: Option<Carry>, begin: &CommitPoint) -> KeyEvent {
         KeyEvent {
             kind,
             row,
             carry_from,
-            lsn: begin.commit_lsn,
-            at: begin.commit_ts,
+            lsn: begin.position,
+            at: begin.at,
             previous: None,
             valid_to: None,
         }
@@ -102,7 +102,7 @@ pub struct HistoryPlan {
     pub relation: Arc<Relation>,
     /// A truncate before `events`: every version current before its commit LSN ends at its
     /// commit time.
-    pub truncate: Option<(Lsn, i64)>,
+    pub truncate: Option<(Position, i64)>,
     pub events: Vec<KeyEvent>,
 }
 
@@ -127,9 +127,16 @@ pub struct History {
     /// (relation oid, key) → (plan, event) of the key's last event in the batch.
     last_event: HashMap<(u32, Vec<u8>), (usize, usize)>,
     /// The transaction being read: its begin and its keys in the order first touched.
-    transaction: Option<TxBegin>,
+    transaction: Option<CommitPoint>,
     pending: Vec<((u32, Vec<u8>), Pending)>,
     pending_index: HashMap<(u32, Vec<u8>), usize>,
+}
+
+/// Where and when the transaction being read committed: what its versions are stamped with.
+#[derive(Debug, Clone, Copy)]
+struct CommitPoint {
+    position: Position,
+    at: i64,
 }
 
 impl History {
@@ -146,7 +153,10 @@ impl History {
     }
 
     pub fn begin(&mut self, begin: &TxBegin) {
-        self.transaction = Some(*begin);
+        self.transaction = Some(CommitPoint {
+            position: begin.commit_position,
+            at: begin.commit_ts,
+        });
         self.pending.clear();
         self.pending_index.clear();
     }
@@ -200,9 +210,9 @@ impl History {
                 if let Some((old_key, before)) = moved_from {
                     // Values still unchanged are in the old key's version, not the new key's.
                     carry_from = carry_from.or_else(|| {
-                        self.transaction.map(|begin| Carry {
+                        self.transaction.as_ref().map(|begin| Carry {
                             from: before.clone(),
-                            before: begin.commit_lsn,
+                            before: begin.position,
                         })
                     });
                     let (last, last_carry) = self.last_values(&old_key, before, relation);
@@ -228,14 +238,14 @@ impl History {
             // A snapshot reads each key once: its version is settled as it is read.
             Op::Read | Op::IncrementalRead => {
                 let after = change.after.as_ref().ok_or_else(|| missing("new"))?;
-                if let Some(begin) = self.transaction {
+                if let Some(begin) = &self.transaction {
                     let key = (oid, key_of(after, &pk));
                     let kind = if change.op == Op::Read {
                         EventKind::Read
                     } else {
                         EventKind::IncrementalRead
                     };
-                    let event = KeyEvent::new(kind, after.clone(), None, &begin);
+                    let event = KeyEvent::new(kind, after.clone(), None, begin);
                     self.push(key, relation_id, relation, event);
                 }
             }
@@ -297,7 +307,7 @@ impl History {
     }
 
     fn truncate(&mut self, relation_id: RelationId, relation: &Arc<Relation>) {
-        let Some(begin) = self.transaction else {
+        let Some(begin) = &self.transaction else {
             return;
         };
         let oid = relation.oid;
@@ -307,7 +317,7 @@ impl History {
             if table == oid {
                 let event = &mut self.plans[plan].events[event];
                 if event.kind.is_version() && event.valid_to.is_none() {
-                    event.valid_to = Some(begin.commit_ts);
+                    event.valid_to = Some(begin.at);
                 }
             }
         }
@@ -322,7 +332,7 @@ impl History {
         self.plans.push(HistoryPlan {
             relation_id,
             relation: Arc::clone(relation),
-            truncate: Some((begin.commit_lsn, begin.commit_ts)),
+            truncate: Some((begin.position, begin.at)),
             events: Vec::new(),
         });
         self.current.insert(oid, self.plans.len() - 1);
@@ -431,14 +441,15 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::TxOrigin;
     use crate::sinks::postgres::collapse::tests::{change, relation, row};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
     fn begin(n: u64) -> TxBegin {
         TxBegin {
-            xid: n as u32,
-            commit_lsn: Lsn(n * 100),
+            origin: TxOrigin::Postgres { xid: n as u32 },
+            commit_position: Position(n * 100),
             commit_ts: n as i64 * 1_000,
         }
     }
@@ -487,7 +498,7 @@ mod tests {
                 (EventKind::Updated, row(1, Some("b")), None),
             ]
         );
-        assert_eq!(plans[0].events[1].previous, Some(Lsn(100)));
+        assert_eq!(plans[0].events[1].previous, Some(Position(100)));
     }
 
     /// An incremental snapshot's read may follow versions the stream recorded: it ends them
@@ -509,7 +520,7 @@ mod tests {
                 (EventKind::IncrementalRead, row(1, Some("a")), None),
             ]
         );
-        assert_eq!(plans[0].events[1].previous, Some(Lsn(100)));
+        assert_eq!(plans[0].events[1].previous, Some(Position(100)));
         assert_eq!(EventKind::IncrementalRead.code(), "r");
     }
 
@@ -554,7 +565,7 @@ mod tests {
             events[1].carry_from,
             Some(Carry {
                 from: vec![Value::Int(1), Value::Null],
-                before: Lsn(100)
+                before: Position(100)
             })
         );
     }
@@ -574,7 +585,7 @@ mod tests {
         );
         assert_eq!(plans.len(), 2);
         assert_eq!(plans[0].events[0].valid_to, Some(2_000));
-        assert_eq!(plans[1].truncate, Some((Lsn(200), 2_000)));
+        assert_eq!(plans[1].truncate, Some((Position(200), 2_000)));
         assert_eq!(plans[1].events[0].kind, EventKind::Created);
         assert_eq!(plans[1].events[0].previous, None);
     }
@@ -583,14 +594,14 @@ mod tests {
     #[derive(Debug, Clone, PartialEq)]
     struct Version {
         body: Value,
-        lsn: Lsn,
+        lsn: Position,
         from: i64,
         to: Option<i64>,
         op: &'static str,
     }
 
     /// The target as the SCD2 statements leave it: key → versions by commit LSN.
-    type Target = BTreeMap<i64, BTreeMap<Lsn, Version>>;
+    type Target = BTreeMap<i64, BTreeMap<Position, Version>>;
 
     fn id(row: &Row) -> i64 {
         match row[0] {
@@ -612,7 +623,7 @@ mod tests {
             let versions: Vec<&KeyEvent> =
                 plan.events.iter().filter(|e| e.kind.is_version()).collect();
             // The key's latest version before `before`.
-            let latest = |target: &Target, key: i64, before: Lsn| {
+            let latest = |target: &Target, key: i64, before: Position| {
                 target.get(&key).and_then(|versions| {
                     versions
                         .range(..before)

@@ -34,7 +34,9 @@ use self::staging::{Pass, PlanSql};
 use super::{DeadLettered, Sink, SinkError};
 use crate::config::{PostgresSinkConfig, SinkMode};
 use crate::dead_letter::{self, DeadLetterQueue, LetterChange, Touch};
-use crate::event::{ChangeEvent, Lsn, Op, Record, Relation, RelationId, Row, TxBegin, TxCommit};
+use crate::event::{
+    ChangeEvent, Op, Position, Record, Relation, RelationId, Row, TxBegin, TxCommit, TxOrigin,
+};
 use crate::log::{LogEntry, OffsetLog, SinkCursor};
 use crate::pgtext::copy_rows::parse_copy_rows;
 use crate::retry::is_transient;
@@ -235,7 +237,7 @@ pub struct PlannedBatch {
     /// Schema changes, applied before the tables' work.
     schema: Vec<SchemaStep>,
     tables: Vec<TableWork>,
-    source_lsn: Lsn,
+    source_lsn: Position,
 }
 
 impl PlannedBatch {
@@ -366,7 +368,7 @@ impl BatchPlanner {
             sink: self.sink.clone(),
             message,
         };
-        let mut source_lsn = Lsn(0);
+        let mut source_lsn = Position(0);
         let mut schema = Vec::new();
         for entry in entries {
             match &entry.record {
@@ -377,14 +379,14 @@ impl BatchPlanner {
                         relation,
                         change: change.clone(),
                     });
-                    source_lsn = source_lsn.max(change.lsn);
+                    source_lsn = source_lsn.max(change.position);
                 }
                 Record::Change(change) => {
                     let relation = relation_of(change.relation)?;
                     builder
                         .add(&relation, change)
                         .map_err(|e| inconsistent(e.to_string()))?;
-                    source_lsn = source_lsn.max(change.lsn);
+                    source_lsn = source_lsn.max(change.position);
                 }
                 Record::SnapshotRows(rows) => {
                     let relation = relation_of(rows.relation)?;
@@ -404,10 +406,10 @@ impl BatchPlanner {
                                 .map_err(|e| inconsistent(e.to_string()))?;
                         }
                     }
-                    source_lsn = source_lsn.max(rows.lsn);
+                    source_lsn = source_lsn.max(rows.position);
                 }
                 Record::Commit(commit) => {
-                    source_lsn = source_lsn.max(commit.commit_lsn);
+                    source_lsn = source_lsn.max(commit.commit_position);
                     if let PlanBuilder::History(history) = &mut builder {
                         history.commit();
                     }
@@ -497,7 +499,7 @@ impl PostgresSink {
         let mut order: Vec<&LetterChange> = letters.iter().collect();
         order.sort_by_key(|letter| letter.commit.map(|(lsn, _)| lsn));
         let mut entries = Vec::new();
-        let mut open: Option<(Lsn, i64)> = None;
+        let mut open: Option<(Position, i64)> = None;
         for letter in order {
             let relation = match relations.iter().position(|r| **r == letter.relation) {
                 Some(i) => i,
@@ -506,34 +508,34 @@ impl PostgresSink {
                     relations.len() - 1
                 }
             };
-            let (commit_lsn, commit_ts) = letter.commit.unwrap_or_default();
-            if open != Some((commit_lsn, commit_ts)) {
-                if let Some((commit_lsn, commit_ts)) = open {
+            let (commit_position, commit_ts) = letter.commit.unwrap_or_default();
+            if open != Some((commit_position, commit_ts)) {
+                if let Some((commit_position, commit_ts)) = open {
                     entries.push(Record::Commit(TxCommit {
-                        commit_lsn,
-                        end_lsn: commit_lsn,
+                        commit_position,
+                        end_position: commit_position,
                         commit_ts,
                     }));
                 }
                 entries.push(Record::Begin(TxBegin {
-                    xid: 0,
-                    commit_lsn,
+                    origin: TxOrigin::Postgres { xid: 0 },
+                    commit_position,
                     commit_ts,
                 }));
-                open = Some((commit_lsn, commit_ts));
+                open = Some((commit_position, commit_ts));
             }
             entries.push(Record::Change(ChangeEvent {
                 relation: RelationId(relation as u64),
-                lsn: commit_lsn,
+                position: commit_position,
                 op: letter.op,
                 before: letter.before.clone(),
                 after: letter.after.clone(),
             }));
         }
-        if let Some((commit_lsn, commit_ts)) = open {
+        if let Some((commit_position, commit_ts)) = open {
             entries.push(Record::Commit(TxCommit {
-                commit_lsn,
-                end_lsn: commit_lsn,
+                commit_position,
+                end_position: commit_position,
                 commit_ts,
             }));
         }
@@ -772,7 +774,7 @@ impl PostgresSink {
                     let large = LargeTransaction::start(
                         &self.large_dir,
                         entry.seq,
-                        *begin,
+                        begin.clone(),
                         commit - entry.seq,
                         // The first chunk is a whole batch: partitions of about its size.
                         chunk.len(),
@@ -841,7 +843,7 @@ impl PostgresSink {
         };
         let begin = LogEntry {
             seq: large.begin_seq,
-            record: Record::Begin(large.begin),
+            record: Record::Begin(large.begin.clone()),
         };
         let log = Arc::clone(&self.log);
         if large.whole {
@@ -898,7 +900,7 @@ struct Batch {
     schema: Vec<SchemaStep>,
     tables: Vec<TableWork>,
     log_position: u64,
-    source_lsn: Lsn,
+    source_lsn: Position,
     /// Advance the checkpoint to `log_position` (not for dead letters applied again).
     checkpoint: bool,
 }

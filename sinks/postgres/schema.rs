@@ -289,7 +289,7 @@ pub fn renamed<'a>(relation: &Relation, later: impl Iterator<Item = &'a SchemaSt
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Lsn, RelationId, ValueType};
+    use crate::event::{Position, RelationId, ValueType};
 
     fn column(name: &str, type_oid: u32, type_modifier: i32, type_name: &str) -> Column {
         Column {
@@ -317,7 +317,7 @@ mod tests {
             }),
             change: SchemaChange {
                 relation: RelationId(9),
-                lsn: Lsn(1),
+                position: Position(1),
                 columns: changes,
                 exact: true,
             },
