@@ -15,6 +15,7 @@
 //! - On `cancel` it stops reading, makes what it appended durable, confirms it, and returns.
 
 pub mod backpressure;
+pub mod mysql;
 pub mod postgres;
 pub mod snapshot_log;
 
@@ -33,6 +34,8 @@ use crate::telemetry::Telemetry;
 pub enum SourceError {
     #[error(transparent)]
     Postgres(#[from] postgres::SourceError),
+    #[error(transparent)]
+    MySql(#[from] mysql::SourceError),
 }
 
 impl SourceError {
@@ -40,6 +43,7 @@ impl SourceError {
     pub fn is_prerequisite(&self) -> bool {
         match self {
             SourceError::Postgres(e) => e.is_prerequisite(),
+            SourceError::MySql(e) => e.is_prerequisite(),
         }
     }
 }
@@ -47,6 +51,7 @@ impl SourceError {
 /// The closed set of sources, built from config with one match.
 pub enum AnySource {
     Postgres(postgres::PostgresSource),
+    MySql(mysql::MySqlSource),
 }
 
 /// What a source needs besides its own config section.
@@ -67,6 +72,12 @@ impl AnySource {
                 settings.telemetry,
                 settings.log_max_bytes,
             )),
+            SourceConfig::MySql(config) => AnySource::MySql(mysql::MySqlSource::new(
+                config.clone(),
+                settings.require_primary_keys,
+                settings.telemetry,
+                settings.log_max_bytes,
+            )),
         }
     }
 
@@ -74,6 +85,7 @@ impl AnySource {
     pub fn info(&self, name: &str) -> SourceInfo {
         match self {
             AnySource::Postgres(source) => source.info(name),
+            AnySource::MySql(source) => source.info(name),
         }
     }
 
@@ -82,6 +94,7 @@ impl AnySource {
     pub fn snapshot_parallelism(&self) -> usize {
         match self {
             AnySource::Postgres(source) => source.snapshot_parallelism(),
+            AnySource::MySql(source) => source.snapshot_parallelism(),
         }
     }
 
@@ -91,6 +104,7 @@ impl AnySource {
             SourceConfig::Postgres(config) => {
                 postgres::check::run(config, require_primary_keys).await
             }
+            SourceConfig::MySql(config) => mysql::check::run(config, require_primary_keys).await,
         }
     }
 
@@ -102,6 +116,7 @@ impl AnySource {
     ) -> Result<(), SourceError> {
         match self {
             AnySource::Postgres(source) => Ok(source.run(writer, cancel).await?),
+            AnySource::MySql(source) => Ok(source.run(writer, cancel).await?),
         }
     }
 }

@@ -11,6 +11,7 @@
 mod check;
 mod document;
 mod interpolate;
+mod mysql_url;
 mod schema;
 mod sink;
 mod ssl;
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use check::Checker;
 
+pub use mysql_url::MySqlUrl;
 pub use ssl::{RootCert, SslMode, TlsSettings};
 pub use url::{ConnectionUrl, InvalidUrl, PgConfig};
 
@@ -60,6 +62,31 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceConfig {
     Postgres(PostgresSourceConfig),
+    MySql(MySqlSourceConfig),
+}
+
+impl SourceConfig {
+    /// The captured tables' patterns.
+    pub fn tables(&self) -> &[TablePattern] {
+        match self {
+            SourceConfig::Postgres(config) => &config.tables,
+            SourceConfig::MySql(config) => &config.tables,
+        }
+    }
+}
+
+/// `[source]` with `type = "mysql"`: a MySQL or MariaDB server's binlog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MySqlSourceConfig {
+    pub url: MySqlUrl,
+    /// Never empty; each names its database (the pattern's schema).
+    pub tables: Vec<TablePattern>,
+    /// The server id the binlog stream registers with: unique among the server's replicas.
+    pub server_id: u32,
+    pub snapshot: SnapshotMode,
+    /// How many connections copy the initial snapshot at once.
+    pub snapshot_parallelism: usize,
+    pub connect_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -433,7 +460,9 @@ max_file_bytes = 1000
             ],
         };
         assert_eq!(config, expected);
-        let SourceConfig::Postgres(pg) = &config.source;
+        let SourceConfig::Postgres(pg) = &config.source else {
+            panic!("{:?} is not a postgres source", config.source)
+        };
         let pg_config = pg.url.pg_config();
         assert_eq!(pg_config.get_password(), Some(SECRET.as_bytes()));
         assert_eq!(pg_config.get_dbname(), Some("shop"));
@@ -465,7 +494,9 @@ schema = "replica"
             config.agent.health_addr,
             SocketAddr::from(([127, 0, 0, 1], 8686))
         );
-        let SourceConfig::Postgres(pg) = &config.source;
+        let SourceConfig::Postgres(pg) = &config.source else {
+            panic!("{:?} is not a postgres source", config.source)
+        };
         assert_eq!(pg.slot, "tidemark_shop_eu");
         assert_eq!(pg.publication, "tidemark_shop_eu");
         assert_eq!(pg.snapshot, SnapshotMode::Initial);

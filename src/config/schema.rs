@@ -8,7 +8,10 @@ use std::time::Duration;
 use super::check::{Checker, Got, Spot, Table};
 use super::document::{start, Key, Node, Val};
 use super::values::{is_agent_name, is_publication_name, is_slot_name, resolve};
-use super::{AgentConfig, Config, PostgresSourceConfig, SnapshotMode, SourceConfig, TablePattern};
+use super::{
+    AgentConfig, Config, MySqlSourceConfig, PostgresSourceConfig, SnapshotMode, SourceConfig,
+    TablePattern,
+};
 
 const DEFAULT_DATA_DIR: &str = "./tidemark-data";
 const DEFAULT_HEALTH_PORT: u16 = 8686;
@@ -22,6 +25,16 @@ const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
 const DEFAULT_HEARTBEAT_QUERY: &str =
     "SELECT pg_logical_emit_message(false, 'tidemark_heartbeat', now()::text)";
 const DEFAULT_SLOT_MAX_RETAINED_BYTES: u64 = 1024 * 1024 * 1024;
+
+const MYSQL_SOURCE_KEYS: &[&str] = &[
+    "type",
+    "url",
+    "tables",
+    "server_id",
+    "snapshot",
+    "snapshot_parallelism",
+    "connect_timeout",
+];
 
 const TOP_KEYS: &[&str] = &["agent", "source", "sink"];
 const AGENT_KEYS: &[&str] = &[
@@ -85,9 +98,7 @@ impl Checker<'_> {
                 None
             }
         };
-        let patterns = source
-            .as_ref()
-            .map(|SourceConfig::Postgres(pg)| pg.tables.as_slice());
+        let patterns = source.as_ref().map(SourceConfig::tables);
         let sinks = match root.get("sink") {
             Some((key, val)) => self.sinks(key, val, base, patterns),
             None => {
@@ -134,51 +145,119 @@ impl Checker<'_> {
     fn source(&mut self, key: &Key, val: &Val, agent_name: Option<&str>) -> Option<SourceConfig> {
         let t = self.table("[source]".to_owned(), key, val)?;
         let source_type = self.field(&t, "type", |c, s, v| {
-            let text = c.text(s, v)?;
-            match text.value.as_str() {
-                "postgres" => Some(()),
-                "mysql" => {
-                    c.report(
-                        s.at,
-                        "source type \"mysql\" is not supported yet; the supported type is \"postgres\""
-                            .to_owned(),
-                    );
-                    None
-                }
-                _ => {
-                    c.report(
-                        s.at,
-                        format!(
-                            "{} must be one of \"postgres\"; found {}",
-                            s.what,
-                            text.shown()
-                        ),
-                    );
-                    None
-                }
-            }
+            c.choice(
+                s,
+                v,
+                &[
+                    ("postgres", SourceType::Postgres),
+                    ("mysql", SourceType::MySql),
+                ],
+            )
         });
         match source_type {
-            Got::Bad => return None,
+            Got::Bad => None,
             Got::Absent => {
-                // Validate the rest as postgres, the only type, so every problem shows at once.
+                // Validate the rest as postgres, the first type, so every problem shows at once.
                 self.report(
                     t.at,
                     format!(
-                        "missing required key \"type\" in {}; expected type = \"postgres\"",
+                        "missing required key \"type\" in {}; expected type = \"postgres\" or \"mysql\"",
                         t.label
                     ),
                 );
+                self.postgres_source(&t, agent_name)
             }
-            Got::Ok(()) => {}
+            Got::Ok(SourceType::Postgres) => self.postgres_source(&t, agent_name),
+            Got::Ok(SourceType::MySql) => self.mysql_source(&t, agent_name),
         }
-        self.check_keys(&t, SOURCE_KEYS, &[], "");
+    }
 
-        let url = self.field(&t, "url", Self::url);
-        let url = self.required(&t, "url", url);
-        let tables = self.field(&t, "tables", Self::table_patterns);
+    /// `[source]` with `type = "mysql"` (MySQL or MariaDB).
+    fn mysql_source(&mut self, t: &Table<'_>, agent_name: Option<&str>) -> Option<SourceConfig> {
+        self.check_keys(t, MYSQL_SOURCE_KEYS, &[], "");
+        let url = self.field(t, "url", Self::mysql_url);
+        let url = self.required(t, "url", url);
+        let tables = self.field(t, "tables", |c, s, v| {
+            let patterns = c.table_patterns(s, v)?;
+            if unqualified_table(v) {
+                c.report(
+                    s.at,
+                    format!(
+                        "{}: name each table with its database, e.g. \"shop.orders\" or \"shop.*\"",
+                        s.what
+                    ),
+                );
+                return None;
+            }
+            Some(patterns)
+        });
         let tables = self.required_with(
-            &t,
+            t,
+            "tables",
+            tables,
+            "; list the tables to capture, e.g. tables = [\"shop.orders\", \"shop.*\"]",
+        );
+        let server_id = self
+            .field(t, "server_id", |c, s, v| {
+                let Node::Int(n) = v.node else {
+                    c.wrong_type(s, "an integer", &v.node);
+                    return None;
+                };
+                match u32::try_from(n) {
+                    Ok(id) if id > 0 => Some(id),
+                    _ => {
+                        c.report(
+                            s.at,
+                            format!(
+                                "{} must be 1 to 4294967295, unique among the server's replicas; found {n}",
+                                s.what
+                            ),
+                        );
+                        None
+                    }
+                }
+            })
+            .or(agent_name.map_or(1, derived_server_id));
+        let snapshot = self.snapshot_mode(t);
+        let connect_timeout = self
+            .field(t, "connect_timeout", |c, s, v| c.duration(s, v, false))
+            .or(DEFAULT_CONNECT_TIMEOUT);
+        let snapshot_parallelism = self
+            .field(t, "snapshot_parallelism", Self::positive_count)
+            .or(std::thread::available_parallelism().map_or(1, usize::from));
+        Some(SourceConfig::MySql(MySqlSourceConfig {
+            url: url?,
+            tables: tables?,
+            server_id: server_id?,
+            snapshot: snapshot?,
+            snapshot_parallelism: snapshot_parallelism?,
+            connect_timeout: connect_timeout?,
+        }))
+    }
+
+    fn snapshot_mode(&mut self, t: &Table<'_>) -> Option<SnapshotMode> {
+        self.field(t, "snapshot", |c, s, v| {
+            c.choice(
+                s,
+                v,
+                &[
+                    ("initial", SnapshotMode::Initial),
+                    ("never", SnapshotMode::Never),
+                ],
+            )
+        })
+        .or(SnapshotMode::Initial)
+    }
+
+    /// `[source]` with `type = "postgres"`.
+    fn postgres_source(&mut self, t: &Table<'_>, agent_name: Option<&str>) -> Option<SourceConfig> {
+        self.check_keys(t, SOURCE_KEYS, &[], "");
+
+        let url = self.field(t, "url", Self::url);
+        let url = self.required(t, "url", url);
+        let tables = self.field(t, "tables", Self::table_patterns);
+        let tables = self.required_with(
+            t,
             "tables",
             tables,
             "; list the tables to capture, e.g. tables = [\"public.orders\", \"public.*\"]",
@@ -186,50 +265,39 @@ impl Checker<'_> {
 
         let derived = agent_name.map(|name| format!("tidemark_{}", name.to_lowercase()));
         let slot = self.name_or_derived(
-            &t,
+            t,
             "slot",
             is_slot_name,
             "1 to 63 characters of a-z, 0-9 and _ (a replication slot name)",
             derived.as_deref(),
         );
         let publication = self.name_or_derived(
-            &t,
+            t,
             "publication",
             is_publication_name,
             "1 to 63 characters of letters, digits and _, not starting with a digit (a PostgreSQL identifier)",
             derived.as_deref(),
         );
-        let snapshot = self
-            .field(&t, "snapshot", |c, s, v| {
-                c.choice(
-                    s,
-                    v,
-                    &[
-                        ("initial", SnapshotMode::Initial),
-                        ("never", SnapshotMode::Never),
-                    ],
-                )
-            })
-            .or(SnapshotMode::Initial);
+        let snapshot = self.snapshot_mode(t);
         let connect_timeout = self
-            .field(&t, "connect_timeout", |c, s, v| c.duration(s, v, false))
+            .field(t, "connect_timeout", |c, s, v| c.duration(s, v, false))
             .or(DEFAULT_CONNECT_TIMEOUT);
         let status_interval = self
-            .field(&t, "status_interval", |c, s, v| c.duration(s, v, false))
+            .field(t, "status_interval", |c, s, v| c.duration(s, v, false))
             .or(DEFAULT_STATUS_INTERVAL);
         let heartbeat_interval = self
-            .field(&t, "heartbeat_interval", |c, s, v| c.duration(s, v, true))
+            .field(t, "heartbeat_interval", |c, s, v| c.duration(s, v, true))
             .or(DEFAULT_HEARTBEAT_INTERVAL);
         let heartbeat_query = self
-            .field(&t, "heartbeat_query", |c, s, v| {
+            .field(t, "heartbeat_query", |c, s, v| {
                 c.name(s, v, |q| !q.trim().is_empty(), "an SQL statement")
             })
             .or(DEFAULT_HEARTBEAT_QUERY.to_string());
         let slot_max_retained_bytes = self
-            .field(&t, "slot_max_retained_bytes", Self::size)
+            .field(t, "slot_max_retained_bytes", Self::size)
             .or(DEFAULT_SLOT_MAX_RETAINED_BYTES);
         let snapshot_parallelism = self
-            .field(&t, "snapshot_parallelism", Self::positive_count)
+            .field(t, "snapshot_parallelism", Self::positive_count)
             .or(std::thread::available_parallelism().map_or(1, usize::from));
 
         Some(SourceConfig::Postgres(PostgresSourceConfig {
@@ -324,6 +392,28 @@ impl Checker<'_> {
     }
 }
 
+#[derive(Clone, Copy)]
+enum SourceType {
+    Postgres,
+    MySql,
+}
+
+/// The server id a MySQL source registers with unless `server_id` is set: stable for the
+/// agent's name, and far from the small ids servers are usually given.
+fn derived_server_id(agent_name: &str) -> u32 {
+    0x4000_0000 | (crc32fast::hash(agent_name.as_bytes()) & 0x3FFF_FFFF)
+}
+
+/// Whether the array `tables` names a table without its schema (or database).
+fn unqualified_table(tables: &Val) -> bool {
+    let Node::Array(items) = &tables.node else {
+        return false;
+    };
+    items
+        .iter()
+        .any(|item| matches!(&item.node, Node::Str(text) if !text.value.contains('.')))
+}
+
 /// `"schema.table"`, `"schema.*"`, or `"table"` / `"*"` in schema `public`.
 fn parse_table_pattern(s: &str) -> Option<TablePattern> {
     let (schema, table) = s.split_once('.').unwrap_or(("public", s));
@@ -366,11 +456,59 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_source_type_is_named() {
-        let text = format!("{}{JSONL_SINK}", HEAD.replace("\"postgres\"", "\"mysql\""));
+    fn a_mysql_source_takes_its_own_keys_and_defaults() {
+        let text = format!(
+            "[agent]\nname = \"shop\"\n[source]\ntype = \"mysql\"\n\
+             url = \"mysql://repl:${{PW}}@127.0.0.1:3306/shop\"\n\
+             tables = [\"shop.orders\", \"crm.*\"]\n{JSONL_SINK}"
+        );
+        let config = crate::config::testing::parse(&text).unwrap();
+        let SourceConfig::MySql(mysql) = &config.source else {
+            panic!("{:?} is not a mysql source", config.source)
+        };
+        assert_eq!(mysql.url.database(), "shop");
+        assert_eq!(
+            mysql.url.opts().pass(),
+            Some(crate::config::testing::SECRET)
+        );
+        assert_eq!(mysql.server_id, derived_server_id("shop"));
+        assert!(mysql.server_id > 1 << 30);
+        assert_eq!(mysql.snapshot, SnapshotMode::Initial);
+        assert_eq!(
+            mysql
+                .tables
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["shop.orders", "crm.*"]
+        );
+    }
+
+    #[test]
+    fn a_mysql_source_refuses_postgres_keys_unqualified_tables_and_bad_server_ids() {
+        let text = format!(
+            "[agent]\nname = \"shop\"\n[source]\ntype = \"mysql\"\n\
+             url = \"mysql://repl@127.0.0.1:3306/shop\"\ntables = [\"orders\"]\n\
+             slot = \"s\"\nserver_id = 0\n{JSONL_SINK}"
+        );
+        let message = errors(&text);
+        assert!(
+            message.contains("name each table with its database"),
+            "{message}"
+        );
+        assert!(message.contains("unknown key \"slot\""), "{message}");
+        assert!(
+            message.contains("\"server_id\" in [source] must be 1 to 4294967295"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_source_type_lists_the_known_ones() {
+        let text = format!("{}{JSONL_SINK}", HEAD.replace("\"postgres\"", "\"oracle\""));
         assert_eq!(
             errors(&text),
-            "tidemark.toml:5:8: source type \"mysql\" is not supported yet; the supported type is \"postgres\""
+            "tidemark.toml:5:8: \"type\" in [source] must be one of \"postgres\", \"mysql\"; found \"oracle\""
         );
     }
 

@@ -184,7 +184,7 @@ fn check_url(url: &str, shown: &str, detail: bool) -> Result<ConnectionUrl, Inva
 /// The connection string with every password replaced by `***`. Conservative for strings that
 /// do not parse: in URL form everything between the first `:` of the user info and the last
 /// `@` is hidden.
-fn redact_url(s: &str) -> String {
+pub(super) fn redact_url(s: &str) -> String {
     match s.find("://") {
         Some(i) => {
             let (scheme, rest) = s.split_at(i + 3);

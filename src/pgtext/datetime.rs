@@ -223,7 +223,7 @@ fn days_in_month(year: i64, month: u64) -> u64 {
 
 /// Days since 1970-01-01 of a proleptic Gregorian date with astronomical year numbering
 /// (Howard Hinnant's `days_from_civil`); valid for any year whose days fit an i64.
-fn days_from_civil(year: i64, month: u64, day: u64) -> i64 {
+pub(crate) fn days_from_civil(year: i64, month: u64, day: u64) -> i64 {
     // Month and day are validated (1..=12, 1..=31), so the casts are lossless.
     let (month, day) = (month as i64, day as i64);
     let year = if month <= 2 { year - 1 } else { year };

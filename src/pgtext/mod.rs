@@ -17,7 +17,7 @@ mod array;
 pub mod copy_rows;
 pub mod copy_text;
 mod cursor;
-mod datetime;
+pub(crate) mod datetime;
 mod scalar;
 #[cfg(test)]
 mod test_support;

@@ -41,13 +41,23 @@ impl AgentSetup {
 
     /// An agent with the given `[[sink]]` tables (TOML text).
     pub fn with_sinks(source_url: &str, tables: &str, sinks: &str) -> AgentSetup {
+        AgentSetup::with_source(
+            &format!(
+                "type = \"postgres\"\nurl = \"{source_url}\"\ntables = [{tables}]\n\
+                 snapshot = \"never\"\nconnect_timeout = \"3s\"\n"
+            ),
+            sinks,
+        )
+    }
+
+    /// An agent with the given `[source]` keys and `[[sink]]` tables (TOML text).
+    pub fn with_source(source: &str, sinks: &str) -> AgentSetup {
         let dir = tempfile::tempdir().expect("temp dir");
         let health_port = free_port();
         let config = dir.path().join("tidemark.toml");
         let text = format!(
             "[agent]\nname = \"test\"\ndata_dir = \"data\"\nhealth_addr = \"127.0.0.1:{health_port}\"\n\n\
-             [source]\ntype = \"postgres\"\nurl = \"{source_url}\"\ntables = [{tables}]\n\
-             snapshot = \"never\"\nconnect_timeout = \"3s\"\n\n{sinks}"
+             [source]\n{source}\n{sinks}"
         );
         std::fs::write(&config, text).expect("write config");
         AgentSetup {

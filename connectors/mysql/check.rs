@@ -1,0 +1,251 @@
+//! What the MySQL source needs of the server, checked at start-up and by `tidemark check`:
+//! the binary log on, in ROW format with FULL row images and whole JSON values, kept long
+//! enough, the REPLICATION SLAVE and REPLICATION CLIENT privileges, and the tables with
+//! primary keys. Each failure says the statement that fixes it.
+
+use mysql_async::prelude::Queryable;
+use mysql_async::Conn;
+
+use super::catalog;
+use super::{BinlogStart, Server, SourceError};
+use crate::check::Check;
+use crate::config::MySqlSourceConfig;
+
+/// The binlog retention below which `check` warns: a restart after a longer outage finds its
+/// position purged.
+const MIN_RETENTION_SECONDS: u64 = 24 * 3600;
+
+/// One server variable, or None when the server has no such variable.
+async fn variable(conn: &mut Conn, name: &str) -> Result<Option<String>, SourceError> {
+    let row: Option<(String, String)> = conn
+        .exec_first("SHOW GLOBAL VARIABLES WHERE Variable_name = ?", (name,))
+        .await
+        .map_err(|e| SourceError::query(&format!("reading @@{name}"), e))?;
+    Ok(row.map(|(_, value)| value))
+}
+
+/// The settings the binlog must have, each as (variable, the value it must have, the
+/// statement that sets it).
+async fn binlog_settings(conn: &mut Conn) -> Result<Vec<String>, SourceError> {
+    let mut problems = Vec::new();
+    if variable(conn, "log_bin").await?.as_deref() != Some("ON") {
+        problems.push(
+            "the binary log is off: start the server with --log-bin (log_bin cannot be set at \
+             run time)"
+                .to_owned(),
+        );
+        return Ok(problems);
+    }
+    for (name, wanted) in [("binlog_format", "ROW"), ("binlog_row_image", "FULL")] {
+        match variable(conn, name).await? {
+            Some(value) if value.eq_ignore_ascii_case(wanted) => {}
+            Some(value) => problems.push(format!(
+                "{name} is {value}, tidemark needs {wanted}: SET PERSIST {name} = '{wanted}' \
+                 (MariaDB: SET GLOBAL {name} = '{wanted}' and put {name} = {wanted} in the \
+                 server's config)"
+            )),
+            None => {}
+        }
+    }
+    if let Some(options) = variable(conn, "binlog_row_value_options").await? {
+        if options.to_ascii_uppercase().contains("PARTIAL_JSON") {
+            problems.push(
+                "binlog_row_value_options is PARTIAL_JSON: updates of JSON columns would carry \
+                 only their changes; SET PERSIST binlog_row_value_options = ''"
+                    .to_owned(),
+            );
+        }
+    }
+    Ok(problems)
+}
+
+/// Checks what streaming needs; on success, what the session needs to know of the server.
+pub(super) async fn prerequisites(conn: &mut Conn) -> Result<Server, SourceError> {
+    let problems = binlog_settings(conn).await?;
+    if !problems.is_empty() {
+        return Err(SourceError::Prerequisite(problems.join("; ")));
+    }
+    server(conn).await
+}
+
+async fn server(conn: &mut Conn) -> Result<Server, SourceError> {
+    let version = variable(conn, "version").await?.unwrap_or_default();
+    let server_id = variable(conn, "server_id")
+        .await?
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_default();
+    let server_uuid = variable(conn, "server_uuid").await?;
+    Ok(Server {
+        mariadb: version.to_ascii_lowercase().contains("mariadb"),
+        server_id,
+        server_uuid,
+    })
+}
+
+/// The server's GTID state: MariaDB's `gtid_binlog_pos`, MySQL's `gtid_executed` when
+/// `gtid_mode` is on; None otherwise.
+pub(super) async fn gtid_state(conn: &mut Conn) -> Result<Option<String>, SourceError> {
+    if let Some(pos) = variable(conn, "gtid_binlog_pos").await? {
+        return Ok(Some(pos));
+    }
+    if variable(conn, "gtid_mode").await?.as_deref() == Some("ON") {
+        return variable(conn, "gtid_executed").await;
+    }
+    Ok(None)
+}
+
+/// Stops when the server no longer has the binlog file `start` is in.
+pub(super) async fn position_available(
+    conn: &mut Conn,
+    start: &BinlogStart,
+) -> Result<(), SourceError> {
+    let files: Vec<mysql_async::Row> = conn
+        .query("SHOW BINARY LOGS")
+        .await
+        .map_err(|e| SourceError::query("listing the binlog files (SHOW BINARY LOGS)", e))?;
+    let names: Vec<String> = files.iter().filter_map(|row| row.get(0)).collect();
+    if names.contains(&start.file) {
+        return Ok(());
+    }
+    Err(SourceError::Prerequisite(format!(
+        "the server no longer has binlog file {} (it has {}), where the log's last transaction \
+         ends: the changes since are lost to the binlog. Capture again from a new snapshot: \
+         stop the agent, move the data_dir away, and start it (the sinks' tables are replaced \
+         by the snapshot); keep the binlog longer (binlog_expire_logs_seconds) from then on",
+        start.file,
+        if names.is_empty() {
+            "none".to_owned()
+        } else {
+            names.join(", ")
+        }
+    )))
+}
+
+/// The source's part of `tidemark check`.
+pub async fn run(config: &MySqlSourceConfig, require_primary_keys: bool) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let mut conn = match super::connect(config).await {
+        Ok(conn) => {
+            checks.push(Check::ok("source", format!("connected to {}", config.url)));
+            conn
+        }
+        Err(e) => {
+            checks.push(Check::fail("source", e.to_string()));
+            return checks;
+        }
+    };
+    checks.push(match binlog_settings(&mut conn).await {
+        Ok(problems) if problems.is_empty() => Check::ok(
+            "binlog",
+            "log_bin = ON, binlog_format = ROW, binlog_row_image = FULL",
+        ),
+        Ok(problems) => Check::fail("binlog", problems.join("; ")),
+        Err(e) => Check::fail("binlog", e.to_string()),
+    });
+    checks.push(retention(&mut conn).await);
+    checks.push(privileges(&mut conn, config).await);
+    match catalog::captured_tables(&mut conn, &config.tables).await {
+        Ok(tables) if tables.is_empty() => checks.push(Check::fail(
+            "source.tables",
+            "the patterns match no table; create the tables or fix the patterns",
+        )),
+        Ok(tables) => {
+            let names: Vec<String> = tables.iter().map(|(d, t)| format!("{d}.{t}")).collect();
+            checks.push(Check::ok("source.tables", names.join(", ")));
+            checks.push(primary_keys(&mut conn, &tables, require_primary_keys).await);
+        }
+        Err(e) => checks.push(Check::fail("source.tables", e.to_string())),
+    }
+    checks
+}
+
+async fn retention(conn: &mut Conn) -> Check {
+    let seconds = match variable(conn, "binlog_expire_logs_seconds").await {
+        Ok(Some(seconds)) => seconds.parse::<u64>().ok(),
+        Ok(None) => match variable(conn, "expire_logs_days").await {
+            Ok(days) => days
+                .and_then(|d| d.parse::<f64>().ok())
+                .map(|d| (d * 86_400.0) as u64),
+            Err(e) => return Check::fail("binlog retention", e.to_string()),
+        },
+        Err(e) => return Check::fail("binlog retention", e.to_string()),
+    };
+    match seconds {
+        Some(0) | None => Check::ok(
+            "binlog retention",
+            "the server keeps its binlog until purged",
+        ),
+        Some(s) if s < MIN_RETENTION_SECONDS => Check::warn(
+            "binlog retention",
+            format!(
+                "the server purges its binlog after {s} s: an agent stopped longer loses its \
+                 place; SET GLOBAL binlog_expire_logs_seconds = 604800 (a week)"
+            ),
+        ),
+        Some(s) => Check::ok("binlog retention", format!("{s} s")),
+    }
+}
+
+async fn privileges(conn: &mut Conn, config: &MySqlSourceConfig) -> Check {
+    let grants: Vec<String> = match conn.query("SHOW GRANTS").await {
+        Ok(grants) => grants,
+        Err(e) => {
+            return Check::fail(
+                "privileges",
+                SourceError::query("SHOW GRANTS", e).to_string(),
+            )
+        }
+    };
+    let all = grants.join("\n").to_ascii_uppercase();
+    let has = |privilege: &str| all.contains("ALL PRIVILEGES ON *.*") || all.contains(privilege);
+    let missing: Vec<&str> = ["REPLICATION SLAVE", "REPLICATION CLIENT"]
+        .into_iter()
+        .filter(|p| {
+            // MariaDB 10.5+ names REPLICATION CLIENT `BINLOG MONITOR`.
+            !(has(p) || (*p == "REPLICATION CLIENT" && has("BINLOG MONITOR")))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Check::ok("privileges", "REPLICATION SLAVE, REPLICATION CLIENT");
+    }
+    let user = config.url.opts().user().unwrap_or_default().to_owned();
+    Check::fail(
+        "privileges",
+        format!(
+            "the user lacks {}: GRANT REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO '{user}'@'%'",
+            missing.join(" and ")
+        ),
+    )
+}
+
+async fn primary_keys(conn: &mut Conn, tables: &[(String, String)], required: bool) -> Check {
+    let mut without = Vec::new();
+    for (database, table) in tables {
+        match catalog::columns(conn, database, table).await {
+            Ok(columns) if !columns.iter().any(|c| c.primary_key) => {
+                without.push(format!("{database}.{table}"))
+            }
+            Ok(_) => {}
+            Err(e) => return Check::fail("primary keys", e.to_string()),
+        }
+    }
+    match (without.is_empty(), required) {
+        (true, _) => Check::ok("primary keys", "every table has one"),
+        (false, true) => Check::fail(
+            "primary keys",
+            format!(
+                "{} without a primary key: a table sink cannot apply its changes; add one, \
+                 e.g. ALTER TABLE {} ADD PRIMARY KEY (id)",
+                without.join(", "),
+                without[0]
+            ),
+        ),
+        (false, false) => Check::warn(
+            "primary keys",
+            format!(
+                "{} without a primary key (fine for append sinks)",
+                without.join(", ")
+            ),
+        ),
+    }
+}

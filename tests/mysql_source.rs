@@ -1,0 +1,315 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The MySQL / MariaDB source against a real MariaDB: the initial snapshot and the binlog
+//! stream into a PostgreSQL merge sink, an SCD2 sink and JSONL, each target equal to its
+//! source table, no envelope twice, through SIGKILLs of the agent and schema changes.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::agent::{eventually, AgentSetup};
+use common::mariadb::MariaDb;
+use common::PgCluster;
+use rand::{Rng, SeedableRng};
+
+/// How long a sink may take to apply what was committed before it is declared stuck.
+const WAIT: Duration = Duration::from_secs(90);
+
+/// The columns both dumps show alike: MariaDB's and PostgreSQL's text forms agree for them.
+const ITEM_COLUMNS: &str = "id, name, price, qty, status, made, day, note";
+
+fn create_items(my: &MariaDb, db: &str) {
+    my.exec(
+        db,
+        "CREATE TABLE items (
+            id INT PRIMARY KEY,
+            name VARCHAR(40) NOT NULL,
+            price DECIMAL(10,2),
+            qty INT UNSIGNED,
+            status ENUM('new','paid','sent'),
+            made DATETIME,
+            day DATE,
+            note TEXT
+        )",
+    );
+}
+
+fn mysql_source(my: &MariaDb, db: &str, tables: &str) -> String {
+    format!(
+        "type = \"mysql\"\nurl = \"{}\"\ntables = [{tables}]\nconnect_timeout = \"20s\"\n\
+         snapshot_parallelism = 2\n",
+        my.url(db)
+    )
+}
+
+/// A merge sink `mirror` (schema `replica`), an SCD2 sink `history` (schema `history`) into
+/// `warehouse`, and a JSONL sink `events`.
+fn three_sinks(pg: &PgCluster, warehouse: &str) -> String {
+    let url = pg.url(warehouse);
+    format!(
+        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{url}\"\nschema = \"replica\"\n\
+         mode = \"merge\"\n\n\
+         [[sink]]\nname = \"history\"\ntype = \"postgres\"\nurl = \"{url}\"\nschema = \"history\"\n\
+         mode = \"scd2\"\n\n\
+         [[sink]]\nname = \"events\"\ntype = \"jsonl\"\npath = \"events\"\n"
+    )
+}
+
+/// Waits until the mirror of `table` equals the source table.
+fn assert_mirrored(
+    my: &MariaDb,
+    db: &str,
+    pg: &PgCluster,
+    warehouse: &str,
+    table: &str,
+    columns: &str,
+) {
+    let mut last = (String::new(), String::new());
+    let same = eventually(WAIT, || {
+        last = (
+            my.dump(db, table, columns),
+            pg.dump(warehouse, &format!("replica.{table}"), columns),
+        );
+        last.0 == last.1
+    });
+    assert!(
+        same,
+        "the mirror of {table} differs from the source\n--- source\n{}\n--- mirror\n{}",
+        last.0, last.1
+    );
+}
+
+/// The current versions in the SCD2 history equal the source table.
+fn assert_history_current(
+    my: &MariaDb,
+    db: &str,
+    pg: &PgCluster,
+    warehouse: &str,
+    table: &str,
+    columns: &str,
+) {
+    let source = my.dump(db, table, columns);
+    let mut current = String::new();
+    let same = eventually(WAIT, || {
+        current = pg
+            .try_psql(
+                warehouse,
+                &format!(
+                    "COPY (SELECT {columns} FROM history.{table} WHERE is_current ORDER BY 1, 2) \
+                     TO STDOUT"
+                ),
+            )
+            .unwrap_or_default();
+        current.trim_end() == source.trim_end()
+    });
+    assert!(
+        same,
+        "history.{table}'s current versions differ\n--- source\n{source}\n--- current\n{current}"
+    );
+}
+
+#[test]
+fn snapshot_then_binlog_reach_every_sink_with_mysql_envelopes() {
+    let my = MariaDb::start();
+    let db = my.fresh_database("shop");
+    create_items(&my, &db);
+    my.exec(
+        &db,
+        "INSERT INTO items VALUES
+            (1, 'pen', 1.50, 10, 'new', '2024-01-02 03:04:05', '2024-01-02', NULL),
+            (2, 'ink', 12.00, 4000000000, 'paid', '1999-12-31 23:59:59', '1999-12-31', 'it''s\\ttabbed'),
+            (3, 'pad', NULL, NULL, NULL, NULL, NULL, 'ünïcode')",
+    );
+    let pg = PgCluster::start();
+    let warehouse = pg.fresh_database("warehouse");
+    let setup = AgentSetup::with_source(
+        &mysql_source(&my, &db, &format!("\"{db}.items\"")),
+        &three_sinks(&pg, &warehouse),
+    );
+    let mut agent = setup.start();
+    agent.wait_log("streaming the binlog", WAIT);
+    assert_mirrored(&my, &db, &pg, &warehouse, "items", ITEM_COLUMNS);
+
+    my.exec(
+        &db,
+        "START TRANSACTION;
+         INSERT INTO items VALUES (4, 'cap', 3.25, 1, 'sent', '2024-06-01 12:00:00', '2024-06-01', 'x');
+         UPDATE items SET price = 2.00, status = 'paid' WHERE id = 1;
+         COMMIT;
+         START TRANSACTION;
+         INSERT INTO items VALUES (5, 'gone', 0, 0, 'new', NULL, NULL, NULL);
+         ROLLBACK;
+         UPDATE items SET id = 20 WHERE id = 2;
+         DELETE FROM items WHERE id = 3;",
+    );
+    assert_mirrored(&my, &db, &pg, &warehouse, "items", ITEM_COLUMNS);
+    assert_history_current(&my, &db, &pg, &warehouse, "items", ITEM_COLUMNS);
+
+    let mut envelopes = Vec::new();
+    assert!(eventually(WAIT, || {
+        envelopes = setup.envelopes();
+        envelopes.len() >= 8
+    }));
+    let ops: Vec<&str> = envelopes
+        .iter()
+        .map(|e| e["op"].as_str().unwrap())
+        .collect();
+    assert_eq!(ops, ["r", "r", "r", "c", "u", "d", "c", "d"]);
+    let insert = &envelopes[3];
+    assert_eq!(insert["source"]["connector"], "mysql");
+    assert_eq!(insert["source"]["db"], db.as_str());
+    assert_eq!(insert["source"]["table"], "items");
+    assert_eq!(insert["source"]["server_id"], my.server_id());
+    assert!(insert["source"]["file"]
+        .as_str()
+        .unwrap()
+        .starts_with("binlog."));
+    assert!(insert["source"]["gtid"].as_str().unwrap().starts_with("0-"));
+    assert_eq!(insert["after"]["qty"], 1);
+    assert_eq!(insert["after"]["status"], "sent");
+    assert_eq!(envelopes[1]["after"]["qty"], 4_000_000_000u64);
+    assert_eq!(envelopes[2]["after"]["note"], "ünïcode");
+    // The update's before image is whole (binlog_row_image = FULL).
+    assert_eq!(envelopes[4]["before"]["price"], "1.50");
+    assert_eq!(envelopes[4]["after"]["price"], "2.00");
+    agent.terminate();
+}
+
+#[test]
+fn sigkills_under_a_random_workload_lose_and_double_nothing() {
+    let my = MariaDb::start();
+    let db = my.fresh_database("shop");
+    create_items(&my, &db);
+    my.exec(
+        &db,
+        "CREATE TABLE order_lines (
+            order_id INT NOT NULL,
+            line SMALLINT NOT NULL,
+            amount BIGINT UNSIGNED,
+            PRIMARY KEY (order_id, line)
+        )",
+    );
+    let pg = PgCluster::start();
+    let warehouse = pg.fresh_database("warehouse");
+    let setup = AgentSetup::with_source(
+        &mysql_source(&my, &db, &format!("\"{db}.*\"")),
+        &three_sinks(&pg, &warehouse),
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x7d3a_2026);
+    let mut next_id = 1;
+    for round in 0..4 {
+        let mut agent = setup.start();
+        agent.wait_log("streaming the binlog", WAIT);
+        for _ in 0..40 {
+            let mut statements = vec!["START TRANSACTION".to_owned()];
+            for _ in 0..rng.gen_range(1..6) {
+                let id = rng.gen_range(1..next_id + 2);
+                statements.push(match rng.gen_range(0..6) {
+                    0 | 1 => {
+                        next_id += 1;
+                        format!(
+                            "INSERT INTO items VALUES ({next_id}, 'n{next_id}', {}.{:02}, {}, 'new', \
+                             '2024-01-01 00:00:00', '2024-01-01', NULL)",
+                            rng.gen_range(0..1000),
+                            rng.gen_range(0..100),
+                            rng.gen_range(0..u32::MAX)
+                        )
+                    }
+                    2 => format!("UPDATE items SET qty = qty + 1, status = 'paid' WHERE id = {id}"),
+                    3 => format!("DELETE FROM items WHERE id = {id}"),
+                    4 => format!(
+                        "INSERT INTO order_lines VALUES ({id}, {}, {}) ON DUPLICATE KEY UPDATE amount = amount + 1",
+                        rng.gen_range(0..3),
+                        rng.gen_range(0..u64::MAX / 2)
+                    ),
+                    _ => format!("UPDATE items SET id = {} WHERE id = {id}", id + 100_000 * (round + 1)),
+                });
+            }
+            statements.push(
+                if rng.gen_bool(0.1) {
+                    "ROLLBACK"
+                } else {
+                    "COMMIT"
+                }
+                .to_owned(),
+            );
+            // A key move may collide with an earlier move: the transaction then fails whole.
+            let _ = my.try_exec(&db, &statements.join(";\n"));
+        }
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
+        agent.kill();
+    }
+    let mut agent = setup.start();
+    agent.wait_log("streaming the binlog", WAIT);
+    assert_mirrored(&my, &db, &pg, &warehouse, "items", ITEM_COLUMNS);
+    assert_mirrored(
+        &my,
+        &db,
+        &pg,
+        &warehouse,
+        "order_lines",
+        "order_id, line, amount",
+    );
+    assert_history_current(&my, &db, &pg, &warehouse, "items", ITEM_COLUMNS);
+    agent.terminate();
+
+    // No envelope twice: each (position, row, op) once.
+    let mut seen = BTreeMap::new();
+    for envelope in setup.envelopes() {
+        let key = (
+            envelope["source"]["file"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            envelope["source"]["pos"].as_u64().unwrap_or_default(),
+            envelope["source"]["row"].as_u64().unwrap_or_default(),
+            envelope["op"].as_str().unwrap_or_default().to_owned(),
+            envelope["source"]["snapshot"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            envelope["after"].to_string(),
+        );
+        *seen.entry(key).or_insert(0) += 1;
+    }
+    let doubled: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubled.is_empty(), "envelopes written twice: {doubled:?}");
+}
+
+#[test]
+fn columns_added_renamed_and_dropped_mid_stream_reach_the_mirror() {
+    let my = MariaDb::start();
+    let db = my.fresh_database("shop");
+    create_items(&my, &db);
+    my.exec(
+        &db,
+        "INSERT INTO items (id, name) VALUES (1, 'pen'), (2, 'ink')",
+    );
+    let pg = PgCluster::start();
+    let warehouse = pg.fresh_database("warehouse");
+    let setup = AgentSetup::with_source(
+        &mysql_source(&my, &db, &format!("\"{db}.items\"")),
+        &three_sinks(&pg, &warehouse),
+    );
+    let mut agent = setup.start();
+    agent.wait_log("streaming the binlog", WAIT);
+    my.exec(
+        &db,
+        "ALTER TABLE items ADD COLUMN color VARCHAR(10) NOT NULL DEFAULT 'red';
+         INSERT INTO items (id, name, color) VALUES (3, 'cap', 'blue');
+         ALTER TABLE items DROP COLUMN note;
+         UPDATE items SET name = 'pencil' WHERE id = 1;
+         ALTER TABLE items RENAME COLUMN name TO title, CHANGE COLUMN qty quantity BIGINT UNSIGNED;
+         UPDATE items SET quantity = 7 WHERE id = 2;",
+    );
+    assert_mirrored(
+        &my,
+        &db,
+        &pg,
+        &warehouse,
+        "items",
+        "id, title, quantity, color",
+    );
+    agent.terminate();
+}
