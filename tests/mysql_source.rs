@@ -313,3 +313,115 @@ fn columns_added_renamed_and_dropped_mid_stream_reach_the_mirror() {
     );
     agent.terminate();
 }
+
+#[test]
+fn compressed_binlog_events_are_read_not_skipped() {
+    let my = MariaDb::start_with(&[
+        ("log_bin_compress", "ON"),
+        ("log_bin_compress_min_len", "10"),
+    ]);
+    let db = my.fresh_database("shop");
+    create_items(&my, &db);
+    let pg = PgCluster::start();
+    let warehouse = pg.fresh_database("warehouse");
+    let setup = AgentSetup::with_source(
+        &mysql_source(&my, &db, &format!("\"{db}.items\"")),
+        &three_sinks(&pg, &warehouse),
+    );
+    let mut agent = setup.start();
+    agent.wait_log("streaming the binlog", WAIT);
+    let long_note = "compressible ".repeat(400);
+    my.exec(
+        &db,
+        &format!(
+            "START TRANSACTION;
+             INSERT INTO items VALUES
+                (1, 'pen', 1.50, 10, 'new', '2024-01-02 03:04:05', '2024-01-02', '{long_note}'),
+                (2, 'ink', 12.00, 4000000000, 'paid', NULL, NULL, 'short');
+             UPDATE items SET note = CONCAT(note, 'more'), qty = 11 WHERE id = 1;
+             COMMIT;
+             DELETE FROM items WHERE id = 2;
+             ALTER TABLE items ADD COLUMN color VARCHAR(10) NOT NULL DEFAULT 'red' COMMENT 'a \
+             comment long enough that the statement is compressed';
+             INSERT INTO items (id, name, color, note) VALUES (3, 'cap', 'blue', '{long_note}');"
+        ),
+    );
+    let status = my.query(&db, "SHOW MASTER STATUS");
+    let file = status.split_whitespace().next().unwrap();
+    let events = my.query(&db, &format!("SHOW BINLOG EVENTS IN '{file}'"));
+    for compressed in [
+        "Write_rows_compressed",
+        "Update_rows_compressed",
+        "Delete_rows_compressed",
+        "Query_compressed",
+    ] {
+        assert!(
+            events.contains(compressed),
+            "the server wrote no {compressed} event, so this test would prove nothing:\n{events}"
+        );
+    }
+    assert_mirrored(
+        &my,
+        &db,
+        &pg,
+        &warehouse,
+        "items",
+        "id, name, price, qty, status, made, day, note, color",
+    );
+    assert_history_current(&my, &db, &pg, &warehouse, "items", "id, name, note, color");
+    let ops: Vec<String> = setup
+        .envelopes()
+        .iter()
+        .map(|e| e["op"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ops, ["c", "c", "u", "d", "c"]);
+    agent.terminate();
+}
+
+#[test]
+fn without_a_snapshot_capture_starts_with_the_next_transaction() {
+    let my = MariaDb::start();
+    let db = my.fresh_database("shop");
+    create_items(&my, &db);
+    my.exec(
+        &db,
+        "INSERT INTO items (id, name) VALUES (1, 'before the start')",
+    );
+    let pg = PgCluster::start();
+    let warehouse = pg.fresh_database("warehouse");
+    let setup = AgentSetup::with_source(
+        &format!(
+            "{}snapshot = \"never\"\n",
+            mysql_source(&my, &db, &format!("\"{db}.items\""))
+        ),
+        &three_sinks(&pg, &warehouse),
+    );
+    let mut agent = setup.start();
+    agent.wait_log("streaming the binlog", WAIT);
+    // The first transaction the server writes starts exactly where capture started.
+    my.exec(
+        &db,
+        "INSERT INTO items (id, name) VALUES (2, 'first'), (3, 'first')",
+    );
+    my.exec(&db, "UPDATE items SET name = 'second' WHERE id = 3");
+    let mut ops = Vec::new();
+    assert!(
+        eventually(WAIT, || {
+            ops = setup
+                .envelopes()
+                .iter()
+                .map(|e| {
+                    (
+                        e["op"].as_str().unwrap().to_owned(),
+                        e["after"]["id"].as_i64(),
+                    )
+                })
+                .collect();
+            ops.len() >= 3
+        }),
+        "envelopes: {ops:?}"
+    );
+    let expected = [("c", 2), ("c", 3), ("u", 3)].map(|(op, id)| (op.to_owned(), Some(id)));
+    assert_eq!(ops, expected);
+    agent.terminate();
+}

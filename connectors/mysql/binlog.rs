@@ -16,6 +16,7 @@ use mysql_async::{BinlogStreamRequest, Conn};
 use tokio_util::sync::CancellationToken;
 
 use super::catalog::{self, CatalogColumn};
+use super::compressed;
 use super::decode::ColumnDecoder;
 use super::{file_number, BinlogStart, MySqlSource, Server, SourceError};
 use crate::config::TablePattern;
@@ -41,8 +42,6 @@ const GTID: u8 = 33;
 const PARTIAL_UPDATE_ROWS: u8 = 39;
 const TRANSACTION_PAYLOAD: u8 = 40;
 const MARIADB_GTID: u8 = 162;
-/// MariaDB's compressed query and row events (`log_bin_compress = ON`).
-const MARIADB_COMPRESSED: std::ops::RangeInclusive<u8> = 165..=171;
 /// Events that carry nothing a change needs: format description, heartbeat, previous GTIDs,
 /// MariaDB's annotate rows, binlog checkpoint, GTID list, start encryption, and the
 /// statement-level context events.
@@ -181,9 +180,16 @@ struct Reader<'a> {
     file_number: u32,
     gtid_state: Option<String>,
     open: Option<OpenTransaction>,
-    /// The position of the transaction payload being unpacked (MySQL's compressed
-    /// transactions): its events have no position of their own.
-    payload_position: Option<Position>,
+    /// The transaction payload being unpacked (MySQL's compressed transactions).
+    payload: Option<Payload>,
+}
+
+/// A compressed transaction (MySQL's `TRANSACTION_PAYLOAD`): its events follow it with no
+/// position of their own.
+struct Payload {
+    position: Position,
+    /// Whether any of its events arrived.
+    unpacked: bool,
 }
 
 pub async fn stream(
@@ -223,7 +229,7 @@ pub async fn stream(
         gtid_state: start.gtid_state,
         server,
         open: None,
-        payload_position: None,
+        payload: None,
     };
     let mut backpressure = Backpressure::new(source.log_max_bytes);
     let mut pressure_timer = tokio::time::interval(backpressure::CHECK_INTERVAL);
@@ -251,16 +257,24 @@ impl Reader<'_> {
         events: &mysql_async::BinlogStream,
         writer: &mut LogWriter,
     ) -> Result<(), SourceError> {
-        let header = event.header();
-        let event_type = header.event_type_raw();
-        let position = self.position_of(event);
+        let position = self.position_of(event)?;
         let bad = |e: std::io::Error| {
             SourceError::Binlog(format!(
-                "event of type {event_type} at {} offset {}: {e}",
+                "event of type {} at {} offset {}: {e}",
+                event.header().event_type_raw(),
                 self.file,
                 position.binlog_offset()
             ))
         };
+        let unwrapped;
+        let event = if compressed::is_compressed(event.header().event_type_raw()) {
+            unwrapped = compressed::unwrap(event).map_err(bad)?;
+            &unwrapped
+        } else {
+            event
+        };
+        let header = event.header();
+        let event_type = header.event_type_raw();
         match event_type {
             ROTATE => {
                 let rotate: RotateEvent<'_> = event.read_event().map_err(bad)?;
@@ -360,15 +374,11 @@ impl Reader<'_> {
                         .into(),
                 ))
             }
-            TRANSACTION_PAYLOAD => self.payload_position = Some(position),
-            t if MARIADB_COMPRESSED.contains(&t) => {
-                return Err(SourceError::Prerequisite(format!(
-                    "the binlog holds a compressed event (type {t}) at {} offset {}, which \
-                     tidemark does not read yet; SET GLOBAL log_bin_compress = OFF on the server, \
-                     then capture again from a new snapshot",
-                    self.file,
-                    position.binlog_offset()
-                )))
+            TRANSACTION_PAYLOAD => {
+                self.payload = Some(Payload {
+                    position,
+                    unpacked: false,
+                })
             }
             t if PASSED_OVER.contains(&t) => {}
             t if header.flags().bits() & IGNORABLE_FLAG != 0 => {
@@ -388,20 +398,29 @@ impl Reader<'_> {
 
     /// Where an event starts: its end (`log_pos`) less its size, or the payload's position
     /// for the events unpacked from a compressed transaction.
-    fn position_of(&mut self, event: &Event) -> Position {
+    fn position_of(&mut self, event: &Event) -> Result<Position, SourceError> {
         let header = event.header();
         if header.log_pos() == 0 {
-            if let Some(position) = self.payload_position {
-                return position;
+            if let Some(payload) = &mut self.payload {
+                payload.unpacked = true;
+                return Ok(payload.position);
             }
-        } else if header.event_type_raw() != TRANSACTION_PAYLOAD {
-            self.payload_position = None;
+        } else if let Some(payload) = self.payload.take() {
+            // mysql_async unpacks a payload it cannot decompress into no events at all.
+            if !payload.unpacked {
+                return Err(SourceError::Binlog(format!(
+                    "the compressed transaction at {} offset {} could not be decompressed; \
+                     stopping rather than passing over its changes",
+                    self.file,
+                    payload.position.binlog_offset()
+                )));
+            }
         }
         let end = u64::from(header.log_pos());
-        Position::binlog(
+        Ok(Position::binlog(
             self.file_number,
             end.saturating_sub(u64::from(header.event_size())),
-        )
+        ))
     }
 
     fn begin(&mut self, position: Position, timestamp: u32, gtid: Option<String>, server_id: u32) {

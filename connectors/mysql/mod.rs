@@ -12,6 +12,7 @@ pub mod check;
 
 mod binlog;
 mod catalog;
+mod compressed;
 mod decode;
 mod snapshot;
 
@@ -370,7 +371,7 @@ async fn log_starting_point(
     let position = Position::binlog(file_number(&start.file)?, start.offset);
     let now = snapshot::unix_micros_now();
     writer.append(&Record::Begin(TxBegin {
-        commit_position: position,
+        commit_position: position_below(position),
         commit_ts: now,
         origin: TxOrigin::MySql {
             server_id: server.server_id,
@@ -381,10 +382,17 @@ async fn log_starting_point(
         },
     }))?;
     writer.append(&Record::Commit(TxCommit {
-        commit_position: position,
+        commit_position: position_below(position),
         end_position: position,
         commit_ts: now,
     }))?;
     writer.log().flush().await?;
     Ok(())
+}
+
+/// The position a transaction logged for the start of capture takes: strictly below the
+/// binlog position the stream starts at, whose first transaction is not in the log yet and
+/// must not be taken for one it holds.
+fn position_below(start: Position) -> Position {
+    Position(start.0.saturating_sub(1))
 }

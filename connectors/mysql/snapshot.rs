@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::binlog::Tables;
 use super::decode::{ColumnDecoder, Origin};
-use super::{current_position, file_number, BinlogStart, MySqlSource, Server, SourceError};
+use super::{
+    current_position, file_number, position_below, BinlogStart, MySqlSource, Server, SourceError,
+};
 use crate::connectors::backpressure::{self, Backpressure};
 use crate::connectors::snapshot_log::SnapshotTransactions;
 use crate::event::{Position, Relation, RelationId, TxOrigin, Value};
@@ -128,10 +130,8 @@ pub(super) async fn run(
         gtid: None,
         gtid_state: start.gtid_state.clone(),
     };
-    // Strictly below the binlog position: the first transaction from there is not in the
-    // snapshot and must not be taken for one the log holds.
     let mut logged = SnapshotTransactions::new(
-        Position(position.0.saturating_sub(1)),
+        position_below(position),
         position,
         unix_micros_now(),
         Box::new(move |_| origin.clone()),
