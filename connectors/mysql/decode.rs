@@ -34,6 +34,15 @@ enum Kind {
     /// An unsigned integer of this many bits: a binlog without signedness metadata sends it
     /// as signed.
     Unsigned(u32),
+    /// A signed MEDIUMINT: mysql_common reads the binlog's three bytes without extending
+    /// their sign, so a negative value arrives as its 24-bit two's complement.
+    SignedMedium,
+    /// YEAR: the binlog's one byte is the year minus 1900, and mysql_common adds 1900 to
+    /// the byte 0 as well, which stands for the year 0000 (1900 is not a YEAR value).
+    Year,
+    /// BINARY(n): the binlog drops the trailing zero bytes the column pads its values
+    /// with (as CHAR drops trailing spaces), the snapshot's queries read all n bytes.
+    FixedBinary(usize),
     Enum(Vec<String>),
     Set(Vec<String>),
     /// A string type: its bytes are text in the column's character set.
@@ -55,6 +64,14 @@ impl ColumnDecoder {
             _ if unsigned_bits > 0 && column.column_type.contains("unsigned") => {
                 Kind::Unsigned(unsigned_bits)
             }
+            "mediumint" => Kind::SignedMedium,
+            "year" => Kind::Year,
+            "binary" => Kind::FixedBinary(
+                column
+                    .char_length
+                    .and_then(|n| usize::try_from(n).ok())
+                    .unwrap_or(0),
+            ),
             "enum" => Kind::Enum(labels(&column.column_type)),
             "set" => Kind::Set(labels(&column.column_type)),
             "geometry" | "point" | "linestring" | "polygon" | "multipoint" | "multilinestring"
@@ -94,10 +111,28 @@ impl ColumnDecoder {
             (MyValue::Int(n), Kind::Unsigned(64)) if n < 0 => {
                 Value::Numeric((i128::from(n) + (1i128 << 64)).to_string())
             }
+            (MyValue::Int(n), Kind::SignedMedium) if origin == Origin::Binlog && n >= 1 << 23 => {
+                self.integer(i128::from(n) - (1 << 24))
+            }
+            (MyValue::Bytes(bytes), Kind::Year) if origin == Origin::Binlog && bytes == b"1900" => {
+                self.integer(0)
+            }
+            (MyValue::Bytes(mut bytes), Kind::FixedBinary(length)) if origin == Origin::Binlog => {
+                if bytes.len() < *length {
+                    bytes.resize(*length, 0);
+                }
+                Value::Bytes(bytes)
+            }
             (MyValue::Int(n), Kind::Enum(labels)) => enum_label(labels, n)?,
             (MyValue::Int(n), _) => self.integer(i128::from(n)),
             (MyValue::UInt(n), _) => self.integer(i128::from(n)),
-            (MyValue::Float(f), _) => Value::Float(f64::from(f)),
+            // A float4 is the decimal the server prints for it, as an f64, as the PostgreSQL
+            // source reads one (see pgtext's `write_float`): 1.1, not the f32's binary
+            // expansion 1.100000023841858. Rust prints an f32 as the shortest decimal that
+            // reads back as it, which is what MySQL prints.
+            (MyValue::Float(f), _) => {
+                Value::Float(f.to_string().parse().unwrap_or_else(|_| f64::from(f)))
+            }
             (MyValue::Double(f), _) => Value::Float(f),
             (MyValue::Date(y, m, d, h, i, s, us), _) => self.date_time(y, m, d, h, i, s, us)?,
             (MyValue::Time(negative, days, h, i, s, us), _) => {
@@ -463,6 +498,91 @@ mod tests {
             t.value(MyValue::Time(true, 1, 2, 0, 0, 0), Origin::Binlog)
                 .unwrap(),
             Value::Time(-26 * 3600 * MICROS_PER_SECOND)
+        );
+    }
+
+    #[test]
+    fn binlog_values_mysql_common_misreads_are_read_as_the_snapshot_reads_them() {
+        let medium = decoder("mediumint", "mediumint(9)", ValueType::Int4);
+        // mysql_common reads the binlog's -70000 as its unsigned 24 bits.
+        assert_eq!(
+            medium
+                .value(MyValue::Int((1 << 24) - 70_000), Origin::Binlog)
+                .unwrap(),
+            Value::Int(-70_000)
+        );
+        assert_eq!(
+            medium
+                .value(MyValue::Int(8_388_607), Origin::Binlog)
+                .unwrap(),
+            Value::Int(8_388_607)
+        );
+        assert_eq!(
+            medium.value(MyValue::Int(-70_000), Origin::Query).unwrap(),
+            Value::Int(-70_000)
+        );
+        let year = decoder("year", "year(4)", ValueType::Int2);
+        assert_eq!(
+            year.value(MyValue::Bytes(b"1900".to_vec()), Origin::Binlog)
+                .unwrap(),
+            Value::Int(0)
+        );
+        assert_eq!(
+            year.value(MyValue::Bytes(b"2155".to_vec()), Origin::Binlog)
+                .unwrap(),
+            Value::Int(2155)
+        );
+        let mut fixed = CatalogColumn {
+            name: "c".into(),
+            data_type: "binary".into(),
+            column_type: "binary(4)".into(),
+            primary_key: false,
+            char_length: Some(4),
+            precision: None,
+            scale: None,
+            datetime_precision: None,
+            default: None,
+        };
+        let binary = ColumnDecoder::new(&fixed, ValueType::Bytea);
+        assert_eq!(
+            binary
+                .value(MyValue::Bytes(vec![0xff, 0x00, 0x01]), Origin::Binlog)
+                .unwrap(),
+            Value::Bytes(vec![0xff, 0x00, 0x01, 0x00])
+        );
+        assert_eq!(
+            binary
+                .value(MyValue::Bytes(vec![]), Origin::Binlog)
+                .unwrap(),
+            Value::Bytes(vec![0; 4])
+        );
+        fixed.data_type = "varbinary".into();
+        let varbinary = ColumnDecoder::new(&fixed, ValueType::Bytea);
+        assert_eq!(
+            varbinary
+                .value(MyValue::Bytes(vec![0xff]), Origin::Binlog)
+                .unwrap(),
+            Value::Bytes(vec![0xff])
+        );
+    }
+
+    #[test]
+    fn floats_are_the_decimal_the_server_prints() {
+        let float = decoder("float", "float", ValueType::Float4);
+        assert_eq!(
+            float.value(MyValue::Float(1.1), Origin::Binlog).unwrap(),
+            Value::Float(1.1)
+        );
+        assert_eq!(
+            float
+                .value(MyValue::Float(-3.40282e38), Origin::Query)
+                .unwrap(),
+            Value::Float(-3.40282e38)
+        );
+        let double = decoder("double", "double", ValueType::Float8);
+        assert_eq!(
+            double.value(MyValue::Double(0.1), Origin::Binlog).unwrap(),
+            Value::Float(0.1)
         );
     }
 
