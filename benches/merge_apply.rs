@@ -83,54 +83,6 @@ impl Workload {
     }
 }
 
-const STATUSES: &[&str] = &["paid", "packed", "shipped", "delivered", "returned"];
-
-fn note(rng: &mut StdRng) -> String {
-    if rng.gen_ratio(1, 10) {
-        return "NULL".into();
-    }
-    let len = rng.gen_range(10..90);
-    let text: String = (0..len)
-        .map(|_| {
-            let c = rng.gen_range(0..27u8);
-            if c == 26 {
-                ' '
-            } else {
-                char::from(b'a' + c)
-            }
-        })
-        .collect();
-    format!("'{text}'")
-}
-
-/// Rows per statement: three in four statements touch a handful of rows, one in four is bulk.
-fn statement_rows(rng: &mut StdRng, bulk_max: usize) -> usize {
-    if rng.gen_bool(0.75) {
-        rng.gen_range(1..=5)
-    } else {
-        rng.gen_range(20..=bulk_max)
-    }
-}
-
-/// Picks up to `n` distinct live keys.
-fn pick_keys(rng: &mut StdRng, live: &[i64], n: usize) -> Vec<i64> {
-    let mut keys: Vec<i64> = (0..n).map(|_| live[rng.gen_range(0..live.len())]).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    keys
-}
-
-fn key_list(keys: &[i64]) -> String {
-    let mut out = String::new();
-    for (i, key) in keys.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        write!(out, "{key}").unwrap();
-    }
-    out
-}
-
 /// About `target` row changes: ~55 % inserts, ~35 % updates of live keys, ~10 % deletes, in
 /// transactions of one to three statements, three in four of 1–5 rows, the rest of 20–200.
 /// Seeded: the same every time.
@@ -156,10 +108,10 @@ fn workload(target: usize) -> Workload {
         for _ in 0..statements {
             let roll: f64 = rng.gen();
             if live.len() < 1000 || roll < 0.55 {
-                let n = statement_rows(&mut rng, 200);
+                let n = support::statement_rows(&mut rng, 200);
                 w.sql.push_str("INSERT INTO orders VALUES ");
                 for i in 0..n {
-                    let note = note(&mut rng);
+                    let note = support::text_literal(&mut rng);
                     write!(
                         w.sql,
                         "{}({next_id},{},'new',{}.{:02},{note})",
@@ -175,11 +127,11 @@ fn workload(target: usize) -> Workload {
                 w.sql.push_str(";\n");
                 w.inserts += n;
             } else if roll < 0.90 {
-                let n = statement_rows(&mut rng, 200);
-                let keys = pick_keys(&mut rng, &live, n);
-                let status = STATUSES[rng.gen_range(0..STATUSES.len())];
+                let n = support::statement_rows(&mut rng, 200);
+                let keys = support::pick_keys(&mut rng, &live, n);
+                let status = support::STATUSES[rng.gen_range(0..support::STATUSES.len())];
                 let set_note = if rng.gen_bool(0.3) {
-                    format!(", note = {}", note(&mut rng))
+                    format!(", note = {}", support::text_literal(&mut rng))
                 } else {
                     String::new()
                 };
@@ -189,17 +141,17 @@ fn workload(target: usize) -> Workload {
                      WHERE id IN ({});",
                     rng.gen_range(0..20),
                     rng.gen_range(0..100),
-                    key_list(&keys)
+                    support::key_list(&keys)
                 )
                 .unwrap();
                 w.updates += keys.len();
             } else {
-                let n = statement_rows(&mut rng, 60);
-                let keys = pick_keys(&mut rng, &live, n);
+                let n = support::statement_rows(&mut rng, 60);
+                let keys = support::pick_keys(&mut rng, &live, n);
                 writeln!(
                     w.sql,
                     "DELETE FROM orders WHERE id IN ({});",
-                    key_list(&keys)
+                    support::key_list(&keys)
                 )
                 .unwrap();
                 live.retain(|k| keys.binary_search(k).is_err());

@@ -1,8 +1,13 @@
-//! What the benchmarks share: their settings from the environment, and the statistics they
-//! print (median, min and max over the rounds).
+//! What the benchmarks share: their settings from the environment, the statistics they
+//! print (median, min and max over the rounds), and the pieces of their seeded workloads.
 
 // Each bench compiles this module on its own and uses part of it.
 #![allow(dead_code)]
+
+use std::fmt::Write as _;
+
+use rand::rngs::StdRng;
+use rand::Rng;
 
 /// `cargo bench` passes `--bench`; `cargo test` and nextest build and list benches too, and
 /// a benchmark is not a test.
@@ -65,4 +70,56 @@ impl<'a> Probe<'a> {
             .flatten()
             .and_then(|row| row.get::<_, Option<String>>(0))
     }
+}
+
+/// The statuses a workload's updates move an order through (inserted orders are `'new'`).
+pub const STATUSES: &[&str] = &["paid", "packed", "shipped", "delivered", "returned"];
+
+/// A SQL literal for a nullable text column: `NULL` one time in ten, otherwise a quoted
+/// string of 10–89 lowercase letters and spaces (nothing to escape, in any SQL dialect).
+pub fn text_literal(rng: &mut StdRng) -> String {
+    if rng.gen_ratio(1, 10) {
+        return "NULL".into();
+    }
+    let len = rng.gen_range(10..90);
+    let text: String = (0..len)
+        .map(|_| {
+            let c = rng.gen_range(0..27u8);
+            if c == 26 {
+                ' '
+            } else {
+                char::from(b'a' + c)
+            }
+        })
+        .collect();
+    format!("'{text}'")
+}
+
+/// Rows per statement: three in four statements touch a handful of rows, one in four is bulk.
+pub fn statement_rows(rng: &mut StdRng, bulk_max: usize) -> usize {
+    if rng.gen_bool(0.75) {
+        rng.gen_range(1..=5)
+    } else {
+        rng.gen_range(20..=bulk_max)
+    }
+}
+
+/// Picks up to `n` distinct live keys, in ascending order.
+pub fn pick_keys(rng: &mut StdRng, live: &[i64], n: usize) -> Vec<i64> {
+    let mut keys: Vec<i64> = (0..n).map(|_| live[rng.gen_range(0..live.len())]).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// `1,2,3`: keys for a SQL `IN (…)` list.
+pub fn key_list(keys: &[i64]) -> String {
+    let mut out = String::new();
+    for (i, key) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write!(out, "{key}").expect("writing to a String");
+    }
+    out
 }
