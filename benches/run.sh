@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every headline figure of tidemark against its reference measured in the same run, as one
-# table (issue 9; DESIGN, Performance). Each bench starts its own throwaway PostgreSQL cluster.
+# table (issue 9; DESIGN, Performance). Each bench starts its own throwaway PostgreSQL cluster
+# (binlog_capture a MariaDB server).
 #
 #   bash benches/run.sh           # full sizes, 3 rounds each (the figures in benches/README.md)
 #   bash benches/run.sh --quick   # small sizes, 3 rounds each, a few minutes
@@ -32,6 +33,7 @@ bench() {
         >"$logs/$name.log" 2>&1 || { tail -20 "$logs/$name.log" >&2; exit 1; }
 }
 bench merge_apply "$apply_rows"
+bench binlog_capture "$apply_rows"
 bench snapshot "$snapshot_rows"
 TIDEMARK_BENCH_BACKLOG_MIB=$backlog_mib bench transaction_memory "$memory_rows"
 TIDEMARK_BENCH_SECONDS=$lag_seconds bench lag 0
@@ -46,6 +48,8 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f×", a / b; el
 row() { printf '| %s | %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4" "$5"; }
 
 capture=$(rate merge_apply "tidemark capture only")
+binlog_capture=$(rate binlog_capture "tidemark MySQL capture")
+mariadb_binlog=$(rate binlog_capture "mariadb-binlog --verbose")
 recvlogical=$(rate merge_apply "pg_recvlogical")
 native=$(rate merge_apply "native logical replication")
 apply=$(rate merge_apply "tidemark merge apply alone")
@@ -63,12 +67,16 @@ tables_rss=$(peak_rss 2)
 backlog_rss=$(peak_rss 3)
 
 echo
-echo "medians of 3 rounds (min–max), rows/s; $(nproc) cores; $(grep -o 'PostgreSQL [0-9.]*' "$logs/merge_apply.log" | head -1)"
+echo "medians of 3 rounds (min–max), rows/s; $(nproc) cores; $(grep -o 'PostgreSQL [0-9.]*' "$logs/merge_apply.log" | head -1);" \
+    "$(grep -o 'MariaDB [0-9.]*' "$logs/binlog_capture.log" | head -1)"
 echo
 row metric tidemark "reference (same run)" ratio goal
 row --- --- --- --- ---
 row "capture: changes/s durably logged" "$(spread merge_apply "tidemark capture only")" \
     "pg_recvlogical: $(spread merge_apply "pg_recvlogical")" "$(ratio "$capture" "$recvlogical")" "≥ 0.9×"
+row "MySQL binlog capture: changes/s durably logged" "$(spread binlog_capture "tidemark MySQL capture")" \
+    "mariadb-binlog: $(spread binlog_capture "mariadb-binlog --verbose")" \
+    "$(ratio "$binlog_capture" "$mariadb_binlog")" "none set (PostgreSQL's: ≥ 0.9×)"
 row "end to end, capture + merge: rows/s" "$(spread merge_apply "tidemark end to end (capture + merge)")" \
     "native logical replication: $(spread merge_apply "native logical replication")" \
     "$(ratio "$end_to_end" "$native")" "≥ 2.0× (DESIGN)"
