@@ -425,3 +425,59 @@ fn without_a_snapshot_capture_starts_with_the_next_transaction() {
     assert_eq!(ops, expected);
     agent.terminate();
 }
+
+#[test]
+fn rows_written_before_later_ddl_decode_as_the_binlog_describes_them() {
+    let my = MariaDb::start();
+    let db = my.fresh_database("shop");
+    create_items(&my, &db);
+    my.exec(&db, "INSERT INTO items (id, name) VALUES (1, 'pen')");
+    let pg = PgCluster::start();
+    let warehouse = pg.fresh_database("warehouse");
+    let setup = AgentSetup::with_source(
+        &mysql_source(&my, &db, &format!("\"{db}.items\"")),
+        &three_sinks(&pg, &warehouse),
+    );
+    let mut agent = setup.start();
+    agent.wait_log("streaming the binlog", WAIT);
+    assert_mirrored(&my, &db, &pg, &warehouse, "items", ITEM_COLUMNS);
+    agent.terminate();
+
+    // While the agent is stopped, columns come and go: when it reads these rows, the
+    // catalog no longer has the columns they were written with.
+    my.exec(
+        &db,
+        "ALTER TABLE items ADD COLUMN grade ENUM('low','mid','high') NOT NULL DEFAULT 'low', \
+            ADD COLUMN weight INT UNSIGNED, ADD COLUMN tag VARBINARY(4);
+         INSERT INTO items (id, name, grade, weight, tag) VALUES (2, 'ink', 'high', 4000000000, x'00ff');
+         ALTER TABLE items DROP COLUMN grade, DROP COLUMN weight, DROP COLUMN tag;
+         INSERT INTO items (id, name) VALUES (3, 'cap');
+         ALTER TABLE items RENAME COLUMN name TO title;
+         INSERT INTO items (id, title) VALUES (4, 'mug');",
+    );
+    let mut agent = setup.start();
+    agent.wait_log("streaming the binlog", WAIT);
+    assert_mirrored(
+        &my,
+        &db,
+        &pg,
+        &warehouse,
+        "items",
+        "id, title, price, qty, status, made, day, note",
+    );
+    let envelopes = setup.envelopes();
+    let inserted = |id: i64| {
+        envelopes
+            .iter()
+            .find(|e| e["op"] == "c" && e["after"]["id"] == id)
+            .unwrap_or_else(|| panic!("no insert of {id} in {envelopes:?}"))
+    };
+    let ink = &inserted(2)["after"];
+    assert_eq!(ink["name"], "ink");
+    assert_eq!(ink["grade"], "high");
+    assert_eq!(ink["weight"], 4_000_000_000u64);
+    assert_eq!(ink["tag"], "AP8=");
+    assert!(inserted(3)["after"].get("grade").is_none());
+    assert_eq!(inserted(4)["after"]["title"], "mug");
+    agent.terminate();
+}

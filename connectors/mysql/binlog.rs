@@ -16,8 +16,8 @@ use mysql_async::{BinlogStreamRequest, Conn};
 use tokio_util::sync::CancellationToken;
 
 use super::catalog::{self, CatalogColumn};
-use super::compressed;
 use super::decode::ColumnDecoder;
+use super::{compressed, table_map};
 use super::{file_number, BinlogStart, MySqlSource, Server, SourceError};
 use crate::config::TablePattern;
 use crate::connectors::backpressure::{self, Backpressure};
@@ -591,19 +591,33 @@ impl Reader<'_> {
             return Ok(());
         }
         let (database, table_name) = key;
-        let columns = catalog::columns(&mut self.catalog, database, table_name).await?;
-        let names = map_column_names(table_map);
-        let columns =
-            columns_as_mapped(columns, names.as_deref(), column_count).ok_or_else(|| {
-                SourceError::Binlog(format!(
-                "the binlog's rows of {database}.{table_name} at {} offset {} have {column_count} \
-                 columns, the table has another shape now (a later ALTER TABLE): set \
-                 binlog_row_metadata = FULL on the server so that the binlog names its columns, \
-                 then capture again from a new snapshot",
-                self.file,
-                position.binlog_offset()
-            ))
-            })?;
+        let now = catalog::columns(&mut self.catalog, database, table_name).await?;
+        let columns = match table_map::columns(table_map) {
+            // The catalog as it is now, or as it was when last described, where it agrees
+            // with the binlog; the binlog's own description where neither does (a column
+            // a later statement dropped or changed).
+            Some(mapped) => mapped
+                .into_iter()
+                .map(|mapped| {
+                    now.iter()
+                        .chain(current.iter().flat_map(|t| &t.catalog))
+                        .find(|column| table_map::agrees(column, &mapped))
+                        .cloned()
+                        .unwrap_or(mapped)
+                })
+                .collect(),
+            None if now.len() == column_count => now,
+            None => {
+                return Err(SourceError::Binlog(format!(
+                    "the binlog's rows of {database}.{table_name} at {} offset {} have \
+                     {column_count} columns, the table has another shape now (a later ALTER \
+                     TABLE): set binlog_row_metadata = FULL on the server so that the binlog \
+                     describes its columns, then capture again from a new snapshot",
+                    self.file,
+                    position.binlog_offset()
+                )))
+            }
+        };
         let described = self
             .tables
             .describe(database, table_name, columns, writer)?;
@@ -648,35 +662,6 @@ fn rotated_file(raw: &[u8]) -> Option<String> {
 }
 
 /// The column names the table map carries (`binlog_row_metadata = FULL`).
-fn map_column_names(table_map: &TableMapEvent<'_>) -> Option<Vec<String>> {
-    use mysql_async::binlog::events::OptionalMetadataField;
-    let mut names = Vec::new();
-    for field in table_map.iter_optional_meta() {
-        if let Ok(OptionalMetadataField::ColumnName(column_names)) = field {
-            for name in column_names.iter_names() {
-                names.push(name.ok()?.name().into_owned());
-            }
-        }
-    }
-    (!names.is_empty()).then_some(names)
-}
-
-/// The catalog's columns as the binlog's rows have them: the same when the counts agree
-/// (and the names, when the binlog has them); else the ones the binlog names, when it does.
-fn columns_as_mapped(
-    columns: Vec<CatalogColumn>,
-    names: Option<&[String]>,
-    count: usize,
-) -> Option<Vec<CatalogColumn>> {
-    match names {
-        Some(names) => names
-            .iter()
-            .map(|name| columns.iter().find(|c| c.name == *name).cloned())
-            .collect(),
-        None => (columns.len() == count).then_some(columns),
-    }
-}
-
 /// What changed between two descriptions of a table: renames as the DDL statements said
 /// (`before.renames`), the rest by column name.
 fn diff_columns(before: &Table, after: &Table) -> Vec<ColumnChange> {

@@ -15,6 +15,7 @@ mod catalog;
 mod compressed;
 mod decode;
 mod snapshot;
+mod table_map;
 
 use std::sync::Arc;
 use std::time::Instant;
