@@ -211,8 +211,9 @@ pub(crate) fn civil_from_days(days: i64) -> (i64, i64, i64) {
     (year, month, day)
 }
 
-/// `HH:MM:SS[.ffffff]`; `24:00:00` is a valid time. Outside 0 to 24 hours the hours are
-/// written as they are (with a leading `-` when negative), which PostgreSQL rejects.
+/// `HH:MM:SS[.ffffff]`; `24:00:00` is a valid time. Outside 0 to 24 hours (a MySQL TIME
+/// span) the hours are written as they are (with a leading `-` when negative), which
+/// PostgreSQL rejects and `parse_text` reads back as the same span.
 fn write_time<W: fmt::Write>(w: &mut W, micros: i64) -> fmt::Result {
     if micros < 0 {
         w.write_char('-')?;
@@ -391,6 +392,8 @@ mod tests {
     /// PostgreSQL's earliest and latest dates as days since 1970.
     const PG_MIN_DATE: i32 = -2_440_588;
     const PG_MAX_DATE: i32 = 2_145_042_905;
+    /// MySQL's longest TIME, 838:59:59, in microseconds (its shortest is the negation).
+    const MYSQL_TIME_MAX: i64 = 3_020_399_000_000;
 
     fn field(value_type: &ValueType, value: &Value) -> String {
         let mut out = Vec::new();
@@ -828,6 +831,12 @@ mod tests {
             (ValueType::Interval, interval(i32::MAX, i32::MAX, i64::MAX)),
             (ValueType::Interval, interval(1, -1, -1)),
             (ValueType::Time, Value::Time(MICROS_PER_DAY)),
+            (ValueType::Time, Value::Time(MICROS_PER_DAY + 1)),
+            (ValueType::Time, Value::Time(-1)),
+            (ValueType::Time, Value::Time(MYSQL_TIME_MAX)),
+            (ValueType::Time, Value::Time(-MYSQL_TIME_MAX)),
+            (ValueType::Time, Value::Time(i64::MAX)),
+            (ValueType::Time, Value::Time(i64::MIN)),
             (
                 ValueType::TimeTz,
                 Value::TimeTz {
@@ -1003,6 +1012,15 @@ mod tests {
         #[test]
         fn scalars_read_back_as_written((value_type, value) in typed_scalars()) {
             if let Err(message) = round_trip(&value_type, &value) {
+                return Err(TestCaseError::fail(message));
+            }
+        }
+
+        #[test]
+        fn mysql_time_spans_read_back_as_written(
+            micros in prop_oneof![-MYSQL_TIME_MAX..=MYSQL_TIME_MAX, any::<i64>()],
+        ) {
+            if let Err(message) = round_trip(&ValueType::Time, &Value::Time(micros)) {
                 return Err(TestCaseError::fail(message));
             }
         }

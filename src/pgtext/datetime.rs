@@ -13,12 +13,28 @@ const MICROS_PER_DAY: i64 = 24 * MICROS_PER_HOUR;
 const BEYOND_I64_MICROS: &str =
     "beyond the microseconds since 1970 that 64 bits hold (about 292277 BC to 294247 AD)";
 
-/// `HH:MM:SS[.f]` (or `24:00:00`) → microseconds since midnight.
+/// `[-]HH:MM:SS[.f]` → signed microseconds: a time of day as PostgreSQL prints a `time`
+/// (`00:00:00` to `24:00:00`), or a span beyond it as `copy_text`'s `write_time` writes one
+/// (`838:59:59`, `-00:00:00.5`: a `-`, and as many hour digits as the span needs).
+///
+/// The spans are MySQL's TIME (-838:59:59 to 838:59:59), which shares `ValueType::Time` with
+/// PostgreSQL's `time` because it lands in a `time` column; the MySQL snapshot keeps its rows
+/// in the log in `write_time`'s text, and reading them back must give the microseconds the
+/// binlog gives. The type cannot tell the two apart, the text does: every span beyond a time of
+/// day is text PostgreSQL neither prints for a `time` nor accepts as one, so what a PostgreSQL
+/// source reads is unchanged, and the sinks still write such a span as text a `time` refuses.
 pub(super) fn parse_time(text: &str) -> Result<i64, Fault> {
     let mut cursor = Cursor::new(text);
-    let micros = time_of_day(&mut cursor, true)?;
+    let negative = cursor.eat(b'-');
+    // 19 digits: every hour count a u64 holds, beyond the 10 an i64 of microseconds needs,
+    // so a longer span is out of range rather than malformed.
+    let clock = clock(&mut cursor, 19)?;
     cursor.finish()?;
-    Ok(micros)
+    let magnitude = (i128::from(clock.hour) * 3600 + i128::from(clock.minute * 60 + clock.second))
+        * i128::from(MICROS_PER_SECOND)
+        + i128::from(clock.fraction);
+    i64::try_from(if negative { -magnitude } else { magnitude })
+        .map_err(|_| Fault::OutOfRange("beyond the microseconds that 64 bits hold"))
 }
 
 /// `YYYY-MM-DD[ BC]` or `±infinity` → days since 1970-01-01.
@@ -237,8 +253,36 @@ pub(crate) fn days_from_civil(year: i64, month: u64, day: u64) -> i64 {
 /// `HH:MM:SS[.f]` → microseconds since midnight; `24:00:00` only when `allow_24` (the time
 /// types allow it, timestamps do not).
 fn time_of_day(cursor: &mut Cursor<'_>, allow_24: bool) -> Result<i64, Fault> {
+    let Clock {
+        hour,
+        minute,
+        second,
+        fraction,
+    } = clock(cursor, 2)?;
+    let end_of_day = allow_24 && hour == 24 && minute == 0 && second == 0 && fraction == 0;
+    if hour > 23 && !end_of_day {
+        return Err(Fault::Invalid("time of day out of range"));
+    }
+    // Two digits each, so the cast is lossless.
+    let seconds = (hour * 3600 + minute * 60 + second) as i64;
+    Ok(seconds * MICROS_PER_SECOND + fraction)
+}
+
+/// The parts of `H…:MM:SS[.f]`.
+struct Clock {
+    hour: u64,
+    minute: u64,
+    second: u64,
+    /// Microseconds.
+    fraction: i64,
+}
+
+/// `H…:MM:SS[.f]` with 2 to `max_hour_digits` hour digits, minutes and seconds below 60.
+fn clock(cursor: &mut Cursor<'_>, max_hour_digits: usize) -> Result<Clock, Fault> {
     const SHAPE: &str = "expected a time as HH:MM:SS";
-    let (hour, _) = cursor.digits(2, 2).ok_or(Fault::Invalid(SHAPE))?;
+    let (hour, _) = cursor
+        .digits(2, max_hour_digits)
+        .ok_or(Fault::Invalid(SHAPE))?;
     cursor.expect(b':', SHAPE)?;
     let (minute, _) = cursor.digits(2, 2).ok_or(Fault::Invalid(SHAPE))?;
     cursor.expect(b':', SHAPE)?;
@@ -247,13 +291,15 @@ fn time_of_day(cursor: &mut Cursor<'_>, allow_24: bool) -> Result<i64, Fault> {
         Some(b'.') => fraction_micros(cursor)?,
         _ => 0,
     };
-    let end_of_day = allow_24 && hour == 24 && minute == 0 && second == 0 && fraction == 0;
-    if (hour > 23 && !end_of_day) || minute > 59 || second > 59 {
+    if minute > 59 || second > 59 {
         return Err(Fault::Invalid("time of day out of range"));
     }
-    // Two digits each, so the casts are lossless.
-    let seconds = (hour * 3600 + minute * 60 + second) as i64;
-    Ok(seconds * MICROS_PER_SECOND + fraction)
+    Ok(Clock {
+        hour,
+        minute,
+        second,
+        fraction,
+    })
 }
 
 /// `.` and 1 to 6 digits (PostgreSQL prints microseconds without trailing zeros) → micros.
@@ -472,9 +518,6 @@ mod tests {
         assert_eq!(time("23:59:59.999999"), Value::Time(86_399_999_999));
         assert_eq!(time("24:00:00"), Value::Time(86_400_000_000));
         for bad in [
-            "24:00:00.000001",
-            "24:00:01",
-            "25:00:00",
             "12:60:00",
             "12:00:60",
             "12:00",
@@ -482,9 +525,47 @@ mod tests {
             "12:00:00.1234567",
             "12:00:00+00",
             "1:00:00",
+            "+12:00:00",
+            "--12:00:00",
+            "- 12:00:00",
+            "12:00:00-",
         ] {
             assert!(is_invalid(&ValueType::Time, bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn times_beyond_a_day_or_below_zero_read_as_the_mysql_span_written() {
+        let time = |s| parse(&ValueType::Time, s);
+        assert_eq!(time("838:59:59"), Value::Time(3_020_399_000_000));
+        assert_eq!(time("-838:59:59"), Value::Time(-3_020_399_000_000));
+        assert_eq!(time("-00:00:00.5"), Value::Time(-500_000));
+        assert_eq!(time("-00:00:00.000001"), Value::Time(-1));
+        assert_eq!(time("-01:00:00.25"), Value::Time(-3_600_250_000));
+        assert_eq!(time("24:00:00.000001"), Value::Time(86_400_000_001));
+        assert_eq!(time("25:00:00"), Value::Time(90_000_000_000));
+        // The extremes of 64 bits, as `write_time` writes them.
+        assert_eq!(time("2562047788:00:54.775807"), Value::Time(i64::MAX));
+        assert_eq!(time("-2562047788:00:54.775808"), Value::Time(i64::MIN));
+        assert!(is_out_of_range(&ValueType::Time, "2562047788:00:54.775808"));
+        assert!(is_out_of_range(
+            &ValueType::Time,
+            "9999999999999999999:00:00"
+        ));
+        assert!(is_invalid(&ValueType::Time, "99999999999999999999:00:00"));
+        for bad in [
+            "838:60:00",
+            "-838:59:60",
+            "-8:00:00",
+            "-838:59",
+            "838:59:59.1234567",
+        ] {
+            assert!(is_invalid(&ValueType::Time, bad), "{bad:?}");
+        }
+        // A span is never a time of day with a zone or in a timestamp.
+        assert!(is_invalid(&ValueType::TimeTz, "25:00:00+00"));
+        assert!(is_invalid(&ValueType::TimeTz, "-01:00:00+00"));
+        assert!(is_invalid(&ValueType::Timestamp, "2024-01-01 24:00:01"));
     }
 
     /// A timetz value from its local time of day in seconds plus microseconds and its offset
