@@ -397,3 +397,174 @@ fn restore_data_dir(setup: &AgentSetup, older: &std::path::Path) {
     std::fs::remove_dir_all(setup.data_dir()).unwrap();
     std::fs::rename(older, setup.data_dir()).unwrap();
 }
+
+/// A value the target's column type cannot hold (a MySQL TIME of 838 hours for a `time`)
+/// fails in the COPY that stages the batch, before any statement runs: row by row, the merge
+/// and the history sink dead-letter that row with the target's error and apply every other
+/// row of the batch, where the new rows of a first batch and the updates of a second are
+/// both refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_the_target_type_cannot_hold_is_dead_lettered_and_the_rest_applied() {
+    use tidemark::config::{ColumnNaming, DroppedColumns, PostgresSinkConfig, SinkMode};
+    use tidemark::event::{
+        ChangeEvent, Column, Op, Position, Record, Relation, TxBegin, TxCommit, TxOrigin, Value,
+        ValueType,
+    };
+    use tidemark::log::OffsetLog;
+    use tidemark::sinks::postgres::PostgresSink;
+    use tidemark::sinks::Sink;
+
+    const HOUR: i64 = 3_600_000_000;
+    let pg = PgCluster::start();
+    let warehouse = pg.fresh_database("warehouse");
+    let dir = tempfile::tempdir().unwrap();
+    let log = OffsetLog::open(dir.path()).unwrap();
+    let mut writer = log.writer().unwrap();
+    let (relation, _) = writer
+        .relation(Relation {
+            oid: 1,
+            schema: "public".into(),
+            table: "t".into(),
+            columns: vec![
+                Column {
+                    name: "id".into(),
+                    type_oid: 20,
+                    type_modifier: -1,
+                    type_name: "bigint".into(),
+                    value_type: ValueType::Int8,
+                    primary_key: true,
+                    replica_identity: true,
+                },
+                Column {
+                    name: "at".into(),
+                    type_oid: 1083,
+                    type_modifier: 6,
+                    type_name: "time(6) without time zone".into(),
+                    value_type: ValueType::Time,
+                    primary_key: false,
+                    replica_identity: false,
+                },
+            ],
+        })
+        .unwrap();
+    let row = |id: i64, micros: i64| Some(vec![Value::Int(id), Value::Time(micros)]);
+    for (lsn, changes) in [
+        (
+            200,
+            vec![
+                (Op::Insert, row(1, 12 * HOUR)),
+                (Op::Insert, row(2, 838 * HOUR)),
+                (Op::Insert, row(3, 13 * HOUR)),
+            ],
+        ),
+        (
+            300,
+            vec![
+                (Op::Update, row(1, 14 * HOUR)),
+                (Op::Update, row(3, -HOUR / 2)),
+            ],
+        ),
+    ] {
+        writer
+            .append(&Record::Begin(TxBegin {
+                origin: TxOrigin::Postgres { xid: lsn as u32 },
+                commit_position: Position(lsn),
+                commit_ts: 0,
+            }))
+            .unwrap();
+        for (op, after) in changes {
+            writer
+                .append(&Record::Change(ChangeEvent {
+                    relation,
+                    position: Position(lsn - 50),
+                    op,
+                    before: None,
+                    after,
+                }))
+                .unwrap();
+        }
+        writer
+            .append(&Record::Commit(TxCommit {
+                commit_position: Position(lsn),
+                end_position: Position(lsn + 8),
+                commit_ts: 0,
+            }))
+            .unwrap();
+    }
+    log.flush().await.unwrap();
+    let entries = log.read(0, 1000).unwrap();
+    let first_end = 1 + entries
+        .iter()
+        .position(|e| matches!(e.record, Record::Commit(_)))
+        .unwrap();
+
+    // (sink, mode, the target's rows after both batches)
+    let sinks = [
+        ("mirror", SinkMode::Merge, "1 14:00:00, 3 13:00:00"),
+        (
+            "history",
+            SinkMode::Scd2,
+            "1 12:00:00 false, 1 14:00:00 true, 3 13:00:00 true",
+        ),
+    ];
+    for (name, mode, expected) in sinks {
+        let config = PostgresSinkConfig {
+            url: pg.url(&warehouse).parse().unwrap(),
+            schema: name.into(),
+            mode,
+            soft_delete: false,
+            columns: ColumnNaming::Tidemark,
+            history_deletes: false,
+            dropped_columns: DroppedColumns::Keep,
+            tables: vec![],
+        };
+        let mut sink = PostgresSink::new(name, &config, log.clone(), dir.path()).unwrap();
+        assert_eq!(sink.open().await.unwrap(), 0);
+        for batch in [&entries[..first_end], &entries[first_end..]] {
+            let refused = sink
+                .apply(batch)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(refused.get("public.t"), Some(&1), "{name}");
+        }
+        let rows = pg.psql(
+            &warehouse,
+            &match mode {
+                SinkMode::Merge => {
+                    format!("SELECT string_agg(id || ' ' || at, ', ' ORDER BY id) FROM {name}.t")
+                }
+                _ => format!(
+                    "SELECT string_agg(id || ' ' || at || ' ' || is_current, ', ' \
+                     ORDER BY id, _tidemark_lsn) FROM {name}.t"
+                ),
+            },
+        );
+        assert_eq!(rows, expected, "{name}");
+        let letters: Vec<serde_json::Value> =
+            std::fs::read_to_string(dir.path().join(format!("dead_letters/{name}.jsonl")))
+                .unwrap()
+                .lines()
+                .map(|line| serde_json::from_str(line).unwrap())
+                .collect();
+        let refused: Vec<(&serde_json::Value, &serde_json::Value)> = letters
+            .iter()
+            .map(|letter| (&letter["row"]["id"], &letter["row"]["at"]))
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                (&serde_json::json!(2), &serde_json::json!(838 * HOUR)),
+                (&serde_json::json!(3), &serde_json::json!(-HOUR / 2)),
+            ],
+            "{name}: {letters:?}"
+        );
+        for letter in &letters {
+            let reason = letter["reason"].as_str().unwrap_or_default();
+            assert!(
+                reason.contains(&format!("staging changes for {name}.t"))
+                    && reason.contains("SQLSTATE 22"),
+                "{name}: {reason}"
+            );
+        }
+    }
+}

@@ -143,30 +143,35 @@ pub fn statements(
 /// The plan's rows in COPY text format for the staging table: in a fresh pass, all but the
 /// new rows (which go straight into the target), else all.
 pub fn stage_rows(plan: &TablePlan, pass: Pass) -> Vec<u8> {
-    let int_array = ValueType::Array(Box::new(ValueType::Int4));
     let mut out = Vec::new();
-    for (number, state) in plan.states().iter().enumerate() {
+    for number in 0..plan.states().len() {
         if pass == Pass::Fresh && plan.is_new_row(number) {
             continue;
         }
-        let (op, row, from) = match state {
-            KeyState::Upsert(row) => ("u", row, None),
-            KeyState::Delete(row) => ("d", row, None),
-            KeyState::Move { row, from } => ("m", row, Some(from)),
-        };
-        stage_row(
-            &mut out,
-            &plan.relation,
-            row,
-            from,
-            &[
-                (&ValueType::Int4, Value::Int(number as i64)),
-                (&ValueType::Text, Value::Text(op.into())),
-                (&int_array, unchanged_columns(row)),
-            ],
-        );
+        stage_state(&mut out, plan, number);
     }
     out
+}
+
+/// Appends the plan's key state `number` as a staging row in COPY text format.
+pub fn stage_state(out: &mut Vec<u8>, plan: &TablePlan, number: usize) {
+    let int_array = ValueType::Array(Box::new(ValueType::Int4));
+    let (op, row, from) = match &plan.states()[number] {
+        KeyState::Upsert(row) => ("u", row, None),
+        KeyState::Delete(row) => ("d", row, None),
+        KeyState::Move { row, from } => ("m", row, Some(from)),
+    };
+    stage_row(
+        out,
+        &plan.relation,
+        row,
+        from,
+        &[
+            (&ValueType::Int4, Value::Int(number as i64)),
+            (&ValueType::Text, Value::Text(op.into())),
+            (&int_array, unchanged_columns(row)),
+        ],
+    );
 }
 
 /// The new rows of the plan in COPY text format for the target table's source columns:

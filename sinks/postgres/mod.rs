@@ -1008,6 +1008,16 @@ impl TableWork {
         }
     }
 
+    /// Staged row `number` alone, in COPY text format.
+    fn staged_row_text(&self, number: usize) -> Bytes {
+        let mut out = Vec::new();
+        match &self.plan {
+            Plan::Merge(plan) => merge::stage_state(&mut out, plan, number),
+            Plan::History(plan, _) => scd2::stage_event(&mut out, plan, number),
+        }
+        Bytes::from(out)
+    }
+
     /// A fresh pass's COPY straight into the target, with its rows.
     fn direct(&self, pass: Pass) -> Option<(&str, &[Bytes])> {
         let sql = self
@@ -1175,19 +1185,26 @@ impl PostgresSink {
         for table in &batch.tables {
             let target = &table.target;
             let statements = table.statements(pass);
-            let context = || format!("staging changes for {target}");
+            let staging_context = || format!("staging changes for {target}");
             // A batch of new rows only (a snapshot, inserts) stages nothing: every statement
-            // reads the stage, so without rows they are skipped with it.
-            let staged = table.staged_rows_text(pass);
-            let staging = !staged.is_empty();
+            // reads the stage, so without rows they are skipped with it. Row by row, each
+            // row is staged in its own savepoint below: COPY reads every value into the
+            // stage's column types, so one value a type cannot hold (a MySQL TIME of 838
+            // hours in a `time`) would refuse the whole COPY, and with it every other row.
+            let staged = (pass != Pass::OneRow).then(|| table.staged_rows_text(pass));
+            let staging = staged
+                .as_ref()
+                .map_or(table.staged_rows() > 0, |staged| !staged.is_empty());
             if staging {
                 transaction
                     .batch_execute(&table.create_stage)
                     .await
-                    .map_err(ApplyError::with(context()))?;
-                send_copy(transaction.copy_in(&table.copy_stage).await, &[staged])
-                    .await
-                    .map_err(ApplyError::with(context()))?;
+                    .map_err(ApplyError::with(staging_context()))?;
+                if let Some(staged) = staged {
+                    send_copy(transaction.copy_in(&table.copy_stage).await, &[staged])
+                        .await
+                        .map_err(ApplyError::with(staging_context()))?;
+                }
             }
             if let Some(truncate) = &table.truncate {
                 transaction
@@ -1220,8 +1237,17 @@ impl PostgresSink {
                     .savepoint(format!("row_{number}"))
                     .await
                     .map_err(ApplyError::with(context()))?;
-                let mut refused = None;
+                let row = table.staged_row_text(number);
+                let staged = send_copy(savepoint.copy_in(&table.copy_stage).await, &[row]).await;
+                let mut refused = match staged {
+                    Ok(()) => None,
+                    Err(e) if is_data_error(&e) => {
+                        Some(format!("{}: {}", staging_context(), db_message(&e)))
+                    }
+                    Err(e) => return Err(ApplyError::with(staging_context())(e)),
+                };
                 let param = number as i32;
+                let statements = if refused.is_none() { statements } else { &[] };
                 for statement in statements {
                     if let Err(e) = savepoint.execute(statement.as_str(), &[&param]).await {
                         if !is_data_error(&e) {

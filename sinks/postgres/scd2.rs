@@ -287,56 +287,61 @@ pub fn statements(
 /// The plan's events in COPY text format for the staging table: in a fresh pass, all but the
 /// versions that go straight into the target, else all.
 pub fn stage_rows(plan: &HistoryPlan, layout: Layout, pass: Pass) -> Vec<u8> {
-    let int_array = ValueType::Array(Box::new(ValueType::Int4));
-    let text = |v: String| Value::Text(v);
     let mut out = Vec::new();
     for (number, event) in plan.events.iter().enumerate() {
         if pass == Pass::Fresh && layout.is_direct(event) {
             continue;
         }
-        let KeyEvent {
-            kind,
-            row,
-            carry_from,
-            lsn,
-            at,
-            previous,
-            valid_to,
-        } = event;
-        let unchanged = if kind.is_version() {
-            unchanged_columns(row)
-        } else {
-            Value::Null
-        };
-        stage_row(
-            &mut out,
-            &plan.relation,
-            row,
-            carry_from.as_ref().map(|carry| &carry.from),
-            &[
-                (
-                    &ValueType::Text,
-                    carry_from
-                        .as_ref()
-                        .map_or(Value::Null, |carry| text(carry.before.to_string())),
-                ),
-                (&ValueType::Int4, Value::Int(number as i64)),
-                (&ValueType::Text, text(kind.code().into())),
-                (&ValueType::Text, text(lsn.to_string())),
-                (
-                    &ValueType::Text,
-                    previous.map_or(Value::Null, |p| text(p.to_string())),
-                ),
-                (&ValueType::TimestampTz, Value::TimestampTz(*at)),
-                (
-                    &ValueType::TimestampTz,
-                    valid_to.map_or(Value::Null, Value::TimestampTz),
-                ),
-                (&int_array, unchanged),
-            ],
-        );
+        stage_event(&mut out, plan, number);
     }
     out
+}
+
+/// Appends the plan's event `number` as a staging row in COPY text format.
+pub fn stage_event(out: &mut Vec<u8>, plan: &HistoryPlan, number: usize) {
+    let int_array = ValueType::Array(Box::new(ValueType::Int4));
+    let text = |v: String| Value::Text(v);
+    let KeyEvent {
+        kind,
+        row,
+        carry_from,
+        lsn,
+        at,
+        previous,
+        valid_to,
+    } = &plan.events[number];
+    let unchanged = if kind.is_version() {
+        unchanged_columns(row)
+    } else {
+        Value::Null
+    };
+    stage_row(
+        out,
+        &plan.relation,
+        row,
+        carry_from.as_ref().map(|carry| &carry.from),
+        &[
+            (
+                &ValueType::Text,
+                carry_from
+                    .as_ref()
+                    .map_or(Value::Null, |carry| text(carry.before.to_string())),
+            ),
+            (&ValueType::Int4, Value::Int(number as i64)),
+            (&ValueType::Text, text(kind.code().into())),
+            (&ValueType::Text, text(lsn.to_string())),
+            (
+                &ValueType::Text,
+                previous.map_or(Value::Null, |p| text(p.to_string())),
+            ),
+            (&ValueType::TimestampTz, Value::TimestampTz(*at)),
+            (
+                &ValueType::TimestampTz,
+                valid_to.map_or(Value::Null, Value::TimestampTz),
+            ),
+            (&int_array, unchanged),
+        ],
+    );
 }
 
 /// The versions a fresh pass COPYs straight into the target (see `Layout::is_direct`), in
