@@ -1211,3 +1211,36 @@ fn first_difference(what: &str, expected: &str, found: &str) -> String {
         at.and_then(|i| found.lines().nth(i)),
     )
 }
+
+/// A value mysql_common misreads (see above: a negative TIME(2) with a fraction) stops the
+/// source with the fix, and nothing of its transaction is applied: no wrong time, no crash.
+#[test]
+fn a_time_mysql_common_misreads_stops_capture_with_the_fix() {
+    let my = MariaDb::start();
+    let db = my.fresh_database("edges");
+    my.exec(&db, "CREATE TABLE spans (id INT PRIMARY KEY, span TIME(2))");
+    let setup = AgentSetup::with_source(
+        &format!(
+            "type = \"mysql\"\nurl = \"{}\"\ntables = [\"{db}.spans\"]\n",
+            my.url(&db)
+        ),
+        "[[sink]]\nname = \"events\"\ntype = \"jsonl\"\npath = \"events\"\n",
+    );
+    let mut agent = setup.start();
+    agent.wait_log("streaming the binlog", WAIT);
+    my.exec(
+        &db,
+        "INSERT INTO spans VALUES (1, '01:00:00.25'), (2, '-01:00:00.25')",
+    );
+    agent.wait_log("MODIFY that column to TIME(3) or finer", WAIT);
+    assert!(
+        eventually(WAIT, || !agent.is_running()),
+        "the agent went on after a row it cannot read:\n{}",
+        agent.log()
+    );
+    assert!(
+        setup.envelopes().iter().all(|e| e["op"] == "r"),
+        "a change of the unreadable transaction was applied: {:?}",
+        setup.envelopes()
+    );
+}

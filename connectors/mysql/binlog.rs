@@ -548,7 +548,24 @@ impl Reader<'_> {
             _ => Op::Delete,
         };
         let mut count = 0;
-        for row in rows.rows(table_map) {
+        let mut parsed = rows.rows(table_map);
+        loop {
+            // mysql_common panics on a value it misreads rather than return an error: stop
+            // with what the operator can do about it instead of writing a wrong value.
+            let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parsed.next()))
+                .map_err(|_| {
+                    SourceError::Prerequisite(format!(
+                        "mysql_common could not read a row of {database}.{table_name} at {} \
+                         offset {}; one known cause is a negative TIME(1) or TIME(2) value \
+                         with a fraction: ALTER TABLE {database}.{table_name} MODIFY that \
+                         column to TIME(3) or finer, then capture again from a new snapshot",
+                        self.file,
+                        position.binlog_offset()
+                    ))
+                })?;
+            let Some(row) = next else {
+                break;
+            };
             let (before, after) = row.map_err(|e| {
                 SourceError::Binlog(format!(
                     "a row of {database}.{table_name} at {} offset {}: {e}",
