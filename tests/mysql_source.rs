@@ -481,3 +481,79 @@ fn rows_written_before_later_ddl_decode_as_the_binlog_describes_them() {
     assert_eq!(inserted(4)["after"]["title"], "mug");
     agent.terminate();
 }
+
+#[test]
+fn restarts_resume_by_gtid_and_stop_when_the_binlog_was_purged() {
+    let my = MariaDb::start();
+    let db = my.fresh_database("shop");
+    create_items(&my, &db);
+    let pg = PgCluster::start();
+    let warehouse = pg.fresh_database("warehouse");
+    let setup = AgentSetup::with_source(
+        &mysql_source(&my, &db, &format!("\"{db}.items\"")),
+        &three_sinks(&pg, &warehouse),
+    );
+    let insert = |ids: std::ops::Range<u32>| {
+        for id in ids {
+            my.exec(
+                &db,
+                &format!("INSERT INTO items (id, name) VALUES ({id}, 'n{id}')"),
+            );
+        }
+    };
+    let mut agent = setup.start();
+    agent.wait_log("streaming the binlog", WAIT);
+    insert(1..5);
+    assert_mirrored(&my, &db, &pg, &warehouse, "items", ITEM_COLUMNS);
+    agent.terminate();
+
+    // Changes while the agent is down span a new binlog file.
+    insert(5..8);
+    my.exec(&db, "FLUSH BINARY LOGS");
+    insert(8..11);
+    let mut agent = setup.start();
+    agent.wait_log("streaming the binlog", WAIT);
+    let resumed_from = agent
+        .log()
+        .lines()
+        .find(|line| line.contains("streaming the binlog"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        resumed_from.contains("gtid_state=\"0-"),
+        "the restart did not resume by GTID: {resumed_from}"
+    );
+    assert_mirrored(&my, &db, &pg, &warehouse, "items", ITEM_COLUMNS);
+    agent.terminate();
+    let mut seen = BTreeMap::new();
+    for envelope in setup.envelopes() {
+        *seen.entry(envelope["after"]["id"].as_u64()).or_insert(0) += 1;
+    }
+    assert!(
+        seen.values().all(|n| *n == 1) && seen.len() == 10,
+        "each insert once: {seen:?}"
+    );
+
+    // The binlog after the log's last transaction is purged while the agent is down.
+    insert(11..12);
+    my.exec(&db, "FLUSH BINARY LOGS");
+    let status = my.query(&db, "SHOW MASTER STATUS");
+    let newest = status.split_whitespace().next().unwrap().to_owned();
+    // The server keeps a file a replica still reads: the stopped agent's dump thread may
+    // not be gone yet.
+    assert!(eventually(WAIT, || {
+        my.exec(&db, &format!("PURGE BINARY LOGS TO '{newest}'"));
+        my.query(&db, "SHOW BINARY LOGS").lines().count() == 1
+    }));
+    let mut agent = setup.start();
+    assert!(
+        eventually(WAIT, || !agent.is_running()),
+        "the agent went on without the binlog it needs:\n{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("Capture again from a new snapshot"),
+        "the agent stopped without the recovery command:\n{log}"
+    );
+}

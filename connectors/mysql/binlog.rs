@@ -12,7 +12,7 @@ use mysql_async::binlog::events::{
 };
 use mysql_async::binlog::row::BinlogRow;
 use mysql_async::prelude::Queryable;
-use mysql_async::{BinlogStreamRequest, Conn};
+use mysql_async::{BinlogStreamRequest, Conn, Sid};
 use tokio_util::sync::CancellationToken;
 
 use super::catalog::{self, CatalogColumn};
@@ -48,6 +48,9 @@ const MARIADB_GTID: u8 = 162;
 const PASSED_OVER: &[u8] = &[
     3, 5, 13, 14, 15, 27, 28, 29, 34, 35, 36, 38, 160, 161, 163, 164,
 ];
+/// The server's "cannot read from this binlog position" (`ER_MASTER_FATAL_ERROR_READING_BINLOG`):
+/// the binlog holding it, or the GTIDs after it, was purged.
+const BINLOG_POSITION_UNREADABLE: u16 = 1236;
 /// MariaDB's GTID event flag: the transaction is one statement without BEGIN and COMMIT
 /// (DDL).
 const MARIADB_GTID_STANDALONE: u8 = 1;
@@ -214,11 +217,40 @@ pub async fn stream(
     let request = BinlogStreamRequest::new(source.config.server_id)
         .with_filename(start.file.as_bytes())
         .with_pos(start.offset);
-    let mut events = conn
-        .get_binlog_stream(request)
-        .await
-        .map_err(|e| SourceError::query("starting the binlog stream", e))?;
-    tracing::info!(file = %start.file, offset = start.offset, "streaming the binlog");
+    // By GTID where the server has them: the position means the same on a server whose
+    // binlog files were renamed or rebuilt; file and offset where GTIDs are off.
+    let request = match (&start.gtid_state, server.mariadb) {
+        (Some(state), true) => {
+            conn.exec_drop("SET @slave_connect_state = ?", (state,))
+                .await
+                .map_err(|e| SourceError::query("giving the server the GTID state", e))?;
+            request
+        }
+        (Some(state), false) => request.with_gtid().with_gtid_set(mysql_gtid_set(state)?),
+        (None, _) => request,
+    };
+    let mut events = conn.get_binlog_stream(request).await.map_err(|e| match e {
+        mysql_async::Error::Server(error) if error.code == BINLOG_POSITION_UNREADABLE => {
+            SourceError::Prerequisite(format!(
+                "the server cannot send the binlog from where the log's last transaction \
+                     ends ({} offset {}, GTID state {}): {}. Capture again from a new \
+                     snapshot: stop the agent, move the data_dir away, and start it (the sinks' \
+                     tables are replaced by the snapshot); keep the binlog longer \
+                     (binlog_expire_logs_seconds) from then on",
+                start.file,
+                start.offset,
+                start.gtid_state.as_deref().unwrap_or("none"),
+                error.message
+            ))
+        }
+        e => SourceError::query("starting the binlog stream", e),
+    })?;
+    tracing::info!(
+        file = %start.file,
+        offset = start.offset,
+        gtid_state = start.gtid_state.as_deref().unwrap_or(""),
+        "streaming the binlog"
+    );
     source.telemetry.source_connected();
     let mut reader = Reader {
         source,
@@ -660,6 +692,22 @@ impl Reader<'_> {
     }
 }
 
+/// A MySQL GTID set (`uuid:1-5:7,uuid2:1-9`) as the binlog dump request takes it.
+fn mysql_gtid_set(state: &str) -> Result<Vec<Sid<'static>>, SourceError> {
+    state
+        .split(',')
+        .map(str::trim)
+        .filter(|sid| !sid.is_empty())
+        .map(|sid| {
+            sid.parse().map_err(|e| {
+                SourceError::Binlog(format!(
+                    "the log's GTID state {state:?} does not parse: {e}"
+                ))
+            })
+        })
+        .collect()
+}
+
 /// The file a rotate event names. The rotate event the server sends first, before the
 /// format description that says events carry checksums, is read with its checksum as part of
 /// the name: four bytes after `name.000042`.
@@ -1034,6 +1082,25 @@ mod tests {
             })
         );
         assert_eq!(alter_table_renames("CREATE TABLE t (a INT)"), None);
+    }
+
+    #[test]
+    fn a_mysql_gtid_set_parses_into_the_dump_request_sids() {
+        use mysql_async::GnoInterval;
+        let sids = mysql_gtid_set(
+            "3e11fa47-71ca-11e1-9e33-c80aa9429562:1-5:7, 4e11fa47-71ca-11e1-9e33-c80aa9429562:9",
+        )
+        .unwrap();
+        assert_eq!(sids.len(), 2);
+        // A dump request's interval ends after its last GTID.
+        assert_eq!(
+            sids[0].intervals(),
+            [GnoInterval::new(1, 6), GnoInterval::new(7, 8)]
+        );
+        assert_eq!(sids[1].intervals(), [GnoInterval::new(9, 10)]);
+        assert_eq!(sids[1].uuid()[0], 0x4e);
+        assert!(mysql_gtid_set("").unwrap().is_empty());
+        assert!(mysql_gtid_set("not-a-uuid:1").is_err());
     }
 
     #[test]

@@ -340,26 +340,33 @@ fn resume_point(writer: &LogWriter) -> Result<Option<BinlogStart>, SourceError> 
     }
 }
 
-/// The server's binlog position now (`SHOW MASTER STATUS`) and its GTID state.
+/// The server's binlog position now (`SHOW MASTER STATUS`) and its GTID state, read until
+/// the state is the same before and after the position (a commit between the two reads
+/// would put a transaction in the state that the position has not passed).
 async fn current_position(conn: &mut Conn) -> Result<BinlogStart, SourceError> {
-    let row: Option<mysql_async::Row> = conn
-        .query_first("SHOW MASTER STATUS")
-        .await
-        .map_err(|e| SourceError::query("reading the binlog position (SHOW MASTER STATUS)", e))?;
-    let row = row.ok_or_else(|| {
-        SourceError::Prerequisite(
-            "the server's binary log is off; start it with --log-bin (and \
-             --binlog-format=ROW --binlog-row-image=FULL)"
-                .into(),
-        )
-    })?;
-    let file: String = row.get(0).unwrap_or_default();
-    let offset: u64 = row.get(1).unwrap_or_default();
-    Ok(BinlogStart {
-        file,
-        offset,
-        gtid_state: check::gtid_state(conn).await?,
-    })
+    let mut before = check::gtid_state(conn).await?;
+    loop {
+        let row: Option<mysql_async::Row> =
+            conn.query_first("SHOW MASTER STATUS").await.map_err(|e| {
+                SourceError::query("reading the binlog position (SHOW MASTER STATUS)", e)
+            })?;
+        let row = row.ok_or_else(|| {
+            SourceError::Prerequisite(
+                "the server's binary log is off; start it with --log-bin (and \
+                 --binlog-format=ROW --binlog-row-image=FULL)"
+                    .into(),
+            )
+        })?;
+        let after = check::gtid_state(conn).await?;
+        if after == before {
+            return Ok(BinlogStart {
+                file: row.get(0).unwrap_or_default(),
+                offset: row.get(1).unwrap_or_default(),
+                gtid_state: after,
+            });
+        }
+        before = after;
+    }
 }
 
 /// Logs an empty transaction at `start`, so that a restart resumes there (and not at the
