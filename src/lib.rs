@@ -9,6 +9,7 @@ pub mod envelope;
 pub mod event;
 pub mod health;
 pub mod log;
+pub mod pgclient;
 pub mod pgtext;
 pub mod pipeline;
 pub mod retry;

@@ -8,8 +8,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::agent::{eventually, AgentSetup};
-use common::mariadb::MariaDb;
+use common::agent::{eventually, every_sink, AgentSetup};
+use common::mariadb::{assert_no_envelope_twice, MariaDb};
 use common::PgCluster;
 use rand::{Rng, SeedableRng};
 
@@ -18,6 +18,38 @@ const WAIT: Duration = Duration::from_secs(90);
 
 /// The columns both dumps show alike: MariaDB's and PostgreSQL's text forms agree for them.
 const ITEM_COLUMNS: &str = "id, name, price, qty, status, made, day, note";
+
+/// A MariaDB database `db` with the `items` table, and a PostgreSQL `warehouse` for the
+/// agent's sinks.
+struct Shop {
+    my: MariaDb,
+    db: String,
+    pg: PgCluster,
+    warehouse: String,
+}
+
+impl Shop {
+    fn open(my: MariaDb) -> Shop {
+        let db = my.fresh_database("shop");
+        create_items(&my, &db);
+        let pg = PgCluster::start();
+        let warehouse = pg.fresh_database("warehouse");
+        Shop {
+            my,
+            db,
+            pg,
+            warehouse,
+        }
+    }
+
+    /// An agent that captures `tables` (TOML strings) into a sink of each kind.
+    fn agent(&self, tables: &str) -> AgentSetup {
+        AgentSetup::with_source(
+            &self.my.source_toml(&self.db, tables),
+            &every_sink(&self.pg.url(&self.warehouse)),
+        )
+    }
+}
 
 fn create_items(my: &MariaDb, db: &str) {
     my.exec(
@@ -33,27 +65,6 @@ fn create_items(my: &MariaDb, db: &str) {
             note TEXT
         )",
     );
-}
-
-fn mysql_source(my: &MariaDb, db: &str, tables: &str) -> String {
-    format!(
-        "type = \"mysql\"\nurl = \"{}\"\ntables = [{tables}]\nconnect_timeout = \"20s\"\n\
-         snapshot_parallelism = 2\n",
-        my.url(db)
-    )
-}
-
-/// A merge sink `mirror` (schema `replica`), an SCD2 sink `history` (schema `history`) into
-/// `warehouse`, and a JSONL sink `events`.
-fn three_sinks(pg: &PgCluster, warehouse: &str) -> String {
-    let url = pg.url(warehouse);
-    format!(
-        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{url}\"\nschema = \"replica\"\n\
-         mode = \"merge\"\n\n\
-         [[sink]]\nname = \"history\"\ntype = \"postgres\"\nurl = \"{url}\"\nschema = \"history\"\n\
-         mode = \"scd2\"\n\n\
-         [[sink]]\nname = \"events\"\ntype = \"jsonl\"\npath = \"events\"\n"
-    )
 }
 
 /// Waits until the mirror of `table` equals the source table.
@@ -111,28 +122,27 @@ fn assert_history_current(
 
 #[test]
 fn snapshot_then_binlog_reach_every_sink_with_mysql_envelopes() {
-    let my = MariaDb::start();
-    let db = my.fresh_database("shop");
-    create_items(&my, &db);
+    let shop = Shop::open(MariaDb::start());
+    let Shop {
+        my,
+        db,
+        pg,
+        warehouse,
+    } = &shop;
     my.exec(
-        &db,
+        db,
         "INSERT INTO items VALUES
             (1, 'pen', 1.50, 10, 'new', '2024-01-02 03:04:05', '2024-01-02', NULL),
             (2, 'ink', 12.00, 4000000000, 'paid', '1999-12-31 23:59:59', '1999-12-31', 'it''s\\ttabbed'),
             (3, 'pad', NULL, NULL, NULL, NULL, NULL, 'ünïcode')",
     );
-    let pg = PgCluster::start();
-    let warehouse = pg.fresh_database("warehouse");
-    let setup = AgentSetup::with_source(
-        &mysql_source(&my, &db, &format!("\"{db}.items\"")),
-        &three_sinks(&pg, &warehouse),
-    );
+    let setup = shop.agent(&format!("\"{db}.items\""));
     let mut agent = setup.start();
     agent.wait_log("streaming the binlog", WAIT);
-    assert_mirrored(&my, &db, &pg, &warehouse, "items", ITEM_COLUMNS);
+    assert_mirrored(my, db, pg, warehouse, "items", ITEM_COLUMNS);
 
     my.exec(
-        &db,
+        db,
         "START TRANSACTION;
          INSERT INTO items VALUES (4, 'cap', 3.25, 1, 'sent', '2024-06-01 12:00:00', '2024-06-01', 'x');
          UPDATE items SET price = 2.00, status = 'paid' WHERE id = 1;
@@ -143,8 +153,8 @@ fn snapshot_then_binlog_reach_every_sink_with_mysql_envelopes() {
          UPDATE items SET id = 20 WHERE id = 2;
          DELETE FROM items WHERE id = 3;",
     );
-    assert_mirrored(&my, &db, &pg, &warehouse, "items", ITEM_COLUMNS);
-    assert_history_current(&my, &db, &pg, &warehouse, "items", ITEM_COLUMNS);
+    assert_mirrored(my, db, pg, warehouse, "items", ITEM_COLUMNS);
+    assert_history_current(my, db, pg, warehouse, "items", ITEM_COLUMNS);
 
     let mut envelopes = Vec::new();
     assert!(eventually(WAIT, || {
@@ -178,11 +188,15 @@ fn snapshot_then_binlog_reach_every_sink_with_mysql_envelopes() {
 
 #[test]
 fn sigkills_under_a_random_workload_lose_and_double_nothing() {
-    let my = MariaDb::start();
-    let db = my.fresh_database("shop");
-    create_items(&my, &db);
+    let shop = Shop::open(MariaDb::start());
+    let Shop {
+        my,
+        db,
+        pg,
+        warehouse,
+    } = &shop;
     my.exec(
-        &db,
+        db,
         "CREATE TABLE order_lines (
             order_id INT NOT NULL,
             line SMALLINT NOT NULL,
@@ -190,12 +204,7 @@ fn sigkills_under_a_random_workload_lose_and_double_nothing() {
             PRIMARY KEY (order_id, line)
         )",
     );
-    let pg = PgCluster::start();
-    let warehouse = pg.fresh_database("warehouse");
-    let setup = AgentSetup::with_source(
-        &mysql_source(&my, &db, &format!("\"{db}.*\"")),
-        &three_sinks(&pg, &warehouse),
-    );
+    let setup = shop.agent(&format!("\"{db}.*\""));
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x7d3a_2026);
     let mut next_id = 1;
     for round in 0..4 {
@@ -235,67 +244,46 @@ fn sigkills_under_a_random_workload_lose_and_double_nothing() {
                 .to_owned(),
             );
             // A key move may collide with an earlier move: the transaction then fails whole.
-            let _ = my.try_exec(&db, &statements.join(";\n"));
+            let _ = my.try_exec(db, &statements.join(";\n"));
         }
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
         agent.kill();
     }
     let mut agent = setup.start();
     agent.wait_log("streaming the binlog", WAIT);
-    assert_mirrored(&my, &db, &pg, &warehouse, "items", ITEM_COLUMNS);
+    assert_mirrored(my, db, pg, warehouse, "items", ITEM_COLUMNS);
     assert_mirrored(
-        &my,
-        &db,
-        &pg,
-        &warehouse,
+        my,
+        db,
+        pg,
+        warehouse,
         "order_lines",
         "order_id, line, amount",
     );
-    assert_history_current(&my, &db, &pg, &warehouse, "items", ITEM_COLUMNS);
+    assert_history_current(my, db, pg, warehouse, "items", ITEM_COLUMNS);
     agent.terminate();
 
-    // No envelope twice: each (position, row, op) once.
-    let mut seen = BTreeMap::new();
-    for envelope in setup.envelopes() {
-        let key = (
-            envelope["source"]["file"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-            envelope["source"]["pos"].as_u64().unwrap_or_default(),
-            envelope["source"]["row"].as_u64().unwrap_or_default(),
-            envelope["op"].as_str().unwrap_or_default().to_owned(),
-            envelope["source"]["snapshot"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-            envelope["after"].to_string(),
-        );
-        *seen.entry(key).or_insert(0) += 1;
-    }
-    let doubled: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(doubled.is_empty(), "envelopes written twice: {doubled:?}");
+    assert_no_envelope_twice(&setup.envelopes());
 }
 
 #[test]
 fn columns_added_renamed_and_dropped_mid_stream_reach_the_mirror() {
-    let my = MariaDb::start();
-    let db = my.fresh_database("shop");
-    create_items(&my, &db);
+    let shop = Shop::open(MariaDb::start());
+    let Shop {
+        my,
+        db,
+        pg,
+        warehouse,
+    } = &shop;
     my.exec(
-        &db,
+        db,
         "INSERT INTO items (id, name) VALUES (1, 'pen'), (2, 'ink')",
     );
-    let pg = PgCluster::start();
-    let warehouse = pg.fresh_database("warehouse");
-    let setup = AgentSetup::with_source(
-        &mysql_source(&my, &db, &format!("\"{db}.items\"")),
-        &three_sinks(&pg, &warehouse),
-    );
+    let setup = shop.agent(&format!("\"{db}.items\""));
     let mut agent = setup.start();
     agent.wait_log("streaming the binlog", WAIT);
     my.exec(
-        &db,
+        db,
         "ALTER TABLE items ADD COLUMN color VARCHAR(10) NOT NULL DEFAULT 'red';
          INSERT INTO items (id, name, color) VALUES (3, 'cap', 'blue');
          ALTER TABLE items DROP COLUMN note;
@@ -303,36 +291,28 @@ fn columns_added_renamed_and_dropped_mid_stream_reach_the_mirror() {
          ALTER TABLE items RENAME COLUMN name TO title, CHANGE COLUMN qty quantity BIGINT UNSIGNED;
          UPDATE items SET quantity = 7 WHERE id = 2;",
     );
-    assert_mirrored(
-        &my,
-        &db,
-        &pg,
-        &warehouse,
-        "items",
-        "id, title, quantity, color",
-    );
+    assert_mirrored(my, db, pg, warehouse, "items", "id, title, quantity, color");
     agent.terminate();
 }
 
 #[test]
 fn compressed_binlog_events_are_read_not_skipped() {
-    let my = MariaDb::start_with(&[
+    let shop = Shop::open(MariaDb::start_with(&[
         ("log_bin_compress", "ON"),
         ("log_bin_compress_min_len", "10"),
-    ]);
-    let db = my.fresh_database("shop");
-    create_items(&my, &db);
-    let pg = PgCluster::start();
-    let warehouse = pg.fresh_database("warehouse");
-    let setup = AgentSetup::with_source(
-        &mysql_source(&my, &db, &format!("\"{db}.items\"")),
-        &three_sinks(&pg, &warehouse),
-    );
+    ]));
+    let Shop {
+        my,
+        db,
+        pg,
+        warehouse,
+    } = &shop;
+    let setup = shop.agent(&format!("\"{db}.items\""));
     let mut agent = setup.start();
     agent.wait_log("streaming the binlog", WAIT);
     let long_note = "compressible ".repeat(400);
     my.exec(
-        &db,
+        db,
         &format!(
             "START TRANSACTION;
              INSERT INTO items VALUES
@@ -346,9 +326,9 @@ fn compressed_binlog_events_are_read_not_skipped() {
              INSERT INTO items (id, name, color, note) VALUES (3, 'cap', 'blue', '{long_note}');"
         ),
     );
-    let status = my.query(&db, "SHOW MASTER STATUS");
+    let status = my.query(db, "SHOW MASTER STATUS");
     let file = status.split_whitespace().next().unwrap();
-    let events = my.query(&db, &format!("SHOW BINLOG EVENTS IN '{file}'"));
+    let events = my.query(db, &format!("SHOW BINLOG EVENTS IN '{file}'"));
     for compressed in [
         "Write_rows_compressed",
         "Update_rows_compressed",
@@ -361,14 +341,14 @@ fn compressed_binlog_events_are_read_not_skipped() {
         );
     }
     assert_mirrored(
-        &my,
-        &db,
-        &pg,
-        &warehouse,
+        my,
+        db,
+        pg,
+        warehouse,
         "items",
         "id, name, price, qty, status, made, day, note, color",
     );
-    assert_history_current(&my, &db, &pg, &warehouse, "items", "id, name, note, color");
+    assert_history_current(my, db, pg, warehouse, "items", "id, name, note, color");
     let ops: Vec<String> = setup
         .envelopes()
         .iter()
@@ -380,30 +360,32 @@ fn compressed_binlog_events_are_read_not_skipped() {
 
 #[test]
 fn without_a_snapshot_capture_starts_with_the_next_transaction() {
-    let my = MariaDb::start();
-    let db = my.fresh_database("shop");
-    create_items(&my, &db);
+    let shop = Shop::open(MariaDb::start());
+    let Shop {
+        my,
+        db,
+        pg,
+        warehouse,
+    } = &shop;
     my.exec(
-        &db,
+        db,
         "INSERT INTO items (id, name) VALUES (1, 'before the start')",
     );
-    let pg = PgCluster::start();
-    let warehouse = pg.fresh_database("warehouse");
     let setup = AgentSetup::with_source(
         &format!(
             "{}snapshot = \"never\"\n",
-            mysql_source(&my, &db, &format!("\"{db}.items\""))
+            my.source_toml(db, &format!("\"{db}.items\""))
         ),
-        &three_sinks(&pg, &warehouse),
+        &every_sink(&pg.url(warehouse)),
     );
     let mut agent = setup.start();
     agent.wait_log("streaming the binlog", WAIT);
     // The first transaction the server writes starts exactly where capture started.
     my.exec(
-        &db,
+        db,
         "INSERT INTO items (id, name) VALUES (2, 'first'), (3, 'first')",
     );
-    my.exec(&db, "UPDATE items SET name = 'second' WHERE id = 3");
+    my.exec(db, "UPDATE items SET name = 'second' WHERE id = 3");
     let mut ops = Vec::new();
     assert!(
         eventually(WAIT, || {
@@ -428,25 +410,24 @@ fn without_a_snapshot_capture_starts_with_the_next_transaction() {
 
 #[test]
 fn rows_written_before_later_ddl_decode_as_the_binlog_describes_them() {
-    let my = MariaDb::start();
-    let db = my.fresh_database("shop");
-    create_items(&my, &db);
-    my.exec(&db, "INSERT INTO items (id, name) VALUES (1, 'pen')");
-    let pg = PgCluster::start();
-    let warehouse = pg.fresh_database("warehouse");
-    let setup = AgentSetup::with_source(
-        &mysql_source(&my, &db, &format!("\"{db}.items\"")),
-        &three_sinks(&pg, &warehouse),
-    );
+    let shop = Shop::open(MariaDb::start());
+    let Shop {
+        my,
+        db,
+        pg,
+        warehouse,
+    } = &shop;
+    my.exec(db, "INSERT INTO items (id, name) VALUES (1, 'pen')");
+    let setup = shop.agent(&format!("\"{db}.items\""));
     let mut agent = setup.start();
     agent.wait_log("streaming the binlog", WAIT);
-    assert_mirrored(&my, &db, &pg, &warehouse, "items", ITEM_COLUMNS);
+    assert_mirrored(my, db, pg, warehouse, "items", ITEM_COLUMNS);
     agent.terminate();
 
     // While the agent is stopped, columns come and go: when it reads these rows, the
     // catalog no longer has the columns they were written with.
     my.exec(
-        &db,
+        db,
         "ALTER TABLE items ADD COLUMN grade ENUM('low','mid','high') NOT NULL DEFAULT 'low', \
             ADD COLUMN weight INT UNSIGNED, ADD COLUMN tag VARBINARY(4);
          INSERT INTO items (id, name, grade, weight, tag) VALUES (2, 'ink', 'high', 4000000000, x'00ff');
@@ -458,10 +439,10 @@ fn rows_written_before_later_ddl_decode_as_the_binlog_describes_them() {
     let mut agent = setup.start();
     agent.wait_log("streaming the binlog", WAIT);
     assert_mirrored(
-        &my,
-        &db,
-        &pg,
-        &warehouse,
+        my,
+        db,
+        pg,
+        warehouse,
         "items",
         "id, title, price, qty, status, made, day, note",
     );
@@ -484,19 +465,18 @@ fn rows_written_before_later_ddl_decode_as_the_binlog_describes_them() {
 
 #[test]
 fn restarts_resume_by_gtid_and_stop_when_the_binlog_was_purged() {
-    let my = MariaDb::start();
-    let db = my.fresh_database("shop");
-    create_items(&my, &db);
-    let pg = PgCluster::start();
-    let warehouse = pg.fresh_database("warehouse");
-    let setup = AgentSetup::with_source(
-        &mysql_source(&my, &db, &format!("\"{db}.items\"")),
-        &three_sinks(&pg, &warehouse),
-    );
+    let shop = Shop::open(MariaDb::start());
+    let Shop {
+        my,
+        db,
+        pg,
+        warehouse,
+    } = &shop;
+    let setup = shop.agent(&format!("\"{db}.items\""));
     let insert = |ids: std::ops::Range<u32>| {
         for id in ids {
             my.exec(
-                &db,
+                db,
                 &format!("INSERT INTO items (id, name) VALUES ({id}, 'n{id}')"),
             );
         }
@@ -504,12 +484,12 @@ fn restarts_resume_by_gtid_and_stop_when_the_binlog_was_purged() {
     let mut agent = setup.start();
     agent.wait_log("streaming the binlog", WAIT);
     insert(1..5);
-    assert_mirrored(&my, &db, &pg, &warehouse, "items", ITEM_COLUMNS);
+    assert_mirrored(my, db, pg, warehouse, "items", ITEM_COLUMNS);
     agent.terminate();
 
     // Changes while the agent is down span a new binlog file.
     insert(5..8);
-    my.exec(&db, "FLUSH BINARY LOGS");
+    my.exec(db, "FLUSH BINARY LOGS");
     insert(8..11);
     let mut agent = setup.start();
     agent.wait_log("streaming the binlog", WAIT);
@@ -523,7 +503,7 @@ fn restarts_resume_by_gtid_and_stop_when_the_binlog_was_purged() {
         resumed_from.contains("gtid_state=\"0-"),
         "the restart did not resume by GTID: {resumed_from}"
     );
-    assert_mirrored(&my, &db, &pg, &warehouse, "items", ITEM_COLUMNS);
+    assert_mirrored(my, db, pg, warehouse, "items", ITEM_COLUMNS);
     agent.terminate();
     let mut seen = BTreeMap::new();
     for envelope in setup.envelopes() {
@@ -536,14 +516,14 @@ fn restarts_resume_by_gtid_and_stop_when_the_binlog_was_purged() {
 
     // The binlog after the log's last transaction is purged while the agent is down.
     insert(11..12);
-    my.exec(&db, "FLUSH BINARY LOGS");
-    let status = my.query(&db, "SHOW MASTER STATUS");
+    my.exec(db, "FLUSH BINARY LOGS");
+    let status = my.query(db, "SHOW MASTER STATUS");
     let newest = status.split_whitespace().next().unwrap().to_owned();
     // The server keeps a file a replica still reads: the stopped agent's dump thread may
     // not be gone yet.
     assert!(eventually(WAIT, || {
-        my.exec(&db, &format!("PURGE BINARY LOGS TO '{newest}'"));
-        my.query(&db, "SHOW BINARY LOGS").lines().count() == 1
+        my.exec(db, &format!("PURGE BINARY LOGS TO '{newest}'"));
+        my.query(db, "SHOW BINARY LOGS").lines().count() == 1
     }));
     let mut agent = setup.start();
     assert!(

@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::agent::{eventually, AgentSetup};
-use common::mariadb::MariaDb;
+use common::agent::{eventually, every_sink, mirror_sink, AgentSetup, EVENTS_SINK};
+use common::mariadb::{assert_no_envelope_twice, MariaDb};
 use common::PgCluster;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value as Json};
@@ -526,37 +526,6 @@ fn value_sets() -> Vec<ValueSet> {
     ]
 }
 
-fn mysql_source(my: &MariaDb, db: &str, tables: &str) -> String {
-    format!(
-        "type = \"mysql\"\nurl = \"{}\"\ntables = [{tables}]\nconnect_timeout = \"20s\"\n\
-         snapshot_parallelism = 2\n",
-        my.url(db)
-    )
-}
-
-/// A merge sink `mirror` (schema `replica`), an SCD2 sink `history` (schema `history`) into
-/// `warehouse`, and a JSONL sink `events`.
-fn three_sinks(pg: &PgCluster, warehouse: &str) -> String {
-    let url = pg.url(warehouse);
-    format!(
-        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{url}\"\nschema = \"replica\"\n\
-         mode = \"merge\"\n\n\
-         [[sink]]\nname = \"history\"\ntype = \"postgres\"\nurl = \"{url}\"\nschema = \"history\"\n\
-         mode = \"scd2\"\n\n\
-         [[sink]]\nname = \"events\"\ntype = \"jsonl\"\npath = \"events\"\n"
-    )
-}
-
-/// A merge sink `mirror` (schema `replica`) into `warehouse` and a JSONL sink `events`.
-fn mirror_and_events(pg: &PgCluster, warehouse: &str) -> String {
-    let url = pg.url(warehouse);
-    format!(
-        "[[sink]]\nname = \"mirror\"\ntype = \"postgres\"\nurl = \"{url}\"\nschema = \"replica\"\n\
-         mode = \"merge\"\n\n\
-         [[sink]]\nname = \"events\"\ntype = \"jsonl\"\npath = \"events\"\n"
-    )
-}
-
 /// The fields of one line of COPY text (PostgreSQL's `COPY … TO STDOUT`, or the `mariadb`
 /// client's batch output, whose escapes are the same and whose NULL is `null_marker`).
 fn text_fields(line: &str, null_marker: &str) -> Vec<Option<String>> {
@@ -732,8 +701,8 @@ fn every_type_arrives_exactly_through_snapshot_and_binlog() {
     let pg = PgCluster::start();
     let warehouse = pg.fresh_database("warehouse");
     let setup = AgentSetup::with_source(
-        &mysql_source(&my, &db, &format!("\"{db}.every_type\"")),
-        &three_sinks(&pg, &warehouse),
+        &my.source_toml(&db, &format!("\"{db}.every_type\"")),
+        &every_sink(&pg.url(&warehouse)),
     );
     let mut agent = setup.start();
     agent.wait_log("streaming the binlog", WAIT);
@@ -913,8 +882,12 @@ fn times_a_postgresql_time_cannot_hold_agree_and_are_dead_lettered() {
     let pg = PgCluster::start();
     let warehouse = pg.fresh_database("warehouse");
     let setup = AgentSetup::with_source(
-        &mysql_source(&my, &db, &format!("\"{db}.edge_values\"")),
-        &mirror_and_events(&pg, &warehouse),
+        &my.source_toml(&db, &format!("\"{db}.edge_values\"")),
+        &format!(
+            "{}
+{EVENTS_SINK}",
+            mirror_sink(&pg.url(&warehouse))
+        ),
     );
     let mut agent = setup.start();
     agent.wait_log("streaming the binlog", WAIT);
@@ -1068,8 +1041,8 @@ fn snapshot_under_concurrent_writes_loses_and_doubles_nothing() {
     let pg = PgCluster::start();
     let warehouse = pg.fresh_database("warehouse");
     let setup = AgentSetup::with_source(
-        &mysql_source(&my, &db, &format!("\"{db}.ledger\"")),
-        &three_sinks(&pg, &warehouse),
+        &my.source_toml(&db, &format!("\"{db}.ledger\"")),
+        &every_sink(&pg.url(&warehouse)),
     );
 
     let stop = AtomicBool::new(false);
@@ -1128,28 +1101,7 @@ fn snapshot_under_concurrent_writes_loses_and_doubles_nothing() {
         .into_iter()
         .filter(|e| e["source"]["table"] == "ledger")
         .collect();
-    // No envelope twice: each (position, row, op, image) once.
-    let mut seen = BTreeMap::new();
-    for envelope in &envelopes {
-        let key = (
-            envelope["source"]["file"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-            envelope["source"]["pos"].as_u64().unwrap_or_default(),
-            envelope["source"]["row"].as_u64().unwrap_or_default(),
-            envelope["op"].as_str().unwrap_or_default().to_owned(),
-            envelope["source"]["snapshot"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-            envelope["before"].to_string(),
-            envelope["after"].to_string(),
-        );
-        *seen.entry(key).or_insert(0) += 1;
-    }
-    let doubled: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(doubled.is_empty(), "envelopes written twice: {doubled:?}");
+    assert_no_envelope_twice(&envelopes);
 
     let key = |image: &Json| {
         (
@@ -1220,11 +1172,8 @@ fn a_time_mysql_common_misreads_stops_capture_with_the_fix() {
     let db = my.fresh_database("edges");
     my.exec(&db, "CREATE TABLE spans (id INT PRIMARY KEY, span TIME(2))");
     let setup = AgentSetup::with_source(
-        &format!(
-            "type = \"mysql\"\nurl = \"{}\"\ntables = [\"{db}.spans\"]\n",
-            my.url(&db)
-        ),
-        "[[sink]]\nname = \"events\"\ntype = \"jsonl\"\npath = \"events\"\n",
+        &my.source_toml(&db, &format!("\"{db}.spans\"")),
+        EVENTS_SINK,
     );
     let mut agent = setup.start();
     agent.wait_log("streaming the binlog", WAIT);

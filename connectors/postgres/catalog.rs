@@ -14,6 +14,7 @@ use super::replication::quote_ident;
 use super::SourceError;
 use crate::config::{ConnectionUrl, TablePattern};
 use crate::event::{Column, Position, Relation, ValueType};
+use crate::pgclient::db_message;
 use crate::pgtext::{builtin_value_type, value_type_from_catalog};
 use crate::tls::ConnectError;
 
@@ -722,7 +723,6 @@ impl Catalog {
     }
 }
 
-/// The server's message for a database error, else the error's own text.
 fn parse_shape(json: Option<Option<String>>) -> Result<Option<TableShape>, SourceError> {
     let Some(json) = json.flatten() else {
         return Ok(None);
@@ -732,11 +732,4 @@ fn parse_shape(json: Option<Option<String>>) -> Result<Option<TableShape>, Sourc
             "the catalog described a table's columns as {json:?}: {e}"
         ))
     })
-}
-
-pub fn db_message(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => db.message().to_string(),
-        None => e.to_string(),
-    }
 }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
-use self::catalog::{db_message, Catalog, SourceTable};
+use self::catalog::{Catalog, SourceTable};
 use self::pgoutput::{LogicalMessage, OldTuple, TupleValue};
 use self::replication::{
     ReplicationConnection, ReplicationError, ReplicationMessage, PG_EPOCH_OFFSET_MICROS,
@@ -38,6 +38,7 @@ use crate::event::{
     SchemaChange, TxBegin, TxCommit, TxOrigin, Value,
 };
 use crate::log::{InspectChange, LogError, LogWriter, OffsetLog, SnapshotState, TableSnapshots};
+use crate::pgclient::db_message;
 use crate::pgtext::copy_rows::parse_column;
 use crate::retry::{is_transient, RetryPolicy};
 use crate::telemetry::Telemetry;

@@ -38,6 +38,7 @@ use crate::event::{
     ChangeEvent, Op, Position, Record, Relation, RelationId, Row, TxBegin, TxCommit, TxOrigin,
 };
 use crate::log::{LogEntry, OffsetLog, SinkCursor};
+use crate::pgclient::db_message;
 use crate::pgtext::copy_rows::parse_copy_rows;
 use crate::retry::is_transient;
 use crate::tls::ConnectError;
@@ -1505,13 +1506,6 @@ impl ApplyError {
 fn is_data_error(e: &tokio_postgres::Error) -> bool {
     e.code()
         .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"))
-}
-
-fn db_message(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => e.to_string(),
-    }
 }
 
 /// Classifies a target error: connection trouble and serialization failures are transient.

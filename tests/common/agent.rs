@@ -351,6 +351,22 @@ pub fn mirror_sink(url: &str) -> String {
     )
 }
 
+/// An SCD2 sink `history` into schema `history` of the database at `url`.
+pub fn history_sink(url: &str) -> String {
+    format!(
+        "[[sink]]\nname = \"history\"\ntype = \"postgres\"\nurl = \"{url}\"\nschema = \"history\"\n\
+         mode = \"scd2\"\n"
+    )
+}
+
+/// A JSONL sink `events`, in the agent's directory.
+pub const EVENTS_SINK: &str = "[[sink]]\nname = \"events\"\ntype = \"jsonl\"\npath = \"events\"\n";
+
+/// A sink of each kind: `mirror` and `history` into the database at `url`, and `events`.
+pub fn every_sink(url: &str) -> String {
+    format!("{}\n{}\n{EVENTS_SINK}", mirror_sink(url), history_sink(url))
+}
+
 /// Polls `condition` every 100 ms for up to `timeout`; true when it held.
 pub fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

@@ -169,6 +169,16 @@ impl MariaDb {
         server
     }
 
+    /// The `[source]` body of an agent that captures `tables` (TOML strings, e.g.
+    /// `"\"shop.items\""`) of database `db`.
+    pub fn source_toml(&self, db: &str, tables: &str) -> String {
+        format!(
+            "type = \"mysql\"\nurl = \"{}\"\ntables = [{tables}]\nconnect_timeout = \"20s\"\n\
+             snapshot_parallelism = 2\n",
+            self.url(db)
+        )
+    }
+
     /// The TCP port the server listens on (127.0.0.1); the same after `start_again`.
     pub fn port(&self) -> u16 {
         self.port
@@ -938,4 +948,25 @@ fn clear_mysql_env(cmd: &mut Command) {
     for name in names {
         cmd.env_remove(name);
     }
+}
+
+/// Panics when a MySQL source's envelope appears more than once: the same binlog position,
+/// row, op and images (a snapshot's rows share one position and differ by their images).
+pub fn assert_no_envelope_twice(envelopes: &[serde_json::Value]) {
+    let mut seen = std::collections::BTreeMap::new();
+    for envelope in envelopes {
+        let source = &envelope["source"];
+        let key = (
+            source["file"].as_str().unwrap_or_default().to_owned(),
+            source["pos"].as_u64().unwrap_or_default(),
+            source["row"].as_u64().unwrap_or_default(),
+            envelope["op"].as_str().unwrap_or_default().to_owned(),
+            source["snapshot"].as_str().unwrap_or_default().to_owned(),
+            envelope["before"].to_string(),
+            envelope["after"].to_string(),
+        );
+        *seen.entry(key).or_insert(0) += 1;
+    }
+    let doubled: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubled.is_empty(), "envelopes written twice: {doubled:?}");
 }
