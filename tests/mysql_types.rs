@@ -1065,6 +1065,13 @@ fn snapshot_under_concurrent_writes_loses_and_doubles_nothing() {
         transactions_by(10);
         let mut agent = setup.start();
         agent.wait_log("streaming the binlog", WAIT);
+        assert!(
+            agent
+                .log()
+                .contains("snapshot reads the table in key ranges"),
+            "the snapshot read the ledger whole, not in ranges by its readers:\n{}",
+            agent.log()
+        );
         let at_streaming = committed_or_not.load(Ordering::Relaxed);
         transactions_by(at_streaming + 100);
         stop.store(true, Ordering::Relaxed);

@@ -269,6 +269,11 @@ async fn range_queries(
             });
             continue;
         };
+        tracing::info!(
+            table = %relation.qualified_name(),
+            ranges = wanted,
+            "snapshot reads the table in key ranges"
+        );
         let step = ((i128::from(high) - i128::from(low)) / i128::from(wanted)).max(1);
         let mut lower: Option<i128> = None;
         let mut bound = i128::from(low) + step;
