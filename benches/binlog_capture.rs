@@ -38,7 +38,6 @@ mod common;
 #[path = "support/mod.rs"]
 mod support;
 
-use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -47,7 +46,7 @@ use std::time::{Duration, Instant};
 use common::agent::{eventually, free_port, http_get, AgentSetup};
 use common::mariadb::MariaDb;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 const TABLE: &str = "orders";
 /// The account `mariadb-binlog` reads the binlog with over TCP, as the agent does with its
@@ -71,21 +70,6 @@ fn table_ddl() -> String {
     )
 }
 
-/// The seeded workload: one SQL script, and what it does.
-struct Workload {
-    sql: String,
-    transactions: usize,
-    inserts: usize,
-    updates: usize,
-    deletes: usize,
-}
-
-impl Workload {
-    fn changes(&self) -> usize {
-        self.inserts + self.updates + self.deletes
-    }
-}
-
 /// `'2026-MM-DD HH:MM:SS.ffffff'`.
 fn datetime_literal(rng: &mut StdRng) -> String {
     format!(
@@ -99,101 +83,45 @@ fn datetime_literal(rng: &mut StdRng) -> String {
     )
 }
 
-/// About `target` row changes: ~55 % inserts, ~35 % updates of live keys, ~10 % deletes, in
-/// transactions of one to three statements, three in four of 1–5 rows, the rest of 20–200
-/// (merge_apply's shape). Every update raises `amount`, so each updated row differs and the
-/// server logs it (MariaDB logs no row image for a row an UPDATE leaves as it was).
-fn workload(target: usize) -> Workload {
-    let mut rng = StdRng::seed_from_u64(0x6269_6e6c);
-    let mut live: Vec<i64> = Vec::new();
-    let mut next_id: i64 = 1;
-    let mut w = Workload {
-        sql: String::new(),
-        transactions: 0,
-        inserts: 0,
-        updates: 0,
-        deletes: 0,
-    };
-    while w.changes() < target {
-        let statements = if rng.gen_ratio(1, 5) {
-            rng.gen_range(2..=3)
+/// The `orders` table's columns beyond `id`, `status` and `note`, as the workload fills
+/// them. Every update raises `amount`, so each updated row differs and the server logs it
+/// (MariaDB logs no row image for a row an UPDATE leaves as it was).
+struct Orders;
+
+impl support::OrderColumns for Orders {
+    fn row(&self, rng: &mut StdRng, id: i64) -> String {
+        let weight = if rng.gen_ratio(1, 10) {
+            "NULL".to_string()
         } else {
-            1
+            format!("{:.3}", rng.gen_range(0.01..80.0))
         };
-        w.sql.push_str("BEGIN;\n");
-        for _ in 0..statements {
-            let roll: f64 = rng.gen();
-            if live.len() < 1000 || roll < 0.55 {
-                let n = support::statement_rows(&mut rng, 200);
-                write!(w.sql, "INSERT INTO {TABLE} VALUES ").unwrap();
-                for i in 0..n {
-                    let weight = if rng.gen_ratio(1, 10) {
-                        "NULL".to_string()
-                    } else {
-                        format!("{:.3}", rng.gen_range(0.01..80.0))
-                    };
-                    let due = if rng.gen_ratio(1, 4) {
-                        "NULL".to_string()
-                    } else {
-                        format!(
-                            "'2027-{:02}-{:02}'",
-                            rng.gen_range(1..=12),
-                            rng.gen_range(1..=28)
-                        )
-                    };
-                    let placed = datetime_literal(&mut rng);
-                    let note = support::text_literal(&mut rng);
-                    write!(
-                        w.sql,
-                        "{}({next_id},{},'new',{}.{:02},{weight},{placed},{due},{note})",
-                        if i == 0 { "" } else { "," },
-                        rng.gen_range(1..4_000_000_000u32),
-                        rng.gen_range(1..5_000),
-                        rng.gen_range(0..100)
-                    )
-                    .unwrap();
-                    live.push(next_id);
-                    next_id += 1;
-                }
-                w.sql.push_str(";\n");
-                w.inserts += n;
-            } else if roll < 0.90 {
-                let n = support::statement_rows(&mut rng, 200);
-                let keys = support::pick_keys(&mut rng, &live, n);
-                let status = support::STATUSES[rng.gen_range(0..support::STATUSES.len())];
-                let set_note = if rng.gen_bool(0.3) {
-                    format!(", note = {}", support::text_literal(&mut rng))
-                } else {
-                    String::new()
-                };
-                writeln!(
-                    w.sql,
-                    "UPDATE {TABLE} SET status = '{status}', amount = amount + {}.{:02}, \
-                     placed = {}{set_note} WHERE id IN ({});",
-                    rng.gen_range(1..20),
-                    rng.gen_range(0..100),
-                    datetime_literal(&mut rng),
-                    support::key_list(&keys)
-                )
-                .unwrap();
-                w.updates += keys.len();
-            } else {
-                let n = support::statement_rows(&mut rng, 60);
-                let keys = support::pick_keys(&mut rng, &live, n);
-                writeln!(
-                    w.sql,
-                    "DELETE FROM {TABLE} WHERE id IN ({});",
-                    support::key_list(&keys)
-                )
-                .unwrap();
-                live.retain(|k| keys.binary_search(k).is_err());
-                w.deletes += keys.len();
-            }
-        }
-        w.sql.push_str("COMMIT;\n");
-        w.transactions += 1;
+        let due = if rng.gen_ratio(1, 4) {
+            "NULL".to_string()
+        } else {
+            format!(
+                "'2027-{:02}-{:02}'",
+                rng.gen_range(1..=12),
+                rng.gen_range(1..=28)
+            )
+        };
+        let placed = datetime_literal(rng);
+        let note = support::text_literal(rng);
+        format!(
+            "({id},{},'new',{}.{:02},{weight},{placed},{due},{note})",
+            rng.gen_range(1..4_000_000_000u32),
+            rng.gen_range(1..5_000),
+            rng.gen_range(0..100)
+        )
     }
-    w
+
+    fn update(&self, rng: &mut StdRng) -> String {
+        format!(
+            "amount = amount + {}.{:02}, placed = {}",
+            rng.gen_range(1..20),
+            rng.gen_range(0..100),
+            datetime_literal(rng)
+        )
+    }
 }
 
 /// A position in the server's binlog, as `SHOW MASTER STATUS` gives it.
@@ -361,7 +289,7 @@ fn main() {
     }
     let target = support::setting("TIDEMARK_BENCH_ROWS", 200_000).max(1);
     let rounds = support::setting("TIDEMARK_BENCH_REPEAT", 3).max(1);
-    let w = workload(target);
+    let w = support::OrderWorkload::generate(0x6269_6e6c, TABLE, target, &Orders);
     let my = MariaDb::start();
     let version = my.query("", "SELECT VERSION()");
     let db = my.fresh_database("shop");

@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 use common::agent::{eventually, Agent, AgentSetup};
 use common::PgCluster;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use support::Probe;
 use tokio::runtime::Runtime;
 
@@ -83,93 +83,48 @@ impl Workload {
     }
 }
 
-/// About `target` row changes: ~55 % inserts, ~35 % updates of live keys, ~10 % deletes, in
-/// transactions of one to three statements, three in four of 1–5 rows, the rest of 20–200.
+/// `orders (id, customer, status, amount, note)` as the workload fills it.
+struct Orders;
+
+impl support::OrderColumns for Orders {
+    fn row(&self, rng: &mut StdRng, id: i64) -> String {
+        let note = support::text_literal(rng);
+        format!(
+            "({id},{},'new',{}.{:02},{note})",
+            rng.gen_range(1..50_000),
+            rng.gen_range(1..5_000),
+            rng.gen_range(0..100)
+        )
+    }
+
+    fn update(&self, rng: &mut StdRng) -> String {
+        format!(
+            "amount = amount + {}.{:02}",
+            rng.gen_range(0..20),
+            rng.gen_range(0..100)
+        )
+    }
+}
+
+/// About `target` row changes (`support::OrderWorkload`), the last of them the marker row.
 /// Seeded: the same every time.
 fn workload(target: usize) -> Workload {
-    let mut rng = StdRng::seed_from_u64(0x6d65_7267);
-    let mut live: Vec<i64> = Vec::new();
-    let mut next_id: i64 = 1;
-    let mut w = Workload {
-        sql: String::new(),
-        transactions: 0,
-        inserts: 0,
-        updates: 0,
-        deletes: 0,
-        final_rows: 0,
-    };
-    while w.changes() + 1 < target {
-        let statements = if rng.gen_ratio(1, 5) {
-            rng.gen_range(2..=3)
-        } else {
-            1
-        };
-        w.sql.push_str("BEGIN;\n");
-        for _ in 0..statements {
-            let roll: f64 = rng.gen();
-            if live.len() < 1000 || roll < 0.55 {
-                let n = support::statement_rows(&mut rng, 200);
-                w.sql.push_str("INSERT INTO orders VALUES ");
-                for i in 0..n {
-                    let note = support::text_literal(&mut rng);
-                    write!(
-                        w.sql,
-                        "{}({next_id},{},'new',{}.{:02},{note})",
-                        if i == 0 { "" } else { "," },
-                        rng.gen_range(1..50_000),
-                        rng.gen_range(1..5_000),
-                        rng.gen_range(0..100)
-                    )
-                    .unwrap();
-                    live.push(next_id);
-                    next_id += 1;
-                }
-                w.sql.push_str(";\n");
-                w.inserts += n;
-            } else if roll < 0.90 {
-                let n = support::statement_rows(&mut rng, 200);
-                let keys = support::pick_keys(&mut rng, &live, n);
-                let status = support::STATUSES[rng.gen_range(0..support::STATUSES.len())];
-                let set_note = if rng.gen_bool(0.3) {
-                    format!(", note = {}", support::text_literal(&mut rng))
-                } else {
-                    String::new()
-                };
-                writeln!(
-                    w.sql,
-                    "UPDATE orders SET status = '{status}', amount = amount + {}.{:02}{set_note} \
-                     WHERE id IN ({});",
-                    rng.gen_range(0..20),
-                    rng.gen_range(0..100),
-                    support::key_list(&keys)
-                )
-                .unwrap();
-                w.updates += keys.len();
-            } else {
-                let n = support::statement_rows(&mut rng, 60);
-                let keys = support::pick_keys(&mut rng, &live, n);
-                writeln!(
-                    w.sql,
-                    "DELETE FROM orders WHERE id IN ({});",
-                    support::key_list(&keys)
-                )
-                .unwrap();
-                live.retain(|k| keys.binary_search(k).is_err());
-                w.deletes += keys.len();
-            }
-        }
-        w.sql.push_str("COMMIT;\n");
-        w.transactions += 1;
-    }
+    let orders =
+        support::OrderWorkload::generate(0x6d65_7267, "orders", target.saturating_sub(1), &Orders);
+    let mut sql = orders.sql;
     writeln!(
-        w.sql,
+        sql,
         "INSERT INTO orders VALUES ({MARKER_ID}, 0, 'end', 0, 'end of the workload');"
     )
     .unwrap();
-    w.transactions += 1;
-    w.inserts += 1;
-    w.final_rows = live.len() + 1;
-    w
+    Workload {
+        sql,
+        transactions: orders.transactions + 1,
+        inserts: orders.inserts + 1,
+        updates: orders.updates,
+        deletes: orders.deletes,
+        final_rows: orders.live.len() + 1,
+    }
 }
 
 /// `count:sum(hashtext(row))` of a table, over the columns in a fixed order.

@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 
 use rand::rngs::StdRng;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 
 /// `cargo bench` passes `--bench`; `cargo test` and nextest build and list benches too, and
 /// a benchmark is not a test.
@@ -122,4 +122,102 @@ pub fn key_list(keys: &[i64]) -> String {
         write!(out, "{key}").expect("writing to a String");
     }
     out
+}
+
+/// A seeded mix of row changes into an `orders` table with an `id` key and `status` and
+/// `note` columns: ~55 % inserts, ~35 % updates of live keys, ~10 % deletes, in
+/// transactions of one to three statements, three in four of 1–5 rows, the rest of 20–200.
+pub struct OrderWorkload {
+    pub sql: String,
+    pub transactions: usize,
+    pub inserts: usize,
+    pub updates: usize,
+    pub deletes: usize,
+    /// The keys that exist after it.
+    pub live: Vec<i64>,
+}
+
+/// What a bench's `orders` table adds to the mix: each inserted row's values, and what an
+/// update sets beside `status` and `note`.
+pub trait OrderColumns {
+    /// `(id, …)`.
+    fn row(&self, rng: &mut StdRng, id: i64) -> String;
+    /// `column = …, …`.
+    fn update(&self, rng: &mut StdRng) -> String;
+}
+
+impl OrderWorkload {
+    pub fn changes(&self) -> usize {
+        self.inserts + self.updates + self.deletes
+    }
+
+    /// Changes into `table` until there are at least `target`; the same for the same seed.
+    pub fn generate(seed: u64, table: &str, target: usize, columns: &impl OrderColumns) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut next_id: i64 = 1;
+        let mut w = OrderWorkload {
+            sql: String::new(),
+            transactions: 0,
+            inserts: 0,
+            updates: 0,
+            deletes: 0,
+            live: Vec::new(),
+        };
+        while w.changes() < target {
+            let statements = if rng.gen_ratio(1, 5) {
+                rng.gen_range(2..=3)
+            } else {
+                1
+            };
+            w.sql.push_str("BEGIN;\n");
+            for _ in 0..statements {
+                let roll: f64 = rng.gen();
+                if w.live.len() < 1000 || roll < 0.55 {
+                    let n = statement_rows(&mut rng, 200);
+                    write!(w.sql, "INSERT INTO {table} VALUES ").expect("writing to a String");
+                    for i in 0..n {
+                        if i > 0 {
+                            w.sql.push(',');
+                        }
+                        w.sql.push_str(&columns.row(&mut rng, next_id));
+                        w.live.push(next_id);
+                        next_id += 1;
+                    }
+                    w.sql.push_str(";\n");
+                    w.inserts += n;
+                } else if roll < 0.90 {
+                    let n = statement_rows(&mut rng, 200);
+                    let keys = pick_keys(&mut rng, &w.live, n);
+                    let status = STATUSES[rng.gen_range(0..STATUSES.len())];
+                    let set_note = if rng.gen_bool(0.3) {
+                        format!(", note = {}", text_literal(&mut rng))
+                    } else {
+                        String::new()
+                    };
+                    writeln!(
+                        w.sql,
+                        "UPDATE {table} SET status = '{status}', {}{set_note} WHERE id IN ({});",
+                        columns.update(&mut rng),
+                        key_list(&keys)
+                    )
+                    .expect("writing to a String");
+                    w.updates += keys.len();
+                } else {
+                    let n = statement_rows(&mut rng, 60);
+                    let keys = pick_keys(&mut rng, &w.live, n);
+                    writeln!(
+                        w.sql,
+                        "DELETE FROM {table} WHERE id IN ({});",
+                        key_list(&keys)
+                    )
+                    .expect("writing to a String");
+                    w.live.retain(|k| keys.binary_search(k).is_err());
+                    w.deletes += keys.len();
+                }
+            }
+            w.sql.push_str("COMMIT;\n");
+            w.transactions += 1;
+        }
+        w
+    }
 }
