@@ -726,7 +726,6 @@ fn rotated_file(raw: &[u8]) -> Option<String> {
     whole.or(without_checksum).map(str::to_owned)
 }
 
-/// The column names the table map carries (`binlog_row_metadata = FULL`).
 /// What changed between two descriptions of a table: renames as the DDL statements said
 /// (`before.renames`), the rest by column name.
 fn diff_columns(before: &Table, after: &Table) -> Vec<ColumnChange> {

@@ -232,3 +232,67 @@ fn described(column_type: ColumnType, meta: &[u8], binary: bool, name: String) -
         default: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn column(name: &str, data_type: &str, column_type: &str) -> CatalogColumn {
+        let mut column = described(ColumnType::MYSQL_TYPE_LONG, &[], false, name.to_owned());
+        column.data_type = data_type.to_owned();
+        column.column_type = column_type.to_owned();
+        column
+    }
+
+    #[test]
+    fn the_catalog_agrees_where_values_decode_alike() {
+        let mapped = column("name", "varchar", "varchar");
+        assert!(agrees(&column("name", "varchar", "varchar(40)"), &mapped));
+        // MariaDB's JSON is text in the table map.
+        assert!(agrees(
+            &column("name", "json", "json"),
+            &column("name", "text", "text")
+        ));
+        assert!(!agrees(&column("title", "varchar", "varchar(40)"), &mapped));
+        assert!(!agrees(
+            &column("name", "varbinary", "varbinary(4)"),
+            &mapped
+        ));
+
+        let unsigned = column("qty", "int", "int unsigned");
+        assert!(agrees(&column("qty", "int", "int(10) unsigned"), &unsigned));
+        assert!(!agrees(&column("qty", "int", "int(11)"), &unsigned));
+
+        let labels = column("grade", "enum", "enum('low','high')");
+        assert!(agrees(
+            &column("grade", "enum", "enum('low','high')"),
+            &labels
+        ));
+        assert!(!agrees(
+            &column("grade", "enum", "enum('low','mid','high')"),
+            &labels
+        ));
+    }
+
+    #[test]
+    fn binlog_types_and_metadata_describe_columns() {
+        let decimal = described(
+            ColumnType::MYSQL_TYPE_NEWDECIMAL,
+            &[12, 3],
+            false,
+            "p".into(),
+        );
+        assert_eq!(
+            (decimal.data_type.as_str(), decimal.precision, decimal.scale),
+            ("decimal", Some(12), Some(3))
+        );
+        let bits = described(ColumnType::MYSQL_TYPE_BIT, &[3, 1], false, "b".into());
+        assert_eq!(bits.precision, Some(11));
+        let time = described(ColumnType::MYSQL_TYPE_TIME2, &[4], false, "t".into());
+        assert_eq!(time.datetime_precision, Some(4));
+        let bytes = described(ColumnType::MYSQL_TYPE_VARCHAR, &[4, 0], true, "v".into());
+        assert_eq!(bytes.data_type, "varbinary");
+        let text = described(ColumnType::MYSQL_TYPE_BLOB, &[2], false, "x".into());
+        assert_eq!(text.data_type, "text");
+    }
+}
