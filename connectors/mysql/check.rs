@@ -3,13 +3,15 @@
 //! enough, the REPLICATION SLAVE and REPLICATION CLIENT privileges, and the tables with
 //! primary keys. Each failure says the statement that fixes it.
 
+use std::collections::BTreeSet;
+
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
 use super::catalog;
 use super::{BinlogStart, Server, SourceError};
 use crate::check::Check;
-use crate::config::MySqlSourceConfig;
+use crate::config::{MySqlSourceConfig, SnapshotMode};
 
 /// The binlog retention below which `check` warns: a restart after a longer outage finds its
 /// position purged.
@@ -61,7 +63,14 @@ async fn binlog_settings(conn: &mut Conn) -> Result<Vec<String>, SourceError> {
 
 /// Checks what streaming needs; on success, what the session needs to know of the server.
 pub(super) async fn prerequisites(conn: &mut Conn) -> Result<Server, SourceError> {
-    let problems = binlog_settings(conn).await?;
+    let mut problems = binlog_settings(conn).await?;
+    // Without them the stream fails later with the server's bare "access denied", or not
+    // at all until the first reconnect; refused here, the error carries the GRANT. A role
+    // may hold them: then the server is left to decide.
+    let grants = Grants::read(conn).await?;
+    if !grants.has_roles {
+        problems.extend(grants.problem(STREAMING_PRIVILEGES));
+    }
     if !problems.is_empty() {
         return Err(SourceError::Prerequisite(problems.join("; ")));
     }
@@ -186,36 +195,122 @@ async fn retention(conn: &mut Conn) -> Check {
     }
 }
 
-async fn privileges(conn: &mut Conn, config: &MySqlSourceConfig) -> Check {
-    let grants: Vec<String> = match conn.query("SHOW GRANTS").await {
-        Ok(grants) => grants,
-        Err(e) => {
-            return Check::fail(
-                "privileges",
-                SourceError::query("SHOW GRANTS", e).to_string(),
-            )
-        }
-    };
-    let all = grants.join("\n").to_ascii_uppercase();
-    let has = |privilege: &str| all.contains("ALL PRIVILEGES ON *.*") || all.contains(privilege);
-    let missing: Vec<&str> = ["REPLICATION SLAVE", "REPLICATION CLIENT"]
-        .into_iter()
-        .filter(|p| {
-            // MariaDB 10.5+ names REPLICATION CLIENT `BINLOG MONITOR`.
-            !(has(p) || (*p == "REPLICATION CLIENT" && has("BINLOG MONITOR")))
+/// The global privileges reading the binlog needs: the dump itself, and the binlog's files and
+/// position (`SHOW BINARY LOGS`, `SHOW MASTER STATUS`).
+const STREAMING_PRIVILEGES: &[&str] = &["REPLICATION SLAVE", "REPLICATION CLIENT"];
+
+/// What the session's account was granted on `*.*`, as `SHOW GRANTS` lists it.
+struct Grants {
+    /// The account as a GRANT statement names it: `'reader'@'127.0.0.1'`.
+    account: String,
+    global: BTreeSet<String>,
+    /// The account was granted roles, whose privileges `SHOW GRANTS` does not list.
+    has_roles: bool,
+}
+
+impl Grants {
+    async fn read(conn: &mut Conn) -> Result<Grants, SourceError> {
+        let lines: Vec<String> = conn
+            .query("SHOW GRANTS")
+            .await
+            .map_err(|e| SourceError::query("reading the user's privileges (SHOW GRANTS)", e))?;
+        // CURRENT_USER(), not the url's user: the grant belongs to the account the server
+        // matched, whose host part may be other than '%'.
+        let current: Option<String> = conn
+            .query_first("SELECT CURRENT_USER()")
+            .await
+            .map_err(|e| SourceError::query("reading the user's account (CURRENT_USER())", e))?;
+        let current = current.unwrap_or_default();
+        let (user, host) = current.rsplit_once('@').unwrap_or((&current, "%"));
+        let (global, has_roles) = global_privileges(&lines);
+        Ok(Grants {
+            account: format!("{}@{}", quote_string(user), quote_string(host)),
+            global,
+            has_roles,
         })
-        .collect();
-    if missing.is_empty() {
-        return Check::ok("privileges", "REPLICATION SLAVE, REPLICATION CLIENT");
     }
-    let user = config.url.opts().user().unwrap_or_default().to_owned();
-    Check::fail(
-        "privileges",
-        format!(
-            "the user lacks {}: GRANT REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO '{user}'@'%'",
-            missing.join(" and ")
+
+    /// Those of `needed` the account lacks on `*.*`.
+    fn missing<'a>(&self, needed: &[&'a str]) -> Vec<&'a str> {
+        let has = |privilege: &str| {
+            self.global.contains("ALL PRIVILEGES") || self.global.contains(privilege)
+        };
+        needed
+            .iter()
+            .copied()
+            // MariaDB 10.5+ names REPLICATION CLIENT `BINLOG MONITOR`.
+            .filter(|p| !(has(p) || (*p == "REPLICATION CLIENT" && has("BINLOG MONITOR"))))
+            .collect()
+    }
+
+    /// Why the account cannot do its part, and the GRANT that lets it; None when it can.
+    fn problem(&self, needed: &[&str]) -> Option<String> {
+        let missing = self.missing(needed);
+        if missing.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "the user lacks {}: GRANT {} ON *.* TO {}",
+            missing.join(" and "),
+            missing.join(", "),
+            self.account
+        ))
+    }
+}
+
+/// The privileges `SHOW GRANTS` lines give on `*.*` (upper case, one entry each, so that
+/// `REPLICATION SLAVE ADMIN` is not taken for `REPLICATION SLAVE`), and whether a line grants
+/// a role.
+fn global_privileges(lines: &[String]) -> (BTreeSet<String>, bool) {
+    let mut global = BTreeSet::new();
+    let mut has_roles = false;
+    for line in lines {
+        let Some(grant) = line.strip_prefix("GRANT ") else {
+            continue;
+        };
+        let Some((privileges, on)) = grant.split_once(" ON ") else {
+            // `GRANT role TO user`: no ON.
+            has_roles |= grant.contains(" TO ");
+            continue;
+        };
+        if !on.starts_with("*.* TO ") {
+            continue;
+        }
+        // MySQL 8 lists dynamic privileges joined by a bare comma.
+        global.extend(
+            privileges
+                .split(',')
+                .map(|p| p.trim().to_ascii_uppercase())
+                .filter(|p| !p.is_empty()),
+        );
+    }
+    (global, has_roles)
+}
+
+/// A string literal for a GRANT's account name.
+fn quote_string(text: &str) -> String {
+    format!("'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+async fn privileges(conn: &mut Conn, config: &MySqlSourceConfig) -> Check {
+    let grants = match Grants::read(conn).await {
+        Ok(grants) => grants,
+        Err(e) => return Check::fail("privileges", e.to_string()),
+    };
+    let mut needed = STREAMING_PRIVILEGES.to_vec();
+    if config.snapshot == SnapshotMode::Initial {
+        // The snapshot's FLUSH TABLES WITH READ LOCK.
+        needed.push("RELOAD");
+    }
+    match grants.problem(&needed) {
+        None => Check::ok("privileges", needed.join(", ")),
+        // The privileges may come with a role; only the server can tell.
+        Some(problem) if grants.has_roles => Check::warn(
+            "privileges",
+            format!("{problem} (unless one of its roles grants them)"),
         ),
-    )
+        Some(problem) => Check::fail("privileges", problem),
+    }
 }
 
 async fn primary_keys(conn: &mut Conn, tables: &[(String, String)], required: bool) -> Check {
@@ -247,5 +342,65 @@ async fn primary_keys(conn: &mut Conn, tables: &[(String, String)], required: bo
                 without.join(", ")
             ),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(grants: &[&str]) -> Vec<String> {
+        grants.iter().map(|l| (*l).to_owned()).collect()
+    }
+
+    #[test]
+    fn replication_slave_admin_is_not_replication_slave() {
+        let (global, has_roles) = global_privileges(&lines(&[
+            "GRANT REPLICATION SLAVE ADMIN, BINLOG MONITOR ON *.* TO `admin`@`%`",
+        ]));
+        assert!(!has_roles);
+        assert!(global.contains("REPLICATION SLAVE ADMIN"));
+        assert!(!global.contains("REPLICATION SLAVE"));
+    }
+
+    #[test]
+    fn only_global_grants_count_and_roles_are_noticed() {
+        let (global, has_roles) = global_privileges(&lines(&[
+            "GRANT USAGE ON *.* TO `reader`@`127.0.0.1` IDENTIFIED BY PASSWORD '*AB'",
+            "GRANT SELECT, RELOAD ON `shop`.* TO `reader`@`127.0.0.1`",
+            "GRANT BACKUP_ADMIN,REPLICATION_APPLIER ON *.* TO `reader`@`127.0.0.1`",
+            "GRANT `capture` TO `reader`@`127.0.0.1`",
+        ]));
+        assert!(has_roles);
+        let expected: BTreeSet<String> = ["USAGE", "BACKUP_ADMIN", "REPLICATION_APPLIER"]
+            .map(str::to_owned)
+            .into();
+        assert_eq!(global, expected);
+    }
+
+    #[test]
+    fn the_grant_names_what_is_missing_and_the_account() {
+        let (global, has_roles) = global_privileges(&lines(&[
+            "GRANT BINLOG MONITOR ON *.* TO `o'neil`@`10.0.0.%`",
+        ]));
+        let grants = Grants {
+            account: format!("{}@{}", quote_string("o'neil"), quote_string("10.0.0.%")),
+            global,
+            has_roles,
+        };
+        assert_eq!(
+            grants.problem(&["REPLICATION SLAVE", "REPLICATION CLIENT", "RELOAD"]),
+            Some(
+                "the user lacks REPLICATION SLAVE and RELOAD: GRANT REPLICATION SLAVE, RELOAD \
+                 ON *.* TO 'o''neil'@'10.0.0.%'"
+                    .to_owned()
+            )
+        );
+        let all = Grants {
+            account: String::new(),
+            global: ["ALL PRIVILEGES".to_owned()].into(),
+            has_roles: false,
+        };
+        assert_eq!(all.problem(STREAMING_PRIVILEGES), None);
     }
 }
