@@ -287,6 +287,11 @@ fn global_privileges(lines: &[String]) -> (BTreeSet<String>, bool) {
     (global, has_roles)
 }
 
+/// A MySQL identifier in backquotes.
+fn quote_identifier(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}
+
 /// A string literal for a GRANT's account name.
 fn quote_string(text: &str) -> String {
     format!("'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
@@ -315,10 +320,20 @@ async fn privileges(conn: &mut Conn, config: &MySqlSourceConfig) -> Check {
 
 async fn primary_keys(conn: &mut Conn, tables: &[(String, String)], required: bool) -> Check {
     let mut without = Vec::new();
+    let mut first_alter = None;
     for (database, table) in tables {
         match catalog::columns(conn, database, table).await {
             Ok(columns) if !columns.iter().any(|c| c.primary_key) => {
-                without.push(format!("{database}.{table}"))
+                without.push(format!("{database}.{table}"));
+                // Quoted, so the statement runs as printed for any name; the key's columns
+                // are the operator's to choose.
+                first_alter.get_or_insert_with(|| {
+                    format!(
+                        "ALTER TABLE {}.{} ADD PRIMARY KEY (…)",
+                        quote_identifier(database),
+                        quote_identifier(table)
+                    )
+                });
             }
             Ok(_) => {}
             Err(e) => return Check::fail("primary keys", e.to_string()),
@@ -330,9 +345,9 @@ async fn primary_keys(conn: &mut Conn, tables: &[(String, String)], required: bo
             "primary keys",
             format!(
                 "{} without a primary key: a table sink cannot apply its changes; add one, \
-                 e.g. ALTER TABLE {} ADD PRIMARY KEY (id)",
+                 e.g. {}",
                 without.join(", "),
-                without[0]
+                first_alter.unwrap_or_default()
             ),
         ),
         (false, false) => Check::warn(
