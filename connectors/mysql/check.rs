@@ -188,7 +188,9 @@ async fn retention(conn: &mut Conn) -> Check {
             "binlog retention",
             format!(
                 "the server purges its binlog after {s} s: an agent stopped longer loses its \
-                 place; SET GLOBAL binlog_expire_logs_seconds = 604800 (a week)"
+                 place; SET GLOBAL binlog_expire_logs_seconds = 604800 (a week) and put \
+                 binlog_expire_logs_seconds = 604800 in the server's config (MySQL: SET \
+                 PERSIST binlog_expire_logs_seconds = 604800)"
             ),
         ),
         Some(s) => Check::ok("binlog retention", format!("{s} s")),
