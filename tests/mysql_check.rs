@@ -438,3 +438,21 @@ fn run_refused_for_statement_binlog_writes_nothing_and_a_fixed_server_is_capture
     );
     assert_eq!(seen(&setup), expected, "{}", agent.log());
 }
+
+#[test]
+fn minimal_row_metadata_warns_with_the_setting() {
+    let my = MariaDb::start_with(&[("binlog_row_metadata", "MINIMAL")]);
+    let db = my.fresh_database("metadata");
+    my.exec(&db, "CREATE TABLE t (id INT PRIMARY KEY)");
+    let setup = jsonl_agent(&my, &db, "t");
+    // A warning: the agent runs, but rows it reads behind a later ALTER TABLE stop it.
+    let lines = check_lines(&setup, 0);
+    assert_only(
+        &lines,
+        "binlog_row_metadata",
+        "warn",
+        &["MINIMAL", "SET GLOBAL binlog_row_metadata = 'FULL'"],
+    );
+    my.exec("", "SET GLOBAL binlog_row_metadata = 'FULL'");
+    assert_all_ok(&check_lines(&setup, 0));
+}

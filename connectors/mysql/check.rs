@@ -9,7 +9,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
 use super::catalog;
-use super::{BinlogStart, Server, SourceError};
+use super::{quote, BinlogStart, Server, SourceError};
 use crate::check::Check;
 use crate::config::{MySqlSourceConfig, SnapshotMode};
 
@@ -151,6 +151,7 @@ pub async fn run(config: &MySqlSourceConfig, require_primary_keys: bool) -> Vec<
         Ok(problems) => Check::fail("binlog", problems.join("; ")),
         Err(e) => Check::fail("binlog", e.to_string()),
     });
+    checks.push(row_metadata(&mut conn).await);
     checks.push(retention(&mut conn).await);
     checks.push(privileges(&mut conn, config).await);
     match catalog::captured_tables(&mut conn, &config.tables).await {
@@ -289,14 +290,34 @@ fn global_privileges(lines: &[String]) -> (BTreeSet<String>, bool) {
     (global, has_roles)
 }
 
-/// A MySQL identifier in backquotes.
-fn quote_identifier(name: &str) -> String {
-    format!("`{}`", name.replace('`', "``"))
-}
-
 /// A string literal for a GRANT's account name.
 fn quote_string(text: &str) -> String {
     format!("'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// Whether the binlog describes its rows' columns: without it, rows read after a later
+/// `ALTER TABLE` changed their table can only be matched to the catalog as it is now.
+async fn row_metadata(conn: &mut Conn) -> Check {
+    match variable(conn, "binlog_row_metadata").await {
+        Ok(Some(value)) if value.eq_ignore_ascii_case("FULL") => {
+            Check::ok("binlog_row_metadata", "FULL")
+        }
+        Ok(Some(value)) => Check::warn(
+            "binlog_row_metadata",
+            format!(
+                "{value}: rows the agent reads after a later ALTER TABLE changed their table \
+                 stop the source; SET PERSIST binlog_row_metadata = 'FULL' (MariaDB: SET \
+                 GLOBAL binlog_row_metadata = 'FULL' and put binlog_row_metadata = FULL in the \
+                 server's config)"
+            ),
+        ),
+        Ok(None) => Check::warn(
+            "binlog_row_metadata",
+            "the server has no binlog_row_metadata (MySQL before 8.0.1, MariaDB before 10.5): \
+             rows the agent reads after a later ALTER TABLE changed their table stop the source",
+        ),
+        Err(e) => Check::fail("binlog_row_metadata", e.to_string()),
+    }
 }
 
 async fn privileges(conn: &mut Conn, config: &MySqlSourceConfig) -> Check {
@@ -332,8 +353,8 @@ async fn primary_keys(conn: &mut Conn, tables: &[(String, String)], required: bo
                 first_alter.get_or_insert_with(|| {
                     format!(
                         "ALTER TABLE {}.{} ADD PRIMARY KEY (…)",
-                        quote_identifier(database),
-                        quote_identifier(table)
+                        quote(database),
+                        quote(table)
                     )
                 });
             }

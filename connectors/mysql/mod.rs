@@ -116,6 +116,11 @@ pub struct BinlogStart {
     pub gtid_state: Option<String>,
 }
 
+/// A MySQL identifier in backquotes.
+fn quote(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}
+
 /// The binlog file's number (`binlog.000042` is 42), which orders positions across files.
 fn file_number(file: &str) -> Result<u32, SourceError> {
     file.rsplit_once('.')

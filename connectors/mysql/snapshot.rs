@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 use super::binlog::Tables;
 use super::decode::{ColumnDecoder, Origin};
 use super::{
-    current_position, file_number, position_below, BinlogStart, MySqlSource, Server, SourceError,
+    current_position, file_number, position_below, quote, BinlogStart, MySqlSource, Server,
+    SourceError,
 };
 use crate::connectors::backpressure::{self, Backpressure};
 use crate::connectors::snapshot_log::SnapshotTransactions;
@@ -212,10 +213,6 @@ async fn open_readers(source: &MySqlSource, count: usize) -> Result<Vec<Conn>, S
         readers.push(reader);
     }
     Ok(readers)
-}
-
-fn quote(name: &str) -> String {
-    format!("`{}`", name.replace('`', "``"))
 }
 
 /// The queries that read each table: ranges of its integer primary key's first column for
