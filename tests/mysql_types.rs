@@ -826,13 +826,6 @@ fn every_type_arrives_exactly_through_snapshot_and_binlog() {
 /// holds only the spans of a day: the merge mirror takes those and dead-letters the rows of
 /// the others, never wrapping or clamping them into another time of day, and goes on. Ids
 /// 1..=4 are taken by the snapshot, 11..=14 are the same values from the binlog.
-///
-/// `span_cs` is a TIME(4), not a TIME(2): mysql_common 0.35.5 (`src/binlog/misc.rs`,
-/// `my_time_packed_from_binary`, the `1 | 2` arm) reads the fraction byte of TIME(1) and
-/// TIME(2) into a `u32` and, for a negative value with a fraction, does `frac -= 0x100`: its
-/// binlog reader panics on the overflow in a debug build and reads a wrong time in a release
-/// build (`-00:00:00.5`, `-01:00:00.25`); the `3 | 4` arm uses an `i32` and is right. Make
-/// it a TIME(2) again once mysql_common reads that right.
 #[test]
 fn times_a_postgresql_time_cannot_hold_agree_and_are_dead_lettered() {
     let my = MariaDb::start_with(&[("default-time-zone", SERVER_TIME_ZONE)]);
@@ -842,7 +835,7 @@ fn times_a_postgresql_time_cannot_hold_agree_and_are_dead_lettered() {
         "CREATE TABLE edge_values (
             id INT PRIMARY KEY,
             span TIME(6),
-            span_cs TIME(4),
+            span_cs TIME(2),
             day DATE,
             moment DATETIME,
             stamp TIMESTAMP NULL
@@ -1171,13 +1164,18 @@ fn first_difference(what: &str, expected: &str, found: &str) -> String {
     )
 }
 
-/// A value mysql_common misreads (see above: a negative TIME(2) with a fraction) stops the
-/// source with the fix, and nothing of its transaction is applied: no wrong time, no crash.
+/// A negative TIME with a fraction arrives exactly at every precision, the one- and two-digit
+/// ones included: their binlog form keeps the integer part one lower and the fraction as its
+/// complement (`-01:00:00.25` is -4097 and -25), which mysql_common 0.35 read into an unsigned
+/// integer (a panic, or a wrong time without overflow checks).
 #[test]
-fn a_time_mysql_common_misreads_stops_capture_with_the_fix() {
+fn a_negative_time_with_a_fraction_arrives_exactly() {
     let my = MariaDb::start();
     let db = my.fresh_database("edges");
-    my.exec(&db, "CREATE TABLE spans (id INT PRIMARY KEY, span TIME(2))");
+    my.exec(
+        &db,
+        "CREATE TABLE spans (id INT PRIMARY KEY, t1 TIME(1), t2 TIME(2), t3 TIME(3), t5 TIME(5))",
+    );
     let setup = AgentSetup::with_source(
         &my.source_toml(&db, &format!("\"{db}.spans\"")),
         EVENTS_SINK,
@@ -1186,17 +1184,59 @@ fn a_time_mysql_common_misreads_stops_capture_with_the_fix() {
     agent.wait_log("streaming the binlog", WAIT);
     my.exec(
         &db,
-        "INSERT INTO spans VALUES (1, '01:00:00.25'), (2, '-01:00:00.25')",
+        "INSERT INTO spans VALUES
+            (1, '-01:00:00.2', '-01:00:00.25', '-01:00:00.251', '-01:00:00.25001'),
+            (2, '-00:00:00.5', '-00:00:00.01', '-00:00:00.001', '-00:00:00.00001'),
+            (3, '-838:59:59.9', '-838:59:59.99', '-838:59:59.999', '-838:59:59.99999'),
+            (4, '00:00:00.1', '23:59:59.99', '-00:00:01', '838:59:59.99999');
+         UPDATE spans SET t2 = '-00:00:01.5' WHERE id = 4;",
     );
-    agent.wait_log("MODIFY that column to TIME(3) or finer", WAIT);
+    let hour: i64 = 3_600_000_000;
+    let max: i64 = 3_020_399_000_000; // 838:59:59
+    let expected: [(&str, i64, [i64; 4]); 5] = [
+        (
+            "c",
+            1,
+            [
+                -hour - 200_000,
+                -hour - 250_000,
+                -hour - 251_000,
+                -hour - 250_010,
+            ],
+        ),
+        ("c", 2, [-500_000, -10_000, -1_000, -10]),
+        (
+            "c",
+            3,
+            [
+                -max - 900_000,
+                -max - 990_000,
+                -max - 999_000,
+                -max - 999_990,
+            ],
+        ),
+        ("c", 4, [100_000, 86_399_990_000, -1_000_000, max + 999_990]),
+        ("u", 4, [100_000, -1_500_000, -1_000_000, max + 999_990]),
+    ];
+    let mut envelopes = Vec::new();
     assert!(
-        eventually(WAIT, || !agent.is_running()),
-        "the agent went on after a row it cannot read:\n{}",
+        eventually(WAIT, || {
+            envelopes = setup.envelopes();
+            envelope_of(&envelopes, "spans", "u", 4).is_some()
+        }),
+        "the rows did not arrive:\n{}",
         agent.log()
     );
-    assert!(
-        setup.envelopes().iter().all(|e| e["op"] == "r"),
-        "a change of the unreadable transaction was applied: {:?}",
-        setup.envelopes()
-    );
+    for (op, id, times) in expected {
+        let envelope = envelope_of(&envelopes, "spans", op, id)
+            .unwrap_or_else(|| panic!("no envelope {op} for id {id}"));
+        let found: Vec<&Json> = ["t1", "t2", "t3", "t5"]
+            .iter()
+            .map(|n| &envelope["after"][n])
+            .collect();
+        let times: Vec<Json> = times.iter().map(|t| json!(t)).collect();
+        assert_eq!(found, times.iter().collect::<Vec<_>>(), "{op} of id {id}");
+    }
+    assert!(agent.is_running(), "{}", agent.log());
+    agent.terminate();
 }

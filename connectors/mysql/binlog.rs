@@ -10,13 +10,13 @@ use futures_util::StreamExt;
 use mysql_async::binlog::events::{
     Event, EventData, GtidEvent, QueryEvent, RotateEvent, RowsEventData, TableMapEvent,
 };
-use mysql_async::binlog::row::BinlogRow;
 use mysql_async::prelude::Queryable;
 use mysql_async::{BinlogStreamRequest, Conn, Sid};
 use tokio_util::sync::CancellationToken;
 
 use super::catalog::{self, CatalogColumn};
-use super::decode::ColumnDecoder;
+use super::decode::{ColumnDecoder, Origin};
+use super::row_image::{Cell, RowImages, RowLayout};
 use super::{compressed, table_map};
 use super::{file_number, BinlogStart, MySqlSource, Server, SourceError};
 use crate::config::TablePattern;
@@ -63,6 +63,8 @@ struct Table {
     relation: Arc<Relation>,
     catalog: Vec<CatalogColumn>,
     decoders: Vec<ColumnDecoder>,
+    /// Its row images' layout, from the last table map that described it.
+    layout: Option<RowLayout>,
     /// A DDL statement ran in its database since it was described.
     stale: bool,
     /// Columns renamed since it was described, (from, to), as the DDL statements said.
@@ -141,6 +143,7 @@ impl Tables {
             relation,
             catalog: columns,
             decoders,
+            layout: None,
             stale: false,
             renames: Vec::new(),
         })
@@ -573,7 +576,25 @@ impl Reader<'_> {
         }
         self.refresh_table(&key, table_map, position, writer)
             .await?;
-        let Some(table) = self.tables.by_name.get(&key) else {
+        let Some(table) = self.tables.by_name.get_mut(&key) else {
+            return Ok(());
+        };
+        let at = |what: String| {
+            SourceError::Binlog(format!(
+                "a row of {database}.{table_name} at {} offset {}: {what}",
+                self.file,
+                position.binlog_offset()
+            ))
+        };
+        if !table
+            .layout
+            .as_ref()
+            .is_some_and(|l| l.describes(table_map))
+        {
+            table.layout = Some(RowLayout::new(table_map).map_err(|e| at(e.to_string()))?);
+        }
+        let table = &*table;
+        let Some(layout) = &table.layout else {
             return Ok(());
         };
         let op = match rows {
@@ -581,34 +602,33 @@ impl Reader<'_> {
             RowsEventData::UpdateRowsEventV1(_) | RowsEventData::UpdateRowsEvent(_) => Op::Update,
             _ => Op::Delete,
         };
+        let count_columns = layout.column_count();
+        // The columns each image carries, from the event's column bitmaps.
+        let before_columns = rows.columns_before_image().map(|bits| {
+            bits.iter_ones()
+                .take_while(|&i| i < count_columns)
+                .collect::<Vec<_>>()
+        });
+        let after_columns = rows.columns_after_image().map(|bits| {
+            bits.iter_ones()
+                .take_while(|&i| i < count_columns)
+                .collect::<Vec<_>>()
+        });
+        let mut images = RowImages::new(layout, rows.rows_data());
+        let mut cells = Vec::with_capacity(count_columns);
         let mut count = 0;
-        let mut parsed = rows.rows(table_map);
-        loop {
-            // mysql_common panics on a value it misreads rather than return an error: stop
-            // with what the operator can do about it instead of writing a wrong value.
-            let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parsed.next()))
-                .map_err(|_| {
-                    SourceError::Prerequisite(format!(
-                        "mysql_common could not read a row of {database}.{table_name} at {} \
-                         offset {}; one known cause is a negative TIME(1) or TIME(2) value \
-                         with a fraction: ALTER TABLE {database}.{table_name} MODIFY that \
-                         column to TIME(3) or finer, then capture again from a new snapshot",
-                        self.file,
-                        position.binlog_offset()
-                    ))
-                })?;
-            let Some(row) = next else {
-                break;
+        while !images.is_empty() {
+            let mut image = |columns: &Option<Vec<usize>>| -> Result<Option<Row>, SourceError> {
+                let Some(columns) = columns else {
+                    return Ok(None);
+                };
+                images
+                    .image(columns, &mut cells)
+                    .map_err(|e| at(e.to_string()))?;
+                decode_row(table, &mut cells).map(Some)
             };
-            let (before, after) = row.map_err(|e| {
-                SourceError::Binlog(format!(
-                    "a row of {database}.{table_name} at {} offset {}: {e}",
-                    self.file,
-                    position.binlog_offset()
-                ))
-            })?;
-            let decode = |row: Option<BinlogRow>| row.map(|r| decode_row(table, r)).transpose();
-            let (before, after) = (decode(before)?, decode(after)?);
+            let before = image(&before_columns)?;
+            let after = image(&after_columns)?;
             writer.append(&Record::Change(ChangeEvent {
                 relation: table.id,
                 position,
@@ -777,29 +797,28 @@ fn diff_columns(before: &Table, after: &Table) -> Vec<ColumnChange> {
     changes
 }
 
-fn decode_row(table: &Table, mut row: BinlogRow) -> Result<Row, SourceError> {
-    if row.len() != table.decoders.len() {
+fn decode_row(table: &Table, cells: &mut Vec<(usize, Cell)>) -> Result<Row, SourceError> {
+    if cells.len() != table.decoders.len() {
         return Err(SourceError::Prerequisite(format!(
             "a row image of {} has {} of its {} columns: set binlog_row_image = FULL on the \
              server",
             table.relation.qualified_name(),
-            row.len(),
+            cells.len(),
             table.decoders.len()
         )));
     }
-    table
-        .decoders
-        .iter()
-        .enumerate()
-        .map(|(i, decoder)| match row.take(i) {
-            Some(value) => decoder.binlog(value).map_err(|e| {
+    cells
+        .drain(..)
+        .zip(&table.decoders)
+        .map(|((i, cell), decoder)| match cell {
+            Cell::Value(value) => decoder.value(value, Origin::Binlog).map_err(|e| {
                 SourceError::Binlog(format!(
                     "column {} of {}: {e}",
                     table.relation.columns[i].name,
                     table.relation.qualified_name()
                 ))
             }),
-            None => Ok(crate::event::Value::Null),
+            Cell::Json(text) => Ok(crate::event::Value::Json(text)),
         })
         .collect()
 }

@@ -1,10 +1,9 @@
 //! MySQL values into the model's `Value`s, once, at capture. Values come two ways: from the
-//! binlog's row images (ENUM as its index, SET as its bitmask, TIMESTAMP as seconds since the
-//! epoch, JSON in MySQL's binary form) and from the snapshot's queries over the binary
+//! binlog's row images as `row_image` reads them (ENUM as its index, SET as its bitmask,
+//! TIMESTAMP as seconds since the epoch, JSON already as text) and from the snapshot's queries over the binary
 //! protocol (ENUM and SET as their labels, TIMESTAMP as a UTC date-time: the session's time
 //! zone is UTC). Each column's decoder knows its type from the catalog.
 
-use mysql_async::binlog::value::BinlogValue;
 use mysql_async::Value as MyValue;
 
 use super::catalog::{labels, CatalogColumn};
@@ -31,17 +30,12 @@ pub struct ColumnDecoder {
 #[derive(Debug, Clone, PartialEq)]
 enum Kind {
     Plain,
-    /// An unsigned integer of this many bits: a binlog without signedness metadata sends it
-    /// as signed.
+    /// An unsigned integer of this many bits: the binlog's row images are read as signed
+    /// (they carry no signedness; the catalog does).
     Unsigned(u32),
-    /// A signed MEDIUMINT: mysql_common reads the binlog's three bytes without extending
-    /// their sign, so a negative value arrives as its 24-bit two's complement.
-    SignedMedium,
-    /// YEAR: the binlog's one byte is the year minus 1900, and mysql_common adds 1900 to
-    /// the byte 0 as well, which stands for the year 0000 (1900 is not a YEAR value).
-    Year,
-    /// BINARY(n): the binlog drops the trailing zero bytes the column pads its values
-    /// with (as CHAR drops trailing spaces), the snapshot's queries read all n bytes.
+    /// BINARY(n): the server drops the trailing zero bytes the column pads its values with
+    /// when it writes them to the binlog (`Field_string::pack`, as CHAR drops trailing
+    /// spaces); the snapshot's queries read all n bytes.
     FixedBinary(usize),
     Enum(Vec<String>),
     Set(Vec<String>),
@@ -64,8 +58,6 @@ impl ColumnDecoder {
             _ if unsigned_bits > 0 && column.column_type.contains("unsigned") => {
                 Kind::Unsigned(unsigned_bits)
             }
-            "mediumint" => Kind::SignedMedium,
-            "year" => Kind::Year,
             "binary" => Kind::FixedBinary(
                 column
                     .char_length
@@ -84,23 +76,6 @@ impl ColumnDecoder {
         ColumnDecoder { value_type, kind }
     }
 
-    /// A value from a binlog row image.
-    pub fn binlog(&self, value: BinlogValue<'_>) -> Result<Value, String> {
-        match value {
-            BinlogValue::Value(value) => self.value(value, Origin::Binlog),
-            BinlogValue::Jsonb(jsonb) => {
-                let json = serde_json::Value::try_from(jsonb)
-                    .map_err(|e| format!("a JSON value the binlog holds is invalid: {e}"))?;
-                Ok(Value::Json(json.to_string()))
-            }
-            BinlogValue::JsonDiff(_) => Err(
-                "a partial JSON update (binlog_row_value_options = PARTIAL_JSON) carries no \
-                 whole value; set binlog_row_value_options = '' on the server"
-                    .into(),
-            ),
-        }
-    }
-
     /// A value as `origin` sent it.
     pub fn value(&self, value: MyValue, origin: Origin) -> Result<Value, String> {
         Ok(match (value, &self.kind) {
@@ -110,12 +85,6 @@ impl ColumnDecoder {
             }
             (MyValue::Int(n), Kind::Unsigned(64)) if n < 0 => {
                 Value::Numeric((i128::from(n) + (1i128 << 64)).to_string())
-            }
-            (MyValue::Int(n), Kind::SignedMedium) if origin == Origin::Binlog && n >= 1 << 23 => {
-                self.integer(i128::from(n) - (1 << 24))
-            }
-            (MyValue::Bytes(bytes), Kind::Year) if origin == Origin::Binlog && bytes == b"1900" => {
-                self.integer(0)
             }
             (MyValue::Bytes(mut bytes), Kind::FixedBinary(length)) if origin == Origin::Binlog => {
                 if bytes.len() < *length {
@@ -502,36 +471,7 @@ mod tests {
     }
 
     #[test]
-    fn binlog_values_mysql_common_misreads_are_read_as_the_snapshot_reads_them() {
-        let medium = decoder("mediumint", "mediumint(9)", ValueType::Int4);
-        // mysql_common reads the binlog's -70000 as its unsigned 24 bits.
-        assert_eq!(
-            medium
-                .value(MyValue::Int((1 << 24) - 70_000), Origin::Binlog)
-                .unwrap(),
-            Value::Int(-70_000)
-        );
-        assert_eq!(
-            medium
-                .value(MyValue::Int(8_388_607), Origin::Binlog)
-                .unwrap(),
-            Value::Int(8_388_607)
-        );
-        assert_eq!(
-            medium.value(MyValue::Int(-70_000), Origin::Query).unwrap(),
-            Value::Int(-70_000)
-        );
-        let year = decoder("year", "year(4)", ValueType::Int2);
-        assert_eq!(
-            year.value(MyValue::Bytes(b"1900".to_vec()), Origin::Binlog)
-                .unwrap(),
-            Value::Int(0)
-        );
-        assert_eq!(
-            year.value(MyValue::Bytes(b"2155".to_vec()), Origin::Binlog)
-                .unwrap(),
-            Value::Int(2155)
-        );
+    fn binary_values_the_binlog_shortened_are_padded_as_the_snapshot_reads_them() {
         let mut fixed = CatalogColumn {
             name: "c".into(),
             data_type: "binary".into(),

@@ -14,6 +14,7 @@ mod binlog;
 mod catalog;
 mod compressed;
 mod decode;
+mod row_image;
 mod snapshot;
 mod table_map;
 
