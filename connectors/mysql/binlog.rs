@@ -223,7 +223,10 @@ pub async fn stream(
     // By GTID where the server has them: the position means the same on a server whose
     // binlog files were renamed or rebuilt; file and offset where GTIDs are off, or where
     // none was logged yet (an empty state asks for the server's whole binlog).
-    let gtid_state = start.gtid_state.as_deref().filter(|state| !state.is_empty());
+    let gtid_state = start
+        .gtid_state
+        .as_deref()
+        .filter(|state| !state.is_empty());
     let request = match (gtid_state, server.mariadb) {
         (Some(state), true) => {
             conn.exec_drop("SET @slave_connect_state = ?", (state,))
