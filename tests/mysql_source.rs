@@ -42,6 +42,10 @@ impl Shop {
         }
     }
 
+    fn parts(&self) -> (&MariaDb, &str, &PgCluster, &str) {
+        (&self.my, &self.db, &self.pg, &self.warehouse)
+    }
+
     /// An agent that captures `tables` (TOML strings) into a sink of each kind.
     fn agent(&self, tables: &str) -> AgentSetup {
         AgentSetup::with_source(
@@ -137,12 +141,7 @@ fn assert_history_current(
 #[test]
 fn snapshot_then_binlog_reach_every_sink_with_mysql_envelopes() {
     let shop = Shop::open(MariaDb::start());
-    let Shop {
-        my,
-        db,
-        pg,
-        warehouse,
-    } = &shop;
+    let (my, db, pg, warehouse) = shop.parts();
     my.exec(
         db,
         "INSERT INTO items VALUES
@@ -182,7 +181,7 @@ fn snapshot_then_binlog_reach_every_sink_with_mysql_envelopes() {
     assert_eq!(ops, ["r", "r", "r", "c", "u", "d", "c", "d"]);
     let insert = &envelopes[3];
     assert_eq!(insert["source"]["connector"], "mysql");
-    assert_eq!(insert["source"]["db"], db.as_str());
+    assert_eq!(insert["source"]["db"], db);
     assert_eq!(insert["source"]["table"], "items");
     assert_eq!(insert["source"]["server_id"], my.server_id());
     assert!(insert["source"]["file"]
@@ -203,12 +202,7 @@ fn snapshot_then_binlog_reach_every_sink_with_mysql_envelopes() {
 #[test]
 fn sigkills_under_a_random_workload_lose_and_double_nothing() {
     let shop = Shop::open(MariaDb::start());
-    let Shop {
-        my,
-        db,
-        pg,
-        warehouse,
-    } = &shop;
+    let (my, db, pg, warehouse) = shop.parts();
     my.exec(
         db,
         "CREATE TABLE order_lines (
@@ -359,12 +353,7 @@ fn gadget_upsert(rng: &mut impl Rng, id: u32) -> String {
 #[test]
 fn columns_added_renamed_and_dropped_mid_stream_reach_the_mirror() {
     let shop = Shop::open(MariaDb::start());
-    let Shop {
-        my,
-        db,
-        pg,
-        warehouse,
-    } = &shop;
+    let (my, db, pg, warehouse) = shop.parts();
     my.exec(
         db,
         "INSERT INTO items (id, name) VALUES (1, 'pen'), (2, 'ink')",
@@ -391,12 +380,7 @@ fn compressed_binlog_events_are_read_not_skipped() {
         ("log_bin_compress", "ON"),
         ("log_bin_compress_min_len", "10"),
     ]));
-    let Shop {
-        my,
-        db,
-        pg,
-        warehouse,
-    } = &shop;
+    let (my, db, pg, warehouse) = shop.parts();
     let setup = shop.agent(&format!("\"{db}.items\""));
     let mut agent = setup.start();
     agent.wait_log("streaming the binlog", WAIT);
@@ -451,12 +435,7 @@ fn compressed_binlog_events_are_read_not_skipped() {
 #[test]
 fn without_a_snapshot_capture_starts_with_the_next_transaction() {
     let shop = Shop::open(MariaDb::start());
-    let Shop {
-        my,
-        db,
-        pg,
-        warehouse,
-    } = &shop;
+    let (my, db, pg, warehouse) = shop.parts();
     my.exec(
         db,
         "INSERT INTO items (id, name) VALUES (1, 'before the start')",
@@ -501,12 +480,7 @@ fn without_a_snapshot_capture_starts_with_the_next_transaction() {
 #[test]
 fn rows_written_before_later_ddl_decode_as_the_binlog_describes_them() {
     let shop = Shop::open(MariaDb::start());
-    let Shop {
-        my,
-        db,
-        pg,
-        warehouse,
-    } = &shop;
+    let (my, db, pg, warehouse) = shop.parts();
     my.exec(db, "INSERT INTO items (id, name) VALUES (1, 'pen')");
     let setup = shop.agent(&format!("\"{db}.items\""));
     let mut agent = setup.start();
@@ -556,12 +530,7 @@ fn rows_written_before_later_ddl_decode_as_the_binlog_describes_them() {
 #[test]
 fn restarts_resume_by_gtid_and_stop_when_the_binlog_was_purged() {
     let shop = Shop::open(MariaDb::start());
-    let Shop {
-        my,
-        db,
-        pg,
-        warehouse,
-    } = &shop;
+    let (my, db, pg, warehouse) = shop.parts();
     let setup = shop.agent(&format!("\"{db}.items\""));
     let insert = |ids: std::ops::Range<u32>| {
         for id in ids {
