@@ -12,6 +12,8 @@
 //!   checkpoint) must leave the destination as one application would, or, for an append-only
 //!   destination, the sink must undo the unrecorded write first.
 
+pub mod collapse;
+pub mod history;
 pub mod jsonl;
 pub mod postgres;
 

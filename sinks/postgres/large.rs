@@ -12,10 +12,10 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
 
-use super::collapse::key_of;
 use crate::event::{ChangeEvent, Op, Record, Relation, TxBegin, Value};
 use crate::log::spill::{Spill, SpillError, SpillReader};
 use crate::log::LogEntry;
+use crate::sinks::collapse::key_of;
 
 /// At most this many partition files: their write buffers share `BUFFER_BUDGET_BYTES`.
 const MAX_PARTITIONS: u64 = 4096;

@@ -5,7 +5,6 @@
 
 use bytes::Bytes;
 
-use super::collapse::{KeyState, TablePlan};
 use super::ddl::TargetTable;
 use super::staging::{
     stage_row, unchanged_columns, Names, Pass, PlanSql, FROM_COLUMN, OP_COLUMN, ROW_COLUMN,
@@ -13,6 +12,7 @@ use super::staging::{
 };
 use crate::event::{Value, ValueType};
 use crate::pgtext::copy_text::write_row;
+use crate::sinks::collapse::{KeyState, TablePlan};
 
 pub const DELETED_COLUMN: &str = "_tidemark_deleted";
 

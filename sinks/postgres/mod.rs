@@ -6,9 +6,7 @@
 //! suffix of the log changes nothing twice.
 
 pub mod check;
-pub mod collapse;
 pub mod ddl;
-pub mod history;
 mod large;
 pub mod merge;
 pub mod scd2;
@@ -25,12 +23,12 @@ use bytes::Bytes;
 use futures_util::SinkExt;
 use tokio_postgres::Client;
 
-use self::collapse::{Collapse, CollapseError, KeyState, TablePlan};
 use self::ddl::TargetTable;
-use self::history::{EventKind, History, HistoryPlan};
 use self::large::{partition_entries, LargeTransaction, PartitionError};
 use self::schema::SchemaStep;
 use self::staging::{Pass, PlanSql};
+use super::collapse::{Collapse, CollapseError, KeyState, TablePlan};
+use super::history::{EventKind, History, HistoryPlan};
 use super::{DeadLettered, Sink, SinkError};
 use crate::config::{PostgresSinkConfig, SinkMode};
 use crate::dead_letter::{self, DeadLetterQueue, LetterChange, Touch};

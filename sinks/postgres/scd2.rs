@@ -8,7 +8,6 @@
 use postgres_protocol::escape::escape_identifier;
 
 use super::ddl::{target_type, TargetTable, FILLFACTOR};
-use super::history::{EventKind, HistoryPlan, KeyEvent};
 use super::staging::{
     stage_row, unchanged_columns, Names, Pass, PlanSql, FROM_COLUMN, OP_COLUMN, ROW_COLUMN,
     UNCHANGED_COLUMN,
@@ -16,6 +15,7 @@ use super::staging::{
 use crate::config::ColumnNaming;
 use crate::event::{Relation, Value, ValueType};
 use crate::pgtext::copy_text::write_row;
+use crate::sinks::history::{EventKind, HistoryPlan, KeyEvent};
 
 // The staging table's other-row key columns hold the key whose latest version before
 // `FROM_LSN_COLUMN` supplies unchanged TOAST values, when it is not the row's own key.

@@ -171,7 +171,7 @@ mod tests {
     #[test]
     fn copy_lines_are_checked_and_split_where_they_end() {
         // public.t1 (id text primary key, body text)
-        let relation = crate::sinks::postgres::collapse::tests::relation(1);
+        let relation = crate::sinks::collapse::tests::relation(1);
         let text = "1\tä\n2\t\\N\n3\tpartial";
         assert_eq!(check_lines(&relation, text.as_bytes()), Ok(vec![5, 10]));
         assert_eq!(check_lines(&relation, b"1\tno end"), Ok(vec![]));

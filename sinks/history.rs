@@ -442,7 +442,7 @@ impl History {
 mod tests {
     use super::*;
     use crate::event::TxOrigin;
-    use crate::sinks::postgres::collapse::tests::{change, relation, row};
+    use crate::sinks::collapse::tests::{change, relation, row};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
