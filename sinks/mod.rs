@@ -12,6 +12,7 @@
 //!   checkpoint) must leave the destination as one application would, or, for an append-only
 //!   destination, the sink must undo the unrecorded write first.
 
+pub mod clickhouse;
 pub mod collapse;
 pub mod history;
 pub mod jsonl;
@@ -78,6 +79,7 @@ pub trait Sink {
 pub enum AnySink {
     Jsonl(jsonl::JsonlSink),
     Postgres(postgres::PostgresSink),
+    ClickHouse(clickhouse::ClickHouseSink),
 }
 
 impl AnySink {
@@ -100,6 +102,9 @@ impl AnySink {
                 postgres::PostgresSink::new(&config.name, target, Arc::clone(log), data_dir)?
                     .with_snapshot_writers(snapshot_writers),
             )),
+            SinkKind::ClickHouse(target) => Ok(AnySink::ClickHouse(
+                clickhouse::ClickHouseSink::new(&config.name, target, Arc::clone(log), data_dir)?,
+            )),
         }
     }
 
@@ -107,6 +112,7 @@ impl AnySink {
         match self {
             AnySink::Jsonl(sink) => sink.open().await,
             AnySink::Postgres(sink) => sink.open().await,
+            AnySink::ClickHouse(sink) => sink.open().await,
         }
     }
 
@@ -123,6 +129,7 @@ impl AnySink {
                 let planned = ahead.map(|Planned::Postgres(planned)| planned);
                 sink.apply_planned_ahead(entries, planned).await
             }
+            AnySink::ClickHouse(sink) => sink.apply(entries).await,
         }
     }
 
@@ -130,7 +137,7 @@ impl AnySink {
     /// ahead of applying one).
     pub fn planner(&self) -> Option<Planner> {
         match self {
-            AnySink::Jsonl(_) => None,
+            AnySink::Jsonl(_) | AnySink::ClickHouse(_) => None,
             AnySink::Postgres(sink) => Some(Planner::Postgres(sink.planner())),
         }
     }

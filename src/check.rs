@@ -63,10 +63,7 @@ pub async fn run(config: &Config) -> Vec<Check> {
         "config",
         format!("{} is valid", config.path.display()),
     )];
-    let table_sinks = config
-        .sinks
-        .iter()
-        .any(|s| matches!(s.kind, SinkKind::Postgres(_)));
+    let table_sinks = config.sinks.iter().any(|s| s.kind.requires_primary_keys());
     checks.extend(AnySource::check(&config.source, table_sinks).await);
     for sink in &config.sinks {
         let subject = format!("sink {:?}", sink.name);
@@ -83,6 +80,9 @@ pub async fn run(config: &Config) -> Vec<Check> {
             },
             SinkKind::Postgres(target) => {
                 crate::sinks::postgres::check::run(&sink.name, target).await
+            }
+            SinkKind::ClickHouse(target) => {
+                crate::sinks::clickhouse::check::run(&sink.name, target).await
             }
         });
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, SinkConfig, SinkKind};
+use crate::config::{Config, SinkConfig};
 use crate::connectors::{AnySource, SourceError, SourceSettings};
 use crate::event::{Record, RelationId};
 use crate::health;
@@ -59,10 +59,7 @@ impl PipelineError {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), PipelineError> {
     let log = OffsetLog::open(&config.agent.data_dir)?;
     let telemetry = Arc::new(Telemetry::new().map_err(PipelineError::Metrics)?);
-    let table_sinks = config
-        .sinks
-        .iter()
-        .any(|s| matches!(s.kind, SinkKind::Postgres(_)));
+    let table_sinks = config.sinks.iter().any(|s| s.kind.requires_primary_keys());
     let source = AnySource::build(
         &config.source,
         SourceSettings {

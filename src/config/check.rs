@@ -52,6 +52,15 @@ impl<T> Got<T> {
         self.or_else_with(|| default)
     }
 
+    /// `Some(None)` when absent, `None` when invalid.
+    pub(super) fn optional(self) -> Option<Option<T>> {
+        match self {
+            Got::Absent => Some(None),
+            Got::Bad => None,
+            Got::Ok(v) => Some(Some(v)),
+        }
+    }
+
     pub(super) fn or_else_with(self, default: impl FnOnce() -> T) -> Option<T> {
         match self {
             Got::Absent => Some(default()),
@@ -332,7 +341,7 @@ source = "public.customers"
             errors(&text),
             [
                 r#"tidemark.toml:7:12: "snapshot" in [source] must be one of "initial", "never"; found "full""#,
-                r#"tidemark.toml:11:8: "type" in [[sink]] "m" must be one of "jsonl", "postgres"; found "kafka""#,
+                r#"tidemark.toml:11:8: "type" in [[sink]] "m" must be one of "jsonl", "postgres", "clickhouse"; found "kafka""#,
                 r#"tidemark.toml:17:8: "mode" in [[sink]] "n" must be one of "merge", "scd2", "append"; found "upsert""#,
                 r#"tidemark.toml:18:11: "columns" in [[sink]] "n" must be one of "tidemark", "dbt"; found "DBT""#,
             ]

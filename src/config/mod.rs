@@ -10,6 +10,7 @@
 
 mod check;
 mod document;
+mod http_url;
 mod interpolate;
 mod mysql_url;
 mod schema;
@@ -28,6 +29,7 @@ use std::time::Duration;
 
 use check::Checker;
 
+pub use http_url::HttpUrl;
 pub use mysql_url::MySqlUrl;
 pub use ssl::{RootCert, SslMode, TlsSettings};
 pub use url::{ConnectionUrl, InvalidUrl, PgConfig};
@@ -166,6 +168,18 @@ pub struct SinkConfig {
 pub enum SinkKind {
     Jsonl(JsonlSinkConfig),
     Postgres(PostgresSinkConfig),
+    ClickHouse(ClickHouseSinkConfig),
+}
+
+impl SinkKind {
+    /// Whether the sink keys its target rows by the source's primary key.
+    pub fn requires_primary_keys(&self) -> bool {
+        match self {
+            SinkKind::Jsonl(_) => false,
+            SinkKind::Postgres(_) => true,
+            SinkKind::ClickHouse(sink) => sink.mode != ClickHouseMode::Changelog,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,6 +204,33 @@ pub struct PostgresSinkConfig {
     pub dropped_columns: DroppedColumns,
     /// Per-table renames; a table without one keeps its name in `schema`.
     pub tables: Vec<TableMapping>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClickHouseSinkConfig {
+    /// The server's HTTP interface; credentials from the URL unless `user` / `password` say.
+    pub url: HttpUrl,
+    pub user: String,
+    pub password: Option<String>,
+    /// Target database, created if missing.
+    pub database: String,
+    pub mode: ClickHouseMode,
+    /// Only meaningful for [`ClickHouseMode::Scd2`].
+    pub columns: ColumnNaming,
+    /// Per-table renames (`"database.table"`); a table without one keeps its name in
+    /// `database`.
+    pub tables: Vec<TableMapping>,
+}
+
+/// `mode` of a clickhouse sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClickHouseMode {
+    /// A ReplacingMergeTree per table: the live rows under `FINAL`.
+    Merge,
+    /// Every committed version, with its validity.
+    Scd2,
+    /// Every change as a row, partitioned by day.
+    Changelog,
 }
 
 /// `mode` of a postgres sink.

@@ -8,8 +8,8 @@ use super::check::{shown_value, Checker, Spot, Table};
 use super::document::{entry_at, kind, Key, Node, Val};
 use super::values::{is_literal_name, is_sink_name};
 use super::{
-    ColumnNaming, DroppedColumns, JsonlSinkConfig, PostgresSinkConfig, SinkConfig, SinkKind,
-    SinkMode, TableMapping, TablePattern,
+    ClickHouseMode, ClickHouseSinkConfig, ColumnNaming, DroppedColumns, JsonlSinkConfig,
+    PostgresSinkConfig, SinkConfig, SinkKind, SinkMode, TableMapping, TablePattern,
 };
 
 const DEFAULT_BATCH_MAX_ROWS: usize = 10_000;
@@ -30,12 +30,18 @@ const POSTGRES_SINK_KEYS: &[&str] = &[
     "dropped_columns",
     "table",
 ];
+const CLICKHOUSE_SINK_KEYS: &[&str] = &[
+    "url", "user", "password", "database", "mode", "columns", "table",
+];
+/// ClickHouse's own user when the URL and the config name none.
+const CLICKHOUSE_DEFAULT_USER: &str = "default";
 const TABLE_MAPPING_KEYS: &[&str] = &["source", "target"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SinkType {
     Jsonl,
     Postgres,
+    ClickHouse,
 }
 
 impl SinkType {
@@ -43,6 +49,7 @@ impl SinkType {
         match self {
             SinkType::Jsonl => "jsonl",
             SinkType::Postgres => "postgres",
+            SinkType::ClickHouse => "clickhouse",
         }
     }
 
@@ -50,12 +57,16 @@ impl SinkType {
         match self {
             SinkType::Jsonl => JSONL_SINK_KEYS,
             SinkType::Postgres => POSTGRES_SINK_KEYS,
+            SinkType::ClickHouse => CLICKHOUSE_SINK_KEYS,
         }
     }
 }
 
-const SINK_TYPES: &[(&str, SinkType)] =
-    &[("jsonl", SinkType::Jsonl), ("postgres", SinkType::Postgres)];
+const SINK_TYPES: &[(&str, SinkType)] = &[
+    ("jsonl", SinkType::Jsonl),
+    ("postgres", SinkType::Postgres),
+    ("clickhouse", SinkType::ClickHouse),
+];
 
 impl Checker<'_> {
     /// The `[[sink]]` array; `patterns` are the source's tables (None when they are invalid).
@@ -136,7 +147,7 @@ impl Checker<'_> {
             &t,
             "type",
             sink_type,
-            "; expected one of \"jsonl\", \"postgres\"",
+            "; expected one of \"jsonl\", \"postgres\", \"clickhouse\"",
         );
         match sink_type {
             Some(this) => {
@@ -200,6 +211,7 @@ impl Checker<'_> {
         let kind = match sink_type? {
             SinkType::Jsonl => self.jsonl_sink(&t, base).map(SinkKind::Jsonl),
             SinkType::Postgres => self.postgres_sink(&t, patterns).map(SinkKind::Postgres),
+            SinkType::ClickHouse => self.clickhouse_sink(&t, patterns).map(SinkKind::ClickHouse),
         };
         Some(SinkConfig {
             name: name?,
@@ -246,18 +258,7 @@ impl Checker<'_> {
             })
             .or(SinkMode::Merge);
         let soft_delete = self.field(t, "soft_delete", Self::bool).or(false);
-        let columns = self
-            .field(t, "columns", |c, s, v| {
-                c.choice(
-                    s,
-                    v,
-                    &[
-                        ("tidemark", ColumnNaming::Tidemark),
-                        ("dbt", ColumnNaming::Dbt),
-                    ],
-                )
-            })
-            .or(ColumnNaming::Tidemark);
+        let columns = self.column_naming(t);
         let history_deletes = self.field(t, "history_deletes", Self::bool).or(false);
         let dropped_columns = self
             .field(t, "dropped_columns", |c, s, v| {
@@ -285,6 +286,96 @@ impl Checker<'_> {
             dropped_columns: dropped_columns?,
             tables: tables?,
         })
+    }
+
+    fn clickhouse_sink(
+        &mut self,
+        t: &Table<'_>,
+        patterns: Option<&[TablePattern]>,
+    ) -> Option<ClickHouseSinkConfig> {
+        let url = self.field(t, "url", Self::http_url);
+        let url = self.required_with(
+            t,
+            "url",
+            url,
+            "; set it to the server's HTTP interface, e.g. \"http://default:PASSWORD@127.0.0.1:8123\"",
+        );
+        let user = self
+            .field(t, "user", |c, s, v| c.text(s, v).map(|t| t.value))
+            .optional();
+        let password = self
+            .field(t, "password", |c, s, v| c.text(s, v).map(|t| t.value))
+            .optional();
+        if let (Some(url), Some(key)) = (
+            &url,
+            ["user", "password"].iter().find(|k| t.get(k).is_some()),
+        ) {
+            let in_url = if *key == "user" {
+                url.user.is_some()
+            } else {
+                url.password.is_some()
+            };
+            if in_url {
+                self.report(
+                    t.at_key(key),
+                    format!(
+                        "{} gives the {key} twice, in \"url\" and in \"{key}\"; keep one",
+                        t.label
+                    ),
+                );
+            }
+        }
+        let database = self.field(t, "database", |c, s, v| {
+            c.name(s, v, is_literal_name, "a name of 1 to 63 bytes")
+        });
+        let database = self.required(t, "database", database);
+        let mode = self
+            .field(t, "mode", |c, s, v| {
+                c.choice(
+                    s,
+                    v,
+                    &[
+                        ("merge", ClickHouseMode::Merge),
+                        ("scd2", ClickHouseMode::Scd2),
+                        ("changelog", ClickHouseMode::Changelog),
+                    ],
+                )
+            })
+            .or(ClickHouseMode::Merge);
+        let columns = self.column_naming(t);
+        let tables = match t.get("table") {
+            None => Some(Vec::new()),
+            Some((key, val)) => self.table_mappings(t, key, val, database.as_deref(), patterns),
+        };
+        let url = url?;
+        let user = user?
+            .or_else(|| url.user.clone())
+            .unwrap_or_else(|| CLICKHOUSE_DEFAULT_USER.to_owned());
+        let password = password?.or_else(|| url.password.clone());
+        Some(ClickHouseSinkConfig {
+            url,
+            user,
+            password,
+            database: database?,
+            mode: mode?,
+            columns: columns?,
+            tables: tables?,
+        })
+    }
+
+    /// `columns`: the names of the SCD2 bookkeeping columns.
+    fn column_naming(&mut self, t: &Table<'_>) -> Option<ColumnNaming> {
+        self.field(t, "columns", |c, s, v| {
+            c.choice(
+                s,
+                v,
+                &[
+                    ("tidemark", ColumnNaming::Tidemark),
+                    ("dbt", ColumnNaming::Dbt),
+                ],
+            )
+        })
+        .or(ColumnNaming::Tidemark)
     }
 
     fn table_mappings(
@@ -445,6 +536,33 @@ mode = \"merge\"
             errors(&text),
             "tidemark.toml:17:10: \"source\" in [[sink.table]] #2 of [[sink]] \"m\": table \"public.orders\" is mapped twice in [[sink]] \"m\"\n\
              tidemark.toml:20:10: \"source\" in [[sink.table]] #3 of [[sink]] \"m\": table \"public.refunds\" is not captured by source.tables"
+        );
+    }
+
+    #[test]
+    fn a_clickhouse_sink_takes_its_credentials_from_the_url_or_its_keys_not_both() {
+        let sink = |extra: &str, url: &str| {
+            format!(
+                "{HEAD}[[sink]]\nname = \"ch\"\ntype = \"clickhouse\"\nurl = \"{url}\"\n\
+                 database = \"shop\"\n{extra}"
+            )
+        };
+        let config = crate::config::testing::parse(&sink("", "http://loader:pw@ch:8123")).unwrap();
+        let crate::config::SinkKind::ClickHouse(ch) = &config.sinks[0].kind else {
+            panic!("not a clickhouse sink: {:?}", config.sinks[0].kind);
+        };
+        assert_eq!(
+            (ch.user.as_str(), ch.password.as_deref(), ch.url.to_string()),
+            ("loader", Some("pw"), "http://ch:8123".to_string())
+        );
+        assert_eq!(ch.mode, crate::config::ClickHouseMode::Merge);
+        assert_eq!(
+            errors(&sink("password = \"other\"\n", "http://loader:pw@ch:8123")),
+            "tidemark.toml:13:12: [[sink]] \"ch\" gives the password twice, in \"url\" and in \"password\"; keep one"
+        );
+        assert_eq!(
+            errors(&sink("schema = \"s\"\n", "http://ch:8123")),
+            "tidemark.toml:13:1: key \"schema\" in [[sink]] \"ch\" is not valid for type = \"clickhouse\"; it only applies to type = \"postgres\""
         );
     }
 }

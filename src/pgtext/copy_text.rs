@@ -56,6 +56,15 @@ pub fn write_row<'a>(
     out.push(b'\n');
 }
 
+/// The text of a non-null value as PostgreSQL writes it, without COPY's escapes: for targets
+/// that keep a type they lack as its text.
+pub fn value_text(value: &Value) -> String {
+    let mut text = String::new();
+    // Writing into a String never fails.
+    let _ = write_text(&mut text, value);
+    text
+}
+
 /// Appends text to a COPY buffer with the text format's escapes applied: a backslash, newline,
 /// carriage return or tab in the data would otherwise end or change the field.
 struct CopyEscaped<'a>(&'a mut Vec<u8>);

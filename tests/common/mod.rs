@@ -782,6 +782,7 @@ fn percent_encode(text: &str) -> String {
     encoded
 }
 pub mod agent;
+pub mod clickhouse;
 pub mod mariadb;
 
 /// Locks that [`PgCluster::lock_tables`] holds.

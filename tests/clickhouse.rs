@@ -1,0 +1,323 @@
+//! The ClickHouse sink against a real ClickHouse engine (tests/common/clickhouse.rs): what
+//! `SELECT … FINAL` reads equals the source, row for row, across SIGKILLs of the agent.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::agent::{eventually, AgentSetup};
+use common::clickhouse::ClickHouse;
+use common::PgCluster;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const ITEMS: &str = "CREATE TYPE mood AS ENUM ('ok', 'sad');
+    CREATE TABLE items (id int PRIMARY KEY, name text, price numeric(12,2), tags int[],
+      at timestamptz, day date, u uuid, doc jsonb, flag boolean, m mood, big text);
+    CREATE TABLE pairs (a int, b text, v bigint, PRIMARY KEY (a, b));";
+
+/// The columns of `items` as PostgreSQL prints them, and the same in ClickHouse's text.
+const ITEMS_PG: &str = "id, name, trim_scale(price), coalesce(array_to_string(tags, ',', 'NULL'), ''), \
+    to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), day, u, doc, flag::int, m, md5(big)";
+const ITEMS_CH: &str = "id, name, toString(price), \
+    arrayStringConcat(arrayMap(x -> ifNull(toString(x), 'NULL'), tags), ','), \
+    toString(at), toString(day), toString(u), doc, toUInt8(flag), m, lower(hex(MD5(big)))";
+const PAIRS: &str = "a, b, v";
+
+/// Rows of a query's output, sorted: the two servers order text differently.
+fn sorted(text: &str) -> Vec<String> {
+    let mut rows: Vec<String> = text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| l.replace("\\N", "NULL"))
+        .collect();
+    rows.sort();
+    rows
+}
+
+fn assert_mirrors(pg: &PgCluster, db: &str, ch: &ClickHouse, database: &str) {
+    for (table, pg_columns, ch_columns) in [("items", ITEMS_PG, ITEMS_CH), ("pairs", PAIRS, PAIRS)]
+    {
+        let want = sorted(&pg.psql(
+            db,
+            &format!("COPY (SELECT {pg_columns} FROM {table}) TO STDOUT"),
+        ));
+        let mut got = Vec::new();
+        let same = eventually(Duration::from_secs(60), || {
+            got = ch
+                .try_query(&format!(
+                    "SELECT {ch_columns} FROM {database}.{table} FINAL"
+                ))
+                .map(|out| sorted(&out))
+                .unwrap_or_default();
+            got == want
+        });
+        let only = |a: &[String], b: &[String]| {
+            a.iter()
+                .filter(|row| !b.contains(row))
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert!(
+            same,
+            "{table} differs\nonly in the source:\n{}\nonly in ClickHouse:\n{}",
+            only(&want, &got),
+            only(&got, &want)
+        );
+    }
+}
+
+#[test]
+fn merge_mirrors_every_kind_of_change_and_type() {
+    let pg = PgCluster::start();
+    let ch = ClickHouse::start();
+    let db = pg.fresh_database("shop");
+    pg.psql(&db, ITEMS);
+    pg.psql(
+        &db,
+        "INSERT INTO items VALUES (1, 'before the agent', 1.50, '{1,NULL,3}', '2024-01-05 12:34:56.5+00',
+           '1950-03-15', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{\"a\": [1, 2]}', true, 'sad',
+           (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 300) i))",
+    );
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.items\", \"public.pairs\"",
+        &ch.sink_toml("warehouse", "mirror", "merge"),
+    )
+    .with_initial_snapshot("1GiB");
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(
+        &db,
+        "INSERT INTO items (id, name, price, tags, day) VALUES (2, 'añejo ☃ \t tab\\ and '' quote', -12345678.99, '{}', '2299-12-31');
+         UPDATE items SET price = 2.25 WHERE id = 1;
+         UPDATE items SET name = 'moved', id = 10 WHERE id = 2;
+         INSERT INTO items (id, name) VALUES (3, 'gone');
+         DELETE FROM items WHERE id = 3;
+         BEGIN; INSERT INTO items (id) VALUES (99); ROLLBACK;
+         INSERT INTO pairs VALUES (1, 'x', 10), (1, 'y', 20), (2, 'x', 30);
+         BEGIN; UPDATE pairs SET v = v + 1; DELETE FROM pairs WHERE b = 'y'; UPDATE pairs SET b = 'z' WHERE a = 2; COMMIT;",
+    );
+    assert_mirrors(&pg, &db, &ch, "mirror");
+    pg.psql(
+        &db,
+        "TRUNCATE pairs; INSERT INTO pairs VALUES (7, 'after', 1);",
+    );
+    assert_mirrors(&pg, &db, &ch, "mirror");
+    let types = ch.query(
+        "SELECT name || ' ' || type FROM system.columns WHERE database = 'mirror' AND table = 'items' ORDER BY position FORMAT TSVRaw",
+    );
+    assert_eq!(
+        types.lines().collect::<Vec<_>>(),
+        [
+            "id Int32",
+            "name Nullable(String)",
+            "price Nullable(Decimal(12, 2))",
+            "tags Array(Nullable(Int32))",
+            "at Nullable(DateTime64(6, 'UTC'))",
+            "day Nullable(Date32)",
+            "u Nullable(UUID)",
+            "doc Nullable(String)",
+            "flag Nullable(Bool)",
+            "m LowCardinality(Nullable(String))",
+            "big Nullable(String)",
+            "_tidemark_version UInt64",
+            "_tidemark_is_deleted UInt8",
+        ]
+    );
+    agent.terminate();
+}
+
+#[test]
+fn a_value_clickhouse_cannot_hold_is_dead_lettered_and_the_rest_applied() {
+    let pg = PgCluster::start();
+    let ch = ClickHouse::start();
+    let db = pg.fresh_database("shop");
+    pg.psql(&db, ITEMS);
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.items\", \"public.pairs\"",
+        &ch.sink_toml("warehouse", "mirror", "merge"),
+    );
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(
+        &db,
+        "INSERT INTO items (id, day) VALUES (1, '2024-02-29'), (2, '1800-01-01'), (3, 'infinity');",
+    );
+    let file = setup.data_dir().join("dead_letters/warehouse.jsonl");
+    let letters = eventually(Duration::from_secs(60), || {
+        file.exists() && setup.dead_letters("warehouse").len() == 2
+    });
+    assert!(
+        letters,
+        "dead letters: {:?}",
+        setup.dead_letters("warehouse")
+    );
+    assert!(setup.dead_letters("warehouse")[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("outside ClickHouse's Date32 and DateTime64 range"));
+    assert_eq!(
+        ch.query("SELECT id, day FROM mirror.items FINAL"),
+        "1\t2024-02-29\n"
+    );
+    agent.terminate();
+}
+
+/// A random transaction on the source: inserts, updates (some moving a row to another key,
+/// some leaving a TOASTed column unchanged), deletes, sometimes rolled back.
+fn random_transaction(rng: &mut StdRng, next_id: &mut i32) -> String {
+    let mut sql = String::from("BEGIN;\n");
+    for _ in 0..rng.gen_range(1..6) {
+        let id = rng.gen_range(1..=(*next_id).max(1));
+        match rng.gen_range(0..7) {
+            0 | 1 => {
+                *next_id += 1;
+                let big = if rng.gen_bool(0.3) {
+                    format!("(SELECT string_agg(md5(i::text || '{}'), '') FROM generate_series(1, 300) i)", rng.gen::<u32>())
+                } else {
+                    "NULL".into()
+                };
+                sql.push_str(&format!(
+                    "INSERT INTO items (id, name, price, tags, at, big) VALUES ({}, 'n{}', {}.{:02}, '{{{},{}}}', \
+                     '2024-01-01'::timestamptz + interval '{} seconds', {big});\n",
+                    next_id,
+                    rng.gen::<u16>(),
+                    rng.gen_range(-999..999),
+                    rng.gen_range(0..100),
+                    rng.gen::<i16>(),
+                    rng.gen::<i16>(),
+                    rng.gen::<u32>(),
+                ));
+                sql.push_str(&format!(
+                    "INSERT INTO pairs VALUES ({}, 'k{}', {}) ON CONFLICT DO NOTHING;\n",
+                    rng.gen_range(0..20),
+                    rng.gen_range(0..5),
+                    rng.gen::<i64>()
+                ));
+            }
+            2 => sql.push_str(&format!("UPDATE items SET price = price + 1 WHERE id = {id};\n")),
+            3 => sql.push_str(&format!(
+                "UPDATE items SET name = 'u{}', tags = NULL WHERE id = {id};\n",
+                rng.gen::<u16>()
+            )),
+            4 => {
+                *next_id += 1;
+                sql.push_str(&format!("UPDATE items SET id = {next_id} WHERE id = {id};\n"));
+            }
+            5 => sql.push_str(&format!(
+                "DELETE FROM items WHERE id = {id}; DELETE FROM pairs WHERE a = {};\n",
+                rng.gen_range(0..20)
+            )),
+            _ => sql.push_str(&format!(
+                "UPDATE pairs SET v = v + 1 WHERE a = {}; UPDATE pairs SET b = 'm{}' WHERE a = {} AND b = 'k0';\n",
+                rng.gen_range(0..20),
+                rng.gen::<u16>(),
+                rng.gen_range(0..20)
+            )),
+        }
+    }
+    sql.push_str(if rng.gen_bool(0.1) {
+        "ROLLBACK;\n"
+    } else {
+        "COMMIT;\n"
+    });
+    sql
+}
+
+#[test]
+fn merge_is_exact_across_sigkills() {
+    let pg = PgCluster::start();
+    let ch = ClickHouse::start();
+    let db = pg.fresh_database("shop");
+    pg.psql(&db, ITEMS);
+    let seed: u64 = std::env::var("TIDEMARK_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::thread_rng().gen());
+    eprintln!("seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut next_id = 0;
+    let initial: String = (0..50)
+        .map(|_| random_transaction(&mut rng, &mut next_id))
+        .collect();
+    pg.psql(&db, &initial);
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.items\", \"public.pairs\"",
+        &format!(
+            "{}batch_max_rows = 40\n",
+            ch.sink_toml("warehouse", "mirror", "merge")
+        ),
+    )
+    .with_initial_snapshot("1GiB");
+    for round in 0..4 {
+        let agent = setup.start();
+        let script: String = (0..120)
+            .map(|_| random_transaction(&mut rng, &mut next_id))
+            .collect();
+        let writer = {
+            let url = pg.url(&db);
+            let psql = pg.bindir().join("psql");
+            std::thread::spawn(move || {
+                let status = std::process::Command::new(psql)
+                    .args(["-X", "-q", "-v", "ON_ERROR_STOP=0", &url])
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .and_then(|mut child| {
+                        use std::io::Write;
+                        child.stdin.take().unwrap().write_all(script.as_bytes())?;
+                        child.wait()
+                    });
+                status.map(|s| s.success())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(rng.gen_range(200..1500)));
+        eprintln!("round {round}: SIGKILL");
+        agent.kill();
+        assert!(writer.join().unwrap().is_ok());
+    }
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    assert_mirrors(&pg, &db, &ch, "mirror");
+    agent.terminate();
+}
+
+#[test]
+fn a_transaction_larger_than_a_batch_lands_as_its_last_state() {
+    let pg = PgCluster::start();
+    let ch = ClickHouse::start();
+    let db = pg.fresh_database("shop");
+    pg.psql(&db, ITEMS);
+    let setup = AgentSetup::with_sinks(
+        &pg.url(&db),
+        "\"public.items\", \"public.pairs\"",
+        &format!(
+            "{}batch_max_rows = 40\n",
+            ch.sink_toml("warehouse", "mirror", "merge")
+        ),
+    );
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    // Each key is written in one chunk and changed again in later ones.
+    pg.psql(
+        &db,
+        "BEGIN;
+         INSERT INTO items (id, name, big) SELECT i, 'first',
+           (SELECT string_agg(md5(j::text || i::text), '') FROM generate_series(1, 300) j)
+           FROM generate_series(1, 150) i;
+         UPDATE items SET name = 'second' WHERE id % 2 = 0;
+         UPDATE items SET price = id WHERE id % 3 = 0;
+         DELETE FROM items WHERE id % 5 = 0;
+         INSERT INTO pairs SELECT i, 'p', i FROM generate_series(1, 100) i;
+         UPDATE pairs SET v = -v;
+         COMMIT;",
+    );
+    assert_mirrors(&pg, &db, &ch, "mirror");
+    agent.terminate();
+}
