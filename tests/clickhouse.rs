@@ -70,24 +70,46 @@ fn assert_mirrors(pg: &PgCluster, db: &str, ch: &ClickHouse, database: &str) {
     }
 }
 
+/// A source cluster with `items` and `pairs` (and what `before` wrote, which the initial
+/// snapshot copies), a ClickHouse engine, and an agent setup with a merge sink `warehouse` into
+/// database `mirror`; `sink_extra` lines go into the sink's table.
+struct Fixture {
+    pg: PgCluster,
+    ch: ClickHouse,
+    db: String,
+    setup: AgentSetup,
+}
+
+impl Fixture {
+    fn new(before: &str, sink_extra: &str) -> Fixture {
+        let pg = PgCluster::start();
+        let ch = ClickHouse::start();
+        let db = pg.fresh_database("shop");
+        pg.psql(&db, ITEMS);
+        if !before.is_empty() {
+            pg.psql(&db, before);
+        }
+        let setup = AgentSetup::with_sinks(
+            &pg.url(&db),
+            "\"public.items\", \"public.pairs\"",
+            &format!(
+                "{}{sink_extra}",
+                ch.sink_toml("warehouse", "mirror", "merge")
+            ),
+        )
+        .with_initial_snapshot("1GiB");
+        Fixture { pg, ch, db, setup }
+    }
+}
+
 #[test]
 fn merge_mirrors_every_kind_of_change_and_type() {
-    let pg = PgCluster::start();
-    let ch = ClickHouse::start();
-    let db = pg.fresh_database("shop");
-    pg.psql(&db, ITEMS);
-    pg.psql(
-        &db,
+    let Fixture { pg, ch, db, setup } = Fixture::new(
         "INSERT INTO items VALUES (1, 'before the agent', 1.50, '{1,NULL,3}', '2024-01-05 12:34:56.5+00',
            '1950-03-15', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{\"a\": [1, 2]}', true, 'sad',
            (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 300) i))",
+        "",
     );
-    let setup = AgentSetup::with_sinks(
-        &pg.url(&db),
-        "\"public.items\", \"public.pairs\"",
-        &ch.sink_toml("warehouse", "mirror", "merge"),
-    )
-    .with_initial_snapshot("1GiB");
     let mut agent = setup.start();
     agent.wait_streaming();
     pg.psql(
@@ -133,15 +155,7 @@ fn merge_mirrors_every_kind_of_change_and_type() {
 
 #[test]
 fn a_value_clickhouse_cannot_hold_is_dead_lettered_and_the_rest_applied() {
-    let pg = PgCluster::start();
-    let ch = ClickHouse::start();
-    let db = pg.fresh_database("shop");
-    pg.psql(&db, ITEMS);
-    let setup = AgentSetup::with_sinks(
-        &pg.url(&db),
-        "\"public.items\", \"public.pairs\"",
-        &ch.sink_toml("warehouse", "mirror", "merge"),
-    );
+    let Fixture { pg, ch, db, setup } = Fixture::new("", "");
     let mut agent = setup.start();
     agent.wait_streaming();
     pg.psql(
@@ -231,10 +245,6 @@ fn random_transaction(rng: &mut StdRng, next_id: &mut i32) -> String {
 
 #[test]
 fn merge_is_exact_across_sigkills() {
-    let pg = PgCluster::start();
-    let ch = ClickHouse::start();
-    let db = pg.fresh_database("shop");
-    pg.psql(&db, ITEMS);
     let seed: u64 = std::env::var("TIDEMARK_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -245,16 +255,7 @@ fn merge_is_exact_across_sigkills() {
     let initial: String = (0..50)
         .map(|_| random_transaction(&mut rng, &mut next_id))
         .collect();
-    pg.psql(&db, &initial);
-    let setup = AgentSetup::with_sinks(
-        &pg.url(&db),
-        "\"public.items\", \"public.pairs\"",
-        &format!(
-            "{}batch_max_rows = 40\n",
-            ch.sink_toml("warehouse", "mirror", "merge")
-        ),
-    )
-    .with_initial_snapshot("1GiB");
+    let Fixture { pg, ch, db, setup } = Fixture::new(&initial, "batch_max_rows = 40\n");
     for round in 0..4 {
         let agent = setup.start();
         let script: String = (0..120)
@@ -290,18 +291,7 @@ fn merge_is_exact_across_sigkills() {
 
 #[test]
 fn a_transaction_larger_than_a_batch_lands_as_its_last_state() {
-    let pg = PgCluster::start();
-    let ch = ClickHouse::start();
-    let db = pg.fresh_database("shop");
-    pg.psql(&db, ITEMS);
-    let setup = AgentSetup::with_sinks(
-        &pg.url(&db),
-        "\"public.items\", \"public.pairs\"",
-        &format!(
-            "{}batch_max_rows = 40\n",
-            ch.sink_toml("warehouse", "mirror", "merge")
-        ),
-    );
+    let Fixture { pg, ch, db, setup } = Fixture::new("", "batch_max_rows = 40\n");
     let mut agent = setup.start();
     agent.wait_streaming();
     // Each key is written in one chunk and changed again in later ones.

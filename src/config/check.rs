@@ -223,6 +223,25 @@ impl<'t> Checker<'t> {
         }
     }
 
+    /// A URL checked by `check` (the URL, and how messages show it: without its password),
+    /// whose reason is reported as the key's problem.
+    pub(super) fn checked_url<T>(
+        &mut self,
+        spot: &Spot,
+        val: &Val,
+        check: impl FnOnce(&str, &str) -> Result<T, String>,
+    ) -> Option<T> {
+        let text = self.text(spot, val)?;
+        let shown = super::url::redact_url(text.raw.as_deref().unwrap_or(&text.value));
+        match check(&text.value, &shown) {
+            Ok(url) => Some(url),
+            Err(message) => {
+                self.report(spot.at, format!("{}: {message}", spot.what));
+                None
+            }
+        }
+    }
+
     pub(super) fn bool(&mut self, spot: &Spot, val: &Val) -> Option<bool> {
         match &val.node {
             Node::Bool(b) => Some(*b),

@@ -45,15 +45,7 @@ impl std::str::FromStr for HttpUrl {
 
 impl Checker<'_> {
     pub(super) fn http_url(&mut self, spot: &Spot, val: &Val) -> Option<HttpUrl> {
-        let text = self.text(spot, val)?;
-        let shown = redact_url(text.raw.as_deref().unwrap_or(&text.value));
-        match check_url(&text.value, &shown) {
-            Ok(url) => Some(url),
-            Err(message) => {
-                self.report(spot.at, format!("{}: {message}", spot.what));
-                None
-            }
-        }
+        self.checked_url(spot, val, check_url)
     }
 }
 
