@@ -311,3 +311,36 @@ fn a_transaction_larger_than_a_batch_lands_as_its_last_state() {
     assert_mirrors(&pg, &db, &ch, "mirror");
     agent.terminate();
 }
+
+#[test]
+fn check_says_what_the_server_is_and_how_to_fix_a_wrong_password() {
+    // Every part is held: the source is checked too.
+    let Fixture {
+        pg: _pg,
+        ch: _ch,
+        db: _,
+        setup,
+    } = Fixture::new("", "");
+    let check = setup.command("check");
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("ClickHouse 26.")
+            && stdout.contains("user \"default\" may create tables in database \"mirror\""),
+        "{stdout}"
+    );
+    let config = std::fs::read_to_string(setup.data_dir().with_file_name("tidemark.toml")).unwrap();
+    std::fs::write(
+        setup.data_dir().with_file_name("tidemark.toml"),
+        config.replace(common::clickhouse::PASSWORD, "wrong"),
+    )
+    .unwrap();
+    let check = setup.command("check");
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(2), "{stdout}");
+    assert!(
+        stdout.contains("user \"default\" was refused (wrong user or password)")
+            && !stdout.contains("wrong@"),
+        "{stdout}"
+    );
+}
