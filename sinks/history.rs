@@ -78,6 +78,8 @@ pub struct KeyEvent {
     pub previous: Option<Position>,
     /// Commit time of the key's next event in the batch (versions only).
     pub valid_to: Option<i64>,
+    /// Commit LSN of that event (or of the truncate that ends the version).
+    pub closed_by: Option<Position>,
 }
 
 impl KeyEvent {
@@ -91,6 +93,7 @@ impl KeyEvent {
             at: begin.at,
             previous: None,
             valid_to: None,
+            closed_by: None,
         }
     }
 }
@@ -288,6 +291,7 @@ impl History {
             let earlier = &mut self.plans[plan].events[index];
             if earlier.kind.is_version() {
                 earlier.valid_to = Some(event.at);
+                earlier.closed_by = Some(event.lsn);
             }
             earlier.lsn
         });
@@ -318,6 +322,7 @@ impl History {
                 let event = &mut self.plans[plan].events[event];
                 if event.kind.is_version() && event.valid_to.is_none() {
                     event.valid_to = Some(begin.at);
+                    event.closed_by = Some(begin.position);
                 }
             }
         }
@@ -499,6 +504,7 @@ mod tests {
             ]
         );
         assert_eq!(plans[0].events[1].previous, Some(Position(100)));
+        assert_eq!(plans[0].events[0].closed_by, Some(Position(200)));
     }
 
     /// An incremental snapshot's read may follow versions the stream recorded: it ends them
@@ -585,6 +591,7 @@ mod tests {
         );
         assert_eq!(plans.len(), 2);
         assert_eq!(plans[0].events[0].valid_to, Some(2_000));
+        assert_eq!(plans[0].events[0].closed_by, Some(Position(200)));
         assert_eq!(plans[1].truncate, Some((Position(200), 2_000)));
         assert_eq!(plans[1].events[0].kind, EventKind::Created);
         assert_eq!(plans[1].events[0].previous, None);

@@ -16,6 +16,7 @@ pub mod clickhouse;
 pub mod collapse;
 pub mod history;
 pub mod jsonl;
+pub mod large;
 pub mod postgres;
 
 use std::collections::BTreeMap;

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::agent::{eventually, AgentSetup};
+use common::agent::{eventually, Agent, AgentSetup};
 use common::clickhouse::ClickHouse;
 use common::PgCluster;
 use rand::rngs::StdRng;
@@ -82,6 +82,16 @@ struct Fixture {
 
 impl Fixture {
     fn new(before: &str, sink_extra: &str) -> Fixture {
+        Fixture::with_sinks(before, |_, ch| {
+            format!(
+                "{}{sink_extra}",
+                ch.sink_toml("warehouse", "mirror", "merge")
+            )
+        })
+    }
+
+    /// The same with the sinks `sinks` makes of the source cluster and the engine.
+    fn with_sinks(before: &str, sinks: impl FnOnce(&PgCluster, &ClickHouse) -> String) -> Fixture {
         let pg = PgCluster::start();
         let ch = ClickHouse::start();
         let db = pg.fresh_database("shop");
@@ -92,10 +102,7 @@ impl Fixture {
         let setup = AgentSetup::with_sinks(
             &pg.url(&db),
             "\"public.items\", \"public.pairs\"",
-            &format!(
-                "{}{sink_extra}",
-                ch.sink_toml("warehouse", "mirror", "merge")
-            ),
+            &sinks(&pg, &ch),
         )
         .with_initial_snapshot("1GiB");
         Fixture { pg, ch, db, setup }
@@ -188,7 +195,12 @@ fn random_transaction(rng: &mut StdRng, next_id: &mut i32) -> String {
     let mut sql = String::from("BEGIN;\n");
     for _ in 0..rng.gen_range(1..6) {
         let id = rng.gen_range(1..=(*next_id).max(1));
-        match rng.gen_range(0..7) {
+        let kind = if rng.gen_bool(0.01) {
+            7
+        } else {
+            rng.gen_range(0..7)
+        };
+        match kind {
             0 | 1 => {
                 *next_id += 1;
                 let big = if rng.gen_bool(0.3) {
@@ -227,12 +239,13 @@ fn random_transaction(rng: &mut StdRng, next_id: &mut i32) -> String {
                 "DELETE FROM items WHERE id = {id}; DELETE FROM pairs WHERE a = {};\n",
                 rng.gen_range(0..20)
             )),
-            _ => sql.push_str(&format!(
+            6 => sql.push_str(&format!(
                 "UPDATE pairs SET v = v + 1 WHERE a = {}; UPDATE pairs SET b = 'm{}' WHERE a = {} AND b = 'k0';\n",
                 rng.gen_range(0..20),
                 rng.gen::<u16>(),
                 rng.gen_range(0..20)
             )),
+            _ => sql.push_str("TRUNCATE pairs;\n"),
         }
     }
     sql.push_str(if rng.gen_bool(0.1) {
@@ -243,26 +256,30 @@ fn random_transaction(rng: &mut StdRng, next_id: &mut i32) -> String {
     sql
 }
 
-#[test]
-fn merge_is_exact_across_sigkills() {
+/// The random seed: `TIDEMARK_TEST_SEED`, or a fresh one (printed, to run it again).
+fn seed() -> StdRng {
     let seed: u64 = std::env::var("TIDEMARK_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| rand::thread_rng().gen());
     eprintln!("seed {seed}");
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut next_id = 0;
-    let initial: String = (0..50)
-        .map(|_| random_transaction(&mut rng, &mut next_id))
-        .collect();
-    let Fixture { pg, ch, db, setup } = Fixture::new(&initial, "batch_max_rows = 40\n");
+    StdRng::seed_from_u64(seed)
+}
+
+/// 50 random transactions, for the initial snapshot to copy.
+fn initial_transactions(rng: &mut StdRng, next_id: &mut i32) -> String {
+    (0..50).map(|_| random_transaction(rng, next_id)).collect()
+}
+
+/// Four rounds of random transactions on the source, the agent SIGKILLed in each; then an
+/// agent that runs on.
+fn run_with_sigkills(fixture: &Fixture, rng: &mut StdRng, next_id: &mut i32) -> Agent {
+    let Fixture { pg, db, setup, .. } = fixture;
     for round in 0..4 {
         let agent = setup.start();
-        let script: String = (0..120)
-            .map(|_| random_transaction(&mut rng, &mut next_id))
-            .collect();
+        let script: String = (0..120).map(|_| random_transaction(rng, next_id)).collect();
         let writer = {
-            let url = pg.url(&db);
+            let url = pg.url(db);
             let psql = pg.bindir().join("psql");
             std::thread::spawn(move || {
                 let status = std::process::Command::new(psql)
@@ -285,7 +302,241 @@ fn merge_is_exact_across_sigkills() {
     }
     let mut agent = setup.start();
     agent.wait_streaming();
-    assert_mirrors(&pg, &db, &ch, "mirror");
+    agent
+}
+
+#[test]
+fn merge_is_exact_across_sigkills() {
+    let mut rng = seed();
+    let mut next_id = 0;
+    let initial = initial_transactions(&mut rng, &mut next_id);
+    let fixture = Fixture::new(&initial, "batch_max_rows = 40\n");
+    let agent = run_with_sigkills(&fixture, &mut rng, &mut next_id);
+    assert_mirrors(&fixture.pg, &fixture.db, &fixture.ch, "mirror");
+    agent.terminate();
+}
+
+/// SCD2 sinks into PostgreSQL (`pghistory`, schema `history` of database `warehouse`) and
+/// into ClickHouse (`chhistory`, database `history`) of the same log, both with `extra`.
+fn history_fixture(before: &str, extra: &str) -> (Fixture, String) {
+    let mut warehouse = String::new();
+    let fixture = Fixture::with_sinks(before, |pg, ch| {
+        warehouse = pg.fresh_database("warehouse");
+        format!(
+            "[[sink]]\nname = \"pghistory\"\ntype = \"postgres\"\nurl = \"{}\"\n\
+             schema = \"history\"\nmode = \"scd2\"\n{extra}\n{}{extra}\n",
+            pg.url(&warehouse),
+            ch.sink_toml("chhistory", "history", "scd2"),
+        )
+    });
+    (fixture, warehouse)
+}
+
+/// Every version in both SCD2 targets is the same: the source columns, the layout's
+/// (`pg_layout` and `ch_layout`: the same columns as each server prints them), the op and the
+/// commit position; and the current versions of `items` are the source's rows.
+fn assert_same_history(fixture: &Fixture, warehouse: &str, pg_layout: &str, ch_layout: &str) {
+    let Fixture { pg, ch, db, .. } = fixture;
+    for (table, pg_columns, ch_columns) in [("items", ITEMS_PG, ITEMS_CH), ("pairs", PAIRS, PAIRS)]
+    {
+        let source_now = || {
+            sorted(&pg.psql(
+                db,
+                &format!("COPY (SELECT {pg_columns} FROM {table}) TO STDOUT"),
+            ))
+        };
+        let pg_history = || {
+            sorted(&pg.psql(
+                warehouse,
+                &format!(
+                    "COPY (SELECT {pg_columns}, {pg_layout}, _tidemark_op, \
+                     (_tidemark_lsn - '0/0')::bigint FROM history.{table}) TO STDOUT"
+                ),
+            ))
+        };
+        let ch_history = || {
+            ch.try_query(&format!(
+                "SELECT {ch_columns}, {ch_layout}, _tidemark_op, _tidemark_lsn \
+                 FROM history.{table} FINAL"
+            ))
+            .map(|out| sorted(&out))
+            .unwrap_or_default()
+        };
+        let ch_current = || {
+            ch.try_query(&format!(
+                "SELECT {ch_columns} FROM history.{table} FINAL WHERE {}",
+                if ch_layout.contains("dbt_") {
+                    "dbt_valid_to IS NULL AND _tidemark_op <> 'd'"
+                } else {
+                    "is_current AND _tidemark_op <> 'd'"
+                }
+            ))
+            .map(|out| sorted(&out))
+            .unwrap_or_default()
+        };
+        let (mut want, mut got) = (Vec::new(), Vec::new());
+        let same = eventually(Duration::from_secs(90), || {
+            want = pg_history();
+            got = ch_history();
+            want == got && ch_current() == source_now() && !want.is_empty()
+        });
+        let only = |a: &[String], b: &[String]| {
+            a.iter()
+                .filter(|row| !b.contains(row))
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert!(
+            same,
+            "history of {table} differs\nonly in PostgreSQL:\n{}\nonly in ClickHouse:\n{}",
+            only(&want, &got),
+            only(&got, &want)
+        );
+    }
+}
+
+const TIDEMARK_PG: &str = "to_char(valid_from AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), \
+    coalesce(to_char(valid_to AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), 'NULL'), is_current::int";
+const TIDEMARK_CH: &str =
+    "toString(valid_from), ifNull(toString(valid_to), 'NULL'), toUInt8(is_current)";
+
+#[test]
+fn scd2_history_equals_the_postgres_sinks_across_sigkills() {
+    let mut rng = seed();
+    let mut next_id = 0;
+    let initial = initial_transactions(&mut rng, &mut next_id);
+    let (fixture, warehouse) = history_fixture(&initial, "batch_max_rows = 40\n");
+    let agent = run_with_sigkills(&fixture, &mut rng, &mut next_id);
+    assert_same_history(&fixture, &warehouse, TIDEMARK_PG, TIDEMARK_CH);
+    agent.terminate();
+}
+
+#[test]
+fn scd2_in_dbts_columns_with_tombstones_equals_the_postgres_sinks() {
+    let (fixture, warehouse) = history_fixture(
+        "INSERT INTO items (id, name, big) VALUES (1, 'one', repeat('x', 5000)), (2, 'two', NULL);",
+        "columns = \"dbt\"\nhistory_deletes = true\nbatch_max_rows = 40\n",
+    );
+    let mut agent = fixture.setup.start();
+    agent.wait_streaming();
+    fixture.pg.psql(
+        &fixture.db,
+        "UPDATE items SET name = 'uno' WHERE id = 1;
+         DELETE FROM items WHERE id = 2;
+         INSERT INTO items (id, name) VALUES (2, 'two again');
+         UPDATE items SET id = 3 WHERE id = 1;
+         INSERT INTO pairs VALUES (1, 'a', 1), (2, 'b', 2);
+         TRUNCATE pairs;
+         INSERT INTO pairs VALUES (1, 'a', 3);
+         BEGIN;
+         INSERT INTO items (id, name) SELECT i, 'bulk' FROM generate_series(10, 200) i;
+         UPDATE items SET name = 'bulk again' WHERE id % 3 = 0;
+         DELETE FROM items WHERE id % 7 = 0;
+         COMMIT;",
+    );
+    assert_same_history(
+        &fixture,
+        &warehouse,
+        "dbt_scd_id, to_char(dbt_valid_from AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), \
+         coalesce(to_char(dbt_valid_to AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), 'NULL'), \
+         to_char(dbt_updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), dbt_is_deleted",
+        "dbt_scd_id, toString(dbt_valid_from), ifNull(toString(dbt_valid_to), 'NULL'), \
+         toString(dbt_updated_at), dbt_is_deleted",
+    );
+    agent.terminate();
+}
+
+#[test]
+fn changelog_keeps_every_change_once_across_sigkills() {
+    let mut rng = seed();
+    let mut next_id = 0;
+    let initial = initial_transactions(&mut rng, &mut next_id);
+    let fixture = Fixture::with_sinks(&initial, |_, ch| {
+        format!(
+            "{}batch_max_rows = 40\n[[sink]]\nname = \"events\"\ntype = \"jsonl\"\npath = \"events\"\n",
+            ch.sink_toml("bronze", "bronze", "changelog")
+        )
+    });
+    let agent = run_with_sigkills(&fixture, &mut rng, &mut next_id);
+    // The JSONL sink writes every envelope once: the changelog holds the same, in order.
+    let envelope_rows = |table: &str| -> Vec<String> {
+        fixture
+            .setup
+            .envelopes()
+            .iter()
+            .filter(|e| e["source"]["table"] == table)
+            .map(|e| format!("{}\t{}", e["op"].as_str().unwrap(), e["source"]["lsn"]))
+            .collect()
+    };
+    for table in ["items", "pairs"] {
+        let mut got = Vec::new();
+        let same = eventually(Duration::from_secs(90), || {
+            got = fixture
+                .ch
+                .try_query(&format!(
+                    "SELECT _tidemark_op, _tidemark_lsn FROM bronze.{table} \
+                     ORDER BY _tidemark_seq, _tidemark_row"
+                ))
+                .map(|out| out.lines().map(str::to_string).collect())
+                .unwrap_or_default();
+            got == envelope_rows(table)
+        });
+        assert!(
+            same,
+            "changelog of {table}: {} rows, the envelopes: {}",
+            got.len(),
+            envelope_rows(table).len()
+        );
+    }
+    agent.terminate();
+}
+
+#[test]
+fn changelog_rows_hold_the_row_the_old_row_and_the_commit() {
+    let fixture = Fixture::with_sinks("", |_, ch| ch.sink_toml("bronze", "bronze", "changelog"));
+    let mut agent = fixture.setup.start();
+    agent.wait_streaming();
+    fixture.pg.psql(
+        &fixture.db,
+        "ALTER TABLE items REPLICA IDENTITY FULL;
+         INSERT INTO items (id, name, big) VALUES (1, 'one', repeat('x', 5000));
+         UPDATE items SET name = 'uno' WHERE id = 1;
+         UPDATE items SET id = 2 WHERE id = 1;
+         DELETE FROM items WHERE id = 2;
+         INSERT INTO pairs VALUES (1, 'a', 1);
+         TRUNCATE pairs;",
+    );
+    let rows = |table: &str| {
+        fixture.ch.try_query(&format!(
+            "SELECT _tidemark_op, id, name, JSONExtractString(ifNull(_tidemark_before, '{{}}'), 'name'), \
+             length(big), toDate(_tidemark_commit_time) = today() FROM bronze.{table} \
+             ORDER BY _tidemark_seq, _tidemark_row"
+        ))
+    };
+    let want = "c\t1\tone\t\t5000\t1\n\
+                u\t1\tuno\tone\t5000\t1\n\
+                d\t1\tuno\tuno\t5000\t1\n\
+                c\t2\tuno\t\t5000\t1\n\
+                d\t2\tuno\tuno\t5000\t1\n";
+    let mut got = String::new();
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            got = rows("items").unwrap_or_default();
+            got == want
+        }),
+        "items:\n{got}"
+    );
+    assert!(eventually(Duration::from_secs(60), || {
+        fixture
+            .ch
+            .try_query("SELECT _tidemark_op, a, b FROM bronze.pairs ORDER BY _tidemark_seq")
+            .is_ok_and(|out| out == "c\t1\ta\nt\t\\N\t\\N\n")
+    }));
+    let partition = fixture.ch.query(
+        "SELECT partition_key FROM system.tables WHERE database = 'bronze' AND name = 'items'",
+    );
+    assert_eq!(partition.trim(), "toDate(_tidemark_commit_time)");
     agent.terminate();
 }
 

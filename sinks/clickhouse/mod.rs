@@ -1,17 +1,22 @@
-//! The ClickHouse sink, over ClickHouse's HTTP interface. `mode = "merge"` keeps a
-//! `ReplacingMergeTree(_tidemark_version, _tidemark_is_deleted)` table per source table,
-//! ordered by the source primary key: each batch is collapsed to the last state per key and
-//! inserted as RowBinary, a delete as a row with `_tidemark_is_deleted = 1`; `SELECT … FINAL`
-//! reads the live rows. The version is the source position of the batch's last transaction,
-//! so a state written again after a crash (the checkpoint is written after the rows, as
-//! ClickHouse has no transactions) is the same row at the same version, and a later state of a
-//! key always has a higher one.
+//! The ClickHouse sink, over ClickHouse's HTTP interface: one target table per source table,
+//! in one of three modes.
 //!
-//! The checkpoint (the last log record applied, per sink and offset log) is a row of
-//! `_tidemark_checkpoint`, itself a ReplacingMergeTree.
+//! - `merge` (merge.rs): a `ReplacingMergeTree(_tidemark_version, _tidemark_is_deleted)`
+//!   ordered by the source primary key; `SELECT … FINAL` reads the live rows.
+//! - `scd2` (scd2.rs): every committed version with its validity, the PostgreSQL SCD2 sink's
+//!   columns; a version is closed by inserting it again, with a higher `_tidemark_version`.
+//! - `changelog` (changelog.rs): every change as a row, partitioned by day.
+//!
+//! ClickHouse has no transactions: a batch's rows are written first, then the checkpoint (the
+//! last log record applied, per sink and offset log, a row of `_tidemark_checkpoint`, itself a
+//! ReplacingMergeTree). Each mode makes writing a batch again after a crash in between leave
+//! the table as one write would.
 
+pub mod changelog;
 pub mod check;
 pub mod client;
+pub mod merge;
+pub mod scd2;
 pub mod types;
 
 use std::collections::{HashMap, HashSet};
@@ -20,15 +25,12 @@ use std::sync::Arc;
 
 use self::client::{ClickHouseClient, ClickHouseError};
 use self::types::{encode, key_literal, quote_identifier, quote_string, split_rows, ChType};
-use super::collapse::{Collapse, KeyState, TablePlan};
 use super::{DeadLettered, Sink, SinkError};
 use crate::config::{ClickHouseMode, ClickHouseSinkConfig};
 use crate::dead_letter::{self, DeadLetterQueue, LetterChange};
-use crate::event::{Op, Position, Record, Relation, RelationId, Value};
+use crate::event::{Op, Position, Relation, RelationId, Row, Value};
 use crate::log::{LogEntry, OffsetLog, SinkCursor};
 
-pub const VERSION_COLUMN: &str = "_tidemark_version";
-pub const DELETED_COLUMN: &str = "_tidemark_is_deleted";
 const CHECKPOINT_TABLE: &str = "_tidemark_checkpoint";
 
 pub struct ClickHouseSink {
@@ -41,20 +43,51 @@ pub struct ClickHouseSink {
     /// Source `schema.table` → target `(database, table)`, from `[[sink.table]]`.
     renames: HashMap<String, (String, String)>,
     dead_letters: DeadLetterQueue,
+    /// The last log record applied: the checkpoint `open` read, then each batch's.
+    applied: u64,
+    /// Changelog: the tables cleared of rows past the checkpoint since the sink opened or a
+    /// batch failed.
+    replay_checked: HashSet<String>,
+    /// SCD2: a transaction larger than a batch, split by key as its chunks arrive.
+    large: super::large::LargeSplit,
+}
+
+/// How a mode's target table is made: the columns after the source's, and the engine clause.
+struct TableShape {
+    columns: Vec<(&'static str, ChType)>,
+    engine: String,
 }
 
 /// One table's rows of a batch, ready to insert.
 struct TableRows {
     relation: Arc<Relation>,
     target: String,
-    truncate: bool,
+    /// The insert's column list.
+    columns: Vec<String>,
     rows: Vec<EncodedRow>,
 }
 
 struct EncodedRow {
     bytes: Vec<u8>,
-    /// What the row applies, for the dead-letter queue.
-    state: KeyState,
+    letter: Letter,
+}
+
+/// What a row applies, as its dead letter records it (see [`LetterChange`]).
+#[derive(Debug, Clone)]
+struct Letter {
+    action: &'static str,
+    row: Row,
+    op: Op,
+    before: Option<Row>,
+    after: Option<Row>,
+    commit: Option<(Position, i64)>,
+}
+
+/// A row ClickHouse cannot hold, or refused, with the reason.
+struct Refused {
+    relation: Arc<Relation>,
+    letter: Letter,
+    reason: String,
 }
 
 impl ClickHouseSink {
@@ -64,16 +97,6 @@ impl ClickHouseSink {
         log: Arc<OffsetLog>,
         data_dir: &Path,
     ) -> Result<ClickHouseSink, SinkError> {
-        if config.mode != ClickHouseMode::Merge {
-            return Err(SinkError::Unsupported(format!(
-                "sink {name:?}: mode {:?} is not built yet for a clickhouse sink; use mode = \
-                 \"merge\", or a postgres sink for SCD2 history",
-                match config.mode {
-                    ClickHouseMode::Scd2 => "scd2",
-                    _ => "changelog",
-                }
-            )));
-        }
         let client = ClickHouseClient::new(config).map_err(|message| SinkError::Target {
             sink: name.to_string(),
             message,
@@ -94,6 +117,9 @@ impl ClickHouseSink {
             prepared: HashSet::new(),
             renames,
             dead_letters: DeadLetterQueue::new(data_dir, name),
+            applied: 0,
+            replay_checked: HashSet::new(),
+            large: super::large::LargeSplit::new(name, data_dir),
         })
     }
 
@@ -118,6 +144,11 @@ impl ClickHouseSink {
         }
     }
 
+    /// Runs a statement, naming what it does in its error.
+    async fn run(&self, sql: &str, context: &str) -> Result<Vec<u8>, SinkError> {
+        self.client.query(sql).await.map_err(self.error(context))
+    }
+
     /// `database`.`table` of the target of `relation`.
     fn target_of(&self, relation: &Relation) -> String {
         let (database, table) = self
@@ -140,48 +171,65 @@ impl ClickHouseSink {
         )
     }
 
+    /// The ClickHouse types of the source columns of `relation` in this sink's tables: key
+    /// columns are never Nullable where the table is ordered by them.
+    fn column_types(&self, relation: &Relation) -> Vec<ChType> {
+        let keyed = self.config.mode != ClickHouseMode::Changelog;
+        relation
+            .columns
+            .iter()
+            .map(|c| ChType::of_column(c, keyed && c.primary_key))
+            .collect()
+    }
+
     /// Creates the target table of `relation` if missing and adds the columns it lacks.
     async fn prepare(&mut self, id: RelationId, relation: &Relation) -> Result<(), SinkError> {
         if self.prepared.contains(&id) {
             return Ok(());
         }
         let target = self.target_of(relation);
-        let columns: Vec<String> = relation
-            .columns
-            .iter()
-            .map(|c| {
-                format!(
-                    "{} {}",
-                    quote_identifier(&c.name),
-                    ChType::of_column(c, c.primary_key).name()
-                )
-            })
-            .collect();
         let key: Vec<String> = relation
             .primary_key_indexes()
             .map(|i| quote_identifier(&relation.columns[i].name))
             .collect();
-        if key.is_empty() {
+        if key.is_empty() && self.config.mode != ClickHouseMode::Changelog {
             return Err(SinkError::Target {
                 sink: self.name.clone(),
                 message: format!(
-                    "table {} has no primary key; a merge sink orders its target by one: add a \
-                     primary key to the source table",
-                    relation.qualified_name()
+                    "table {} has no primary key; a {} table is ordered by one: add a primary \
+                     key to the source table",
+                    relation.qualified_name(),
+                    self.config.mode.name()
                 ),
             });
         }
+        let shape = match self.config.mode {
+            ClickHouseMode::Merge => merge::shape(&key),
+            ClickHouseMode::Scd2 => self.layout().shape(&key),
+            ClickHouseMode::Changelog => changelog::shape(),
+        };
+        let columns: Vec<String> = relation
+            .columns
+            .iter()
+            .zip(self.column_types(relation))
+            .map(|(c, ty)| format!("{} {}", quote_identifier(&c.name), ty.name()))
+            .collect();
         let create = format!(
-            "CREATE TABLE IF NOT EXISTS {target} ({}, {VERSION_COLUMN} UInt64, {DELETED_COLUMN} UInt8) \
-             ENGINE = ReplacingMergeTree({VERSION_COLUMN}, {DELETED_COLUMN}) ORDER BY ({})",
-            columns.join(", "),
-            key.join(", ")
+            "CREATE TABLE IF NOT EXISTS {target} ({}) ENGINE = {}",
+            columns
+                .iter()
+                .cloned()
+                .chain(
+                    shape
+                        .columns
+                        .iter()
+                        .map(|(name, ty)| format!("{name} {}", ty.name()))
+                )
+                .collect::<Vec<_>>()
+                .join(", "),
+            shape.engine
         );
-        let context = format!("creating {target}");
-        self.client
-            .query(&create)
-            .await
-            .map_err(self.error(&context))?;
+        self.run(&create, &format!("creating {target}")).await?;
         let add = format!(
             "ALTER TABLE {target} {}",
             columns
@@ -190,140 +238,39 @@ impl ClickHouseSink {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let context = format!("adding columns to {target}");
-        self.client
-            .query(&add)
-            .await
-            .map_err(self.error(&context))?;
+        self.run(&add, &format!("adding columns to {target}"))
+            .await?;
         self.prepared.insert(id);
         Ok(())
     }
 
-    /// Collapses the batch per table and key; returns the plans and the version of its rows
-    /// (the source position of its last transaction).
-    fn plan(&self, entries: &[LogEntry]) -> Result<(Vec<TablePlan>, Position), SinkError> {
-        let mut collapse = Collapse::default();
-        // A chunk of a transaction larger than a batch has no Begin of its own: its rows take
-        // the transaction's version, as its first chunk's did.
-        let mut version = match entries.first() {
-            Some(first) if !matches!(first.record, Record::Begin(_)) => self
-                .log
-                .transaction_of(first.seq)?
-                .map_or(Position(0), |(_, begin)| begin.commit_position),
-            _ => Position(0),
-        };
-        for entry in entries {
-            match &entry.record {
-                Record::Begin(begin) => version = version.max(begin.commit_position),
-                Record::Change(change) => {
-                    let relation = self.log.relation(change.relation)?;
-                    collapse
-                        .add(change.relation, &relation, change)
-                        .map_err(|e| self.inconsistent(e.to_string()))?;
-                    version = version.max(change.position);
-                }
-                Record::SnapshotRows(rows) => {
-                    let relation = self.log.relation(rows.relation)?;
-                    let changes = rows.changes(&relation).map_err(|message| {
-                        self.inconsistent(format!("log record {}: {message}", entry.seq))
-                    })?;
-                    for change in &changes {
-                        collapse
-                            .add(rows.relation, &relation, change)
-                            .map_err(|e| self.inconsistent(e.to_string()))?;
-                    }
-                    version = version.max(rows.position);
-                }
-                Record::Commit(commit) => version = version.max(commit.commit_position),
-                // The tables are brought to each description as its rows come.
-                Record::Schema(_) => {}
-            }
-        }
-        Ok((collapse.finish(), version))
-    }
-
-    /// Encodes a plan's states as rows of its target table; states ClickHouse cannot hold
-    /// go to `refused` with the reason.
-    async fn encode_plan(
-        &self,
-        plan: &TablePlan,
-        version: Position,
-        refused: &mut Vec<(Arc<Relation>, KeyState, String)>,
-    ) -> Result<TableRows, SinkError> {
-        let relation = &plan.relation;
-        let types: Vec<ChType> = relation
+    /// The insert column list of `relation`'s table: its source columns, then `extra`.
+    fn insert_columns(relation: &Relation, extra: &[(&'static str, ChType)]) -> Vec<String> {
+        relation
             .columns
             .iter()
-            .map(|c| ChType::of_column(c, c.primary_key))
-            .collect();
-        let target = self.target_of(relation);
-        let held = self.held_rows(plan, &target, &types, version).await?;
-        let key: Vec<usize> = relation.primary_key_indexes().collect();
-        let mut rows = Vec::with_capacity(plan.states().len());
-        for state in plan.states() {
-            let (row, deleted, from) = match state {
-                KeyState::Upsert(row) => (row, false, row),
-                KeyState::Move { row, from } => (row, false, from),
-                KeyState::Delete(row) => (row, true, row),
-            };
-            // Unchanged TOAST values: the target's, for a row that stays; NULL in a delete.
-            let held_row = (!deleted && row.contains(&Value::UnchangedToast))
-                .then(|| held.get(&encoded_key(from, &key, &types)))
-                .flatten();
-            let mut bytes = Vec::new();
-            let encoded =
-                row.iter()
-                    .zip(&types)
-                    .enumerate()
-                    .try_for_each(|(i, (value, ty))| match (value, held_row) {
-                        (Value::UnchangedToast, Some(held)) => {
-                            bytes.extend_from_slice(&held[i]);
-                            Ok(())
-                        }
-                        _ => encode(&mut bytes, ty, value),
-                    });
-            match encoded {
-                Ok(()) => {
-                    bytes.extend_from_slice(&version.0.to_le_bytes());
-                    bytes.push(u8::from(deleted));
-                    rows.push(EncodedRow {
-                        bytes,
-                        state: state.clone(),
-                    });
-                }
-                Err(e) => refused.push((Arc::clone(relation), state.clone(), e.to_string())),
-            }
-        }
-        Ok(TableRows {
-            relation: Arc::clone(relation),
-            target,
-            truncate: plan.truncate,
-            rows,
-        })
+            .map(|c| quote_identifier(&c.name))
+            .chain(extra.iter().map(|(name, _)| (*name).to_string()))
+            .collect()
     }
 
-    /// The rows the target holds for the keys whose new state lacks unchanged TOAST values
-    /// (values the source did not send): by the key's RowBinary, each column's RowBinary.
-    /// Each key's latest live row up to this batch's `version`: not `FINAL`, which would
-    /// hide the old key of a moved row that a replay of this batch has already marked
-    /// deleted; a row of this version is this batch's own (an earlier chunk of a large
-    /// transaction, or a replay), as exact as the one before it.
-    async fn held_rows(
+    /// Each key's latest row of `target` that `filter` admits, by the order `order`: by the
+    /// key's RowBinary (`types` of `relation`'s columns), the bytes of each of `columns`
+    /// (the source's, then the named others).
+    #[allow(clippy::too_many_arguments)]
+    async fn latest_by_key(
         &self,
-        plan: &TablePlan,
+        relation: &Relation,
         target: &str,
         types: &[ChType],
-        version: Position,
+        keys: &[&Row],
+        extra: &[(&'static str, ChType)],
+        filter: &str,
+        order: &str,
     ) -> Result<HashMap<Vec<u8>, Vec<Vec<u8>>>, SinkError> {
-        let relation = &plan.relation;
         let key: Vec<usize> = relation.primary_key_indexes().collect();
         let mut literals = Vec::new();
-        for state in plan.states() {
-            let row = match state {
-                KeyState::Upsert(row) if row.contains(&Value::UnchangedToast) => row,
-                KeyState::Move { row, from } if row.contains(&Value::UnchangedToast) => from,
-                _ => continue,
-            };
+        for row in keys {
             let values: Vec<String> = key
                 .iter()
                 .map(|&i| key_literal(&types[i], &row[i]))
@@ -336,29 +283,26 @@ impl ClickHouseSink {
         if literals.is_empty() {
             return Ok(HashMap::new());
         }
-        let names = |indexes: &mut dyn Iterator<Item = usize>| {
-            indexes
-                .map(|i| quote_identifier(&relation.columns[i].name))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let key_names = names(&mut key.iter().copied());
+        let key_names = key
+            .iter()
+            .map(|&i| quote_identifier(&relation.columns[i].name))
+            .collect::<Vec<_>>()
+            .join(", ");
         let select = format!(
-            "SELECT {} FROM {target} WHERE ({key_names}) IN ({}) AND {VERSION_COLUMN} <= {} \
-             AND {DELETED_COLUMN} = 0 ORDER BY {VERSION_COLUMN} DESC LIMIT 1 BY {key_names} \
-             FORMAT RowBinary",
-            names(&mut (0..relation.columns.len())),
+            "SELECT {} FROM {target} WHERE ({key_names}) IN ({}) AND {filter} \
+             ORDER BY {order} LIMIT 1 BY {key_names} FORMAT RowBinary",
+            Self::insert_columns(relation, extra).join(", "),
             literals.join(", "),
-            version.0
         );
-        let context = format!("reading the values of unchanged TOAST columns from {target}");
-        let answer = self
-            .client
-            .query(&select)
-            .await
-            .map_err(self.error(&context))?;
-        let rows =
-            split_rows(&answer, types).map_err(|e| self.inconsistent(format!("{context}: {e}")))?;
+        let context = format!("reading rows of {target} the batch builds on");
+        let answer = self.run(&select, &context).await?;
+        let all_types: Vec<ChType> = types
+            .iter()
+            .cloned()
+            .chain(extra.iter().map(|(_, ty)| ty.clone()))
+            .collect();
+        let rows = split_rows(&answer, &all_types)
+            .map_err(|e| self.inconsistent(format!("{context}: {e}")))?;
         Ok(rows
             .into_iter()
             .map(|row| (key.iter().flat_map(|&i| row[i].clone()).collect(), row))
@@ -369,23 +313,17 @@ impl ClickHouseSink {
     /// the rows it refuses are dead-lettered.
     async fn insert(
         &self,
-        table: &TableRows,
+        table: TableRows,
         token: &str,
-        refused: &mut Vec<(Arc<Relation>, KeyState, String)>,
+        refused: &mut Vec<Refused>,
     ) -> Result<(), SinkError> {
         if table.rows.is_empty() {
             return Ok(());
         }
         let insert = format!(
-            "INSERT INTO {} ({}, {VERSION_COLUMN}, {DELETED_COLUMN}) FORMAT RowBinary",
+            "INSERT INTO {} ({}) FORMAT RowBinary",
             table.target,
-            table
-                .relation
-                .columns
-                .iter()
-                .map(|c| quote_identifier(&c.name))
-                .collect::<Vec<_>>()
-                .join(", ")
+            table.columns.join(", ")
         );
         let body: Vec<u8> = table
             .rows
@@ -393,6 +331,11 @@ impl ClickHouseSink {
             .flat_map(|r| r.bytes.iter().copied())
             .collect();
         let context = format!("inserting into {}", table.target);
+        let refuse = |row: &EncodedRow, reason: String| Refused {
+            relation: Arc::clone(&table.relation),
+            letter: row.letter.clone(),
+            reason,
+        };
         match self
             .client
             .insert(&insert, &[("insert_deduplication_token", token)], body)
@@ -408,11 +351,7 @@ impl ClickHouseSink {
                 );
             }
             Err(ClickHouseError::Refused { message, .. }) => {
-                refused.push((
-                    Arc::clone(&table.relation),
-                    table.rows[0].state.clone(),
-                    message,
-                ));
+                refused.push(refuse(&table.rows[0], message));
                 return Ok(());
             }
             Err(e) => return Err(self.error(&context)(e)),
@@ -429,47 +368,36 @@ impl ClickHouseSink {
                 .await
             {
                 Ok(()) => {}
-                Err(ClickHouseError::Refused { message, .. }) => {
-                    refused.push((Arc::clone(&table.relation), row.state.clone(), message))
-                }
+                Err(ClickHouseError::Refused { message, .. }) => refused.push(refuse(row, message)),
                 Err(e) => return Err(self.error(&context)(e)),
             }
         }
         Ok(())
     }
 
-    /// Writes the refused states to the dead-letter queue, durably; returns their count per
+    /// Writes the refused rows to the dead-letter queue, durably; returns their count per
     /// table.
     fn dead_letter(
         &mut self,
-        refused: &[(Arc<Relation>, KeyState, String)],
+        refused: &[Refused],
         log_position: u64,
     ) -> Result<DeadLettered, SinkError> {
         let letters: Vec<_> = refused
             .iter()
-            .map(|(relation, state, reason)| {
-                let (action, op, row, before) = match state {
-                    KeyState::Upsert(row) => ("upsert", Op::Insert, row, None),
-                    KeyState::Move { row, from } => ("upsert", Op::Update, row, Some(from.clone())),
-                    KeyState::Delete(row) => ("delete", Op::Delete, row, None),
-                };
-                let (after, before_row) = match op {
-                    Op::Delete => (None, Some(row.clone())),
-                    _ => (Some(row.clone()), before),
-                };
+            .map(|r| {
                 dead_letter::letter(
                     &self.name,
-                    relation,
-                    action,
-                    row,
+                    &r.relation,
+                    r.letter.action,
+                    &r.letter.row,
                     log_position,
-                    reason.clone(),
+                    r.reason.clone(),
                     LetterChange {
-                        relation: (**relation).clone(),
-                        op,
-                        before: before_row,
-                        after,
-                        commit: None,
+                        relation: (*r.relation).clone(),
+                        op: r.letter.op,
+                        before: r.letter.before.clone(),
+                        after: r.letter.after.clone(),
+                        commit: r.letter.commit,
                     },
                 )
             })
@@ -496,34 +424,89 @@ impl ClickHouseSink {
                 counts
             }))
     }
+
+    /// A token for a table's insert of the batch `first..=last`, the same when the batch is
+    /// written again.
+    fn token(&self, first: u64, last: u64, number: usize) -> String {
+        format!("{}-{}-{first}-{last}-{number}", self.name, self.log.id())
+    }
+
+    /// Writes the checkpoint after the batch's rows, and lets the log trim what it covers.
+    async fn checkpoint(&mut self, last: u64, source: Position) -> Result<(), SinkError> {
+        let checkpoint = format!(
+            "INSERT INTO {} (sink, log_id, log_position, source_position, written_at) \
+             VALUES ({}, {}, {}, {}, now64(6))",
+            self.checkpoint_table(),
+            quote_string(&self.name),
+            self.log.id(),
+            last,
+            source.0
+        );
+        self.run(&checkpoint, "writing the checkpoint").await?;
+        self.applied = last;
+        // The target's checkpoint is what resumes the sink; the log's cursor only lets the
+        // log trim what the target holds.
+        self.log.note_cursor(
+            &self.name,
+            &SinkCursor {
+                seq: last,
+                state: Vec::new(),
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Applies whole transactions (or, in merge and changelog, a chunk of one) that end at
+    /// log record `last`; then, if `checkpoint`, the checkpoint.
+    async fn apply_records(
+        &mut self,
+        entries: &[LogEntry],
+        last: u64,
+        checkpoint: bool,
+    ) -> Result<DeadLettered, SinkError> {
+        let mut refused = Vec::new();
+        let source = match self.config.mode {
+            ClickHouseMode::Merge => self.apply_merge(entries, &mut refused).await?,
+            ClickHouseMode::Scd2 => self.apply_history(entries, &mut refused).await?,
+            ClickHouseMode::Changelog => self.apply_changelog(entries, &mut refused).await?,
+        };
+        let dead_lettered = self.dead_letter(&refused, last)?;
+        if checkpoint {
+            self.checkpoint(last, source).await?;
+        }
+        Ok(dead_lettered)
+    }
 }
 
 impl Sink for ClickHouseSink {
     async fn open(&mut self) -> Result<u64, SinkError> {
         let database = quote_identifier(&self.config.database);
-        self.client
-            .query(&format!("CREATE DATABASE IF NOT EXISTS {database}"))
-            .await
-            .map_err(self.error("creating the database"))?;
+        self.run(
+            &format!("CREATE DATABASE IF NOT EXISTS {database}"),
+            "creating the database",
+        )
+        .await?;
         let checkpoint = self.checkpoint_table();
-        self.client
-            .query(&format!(
+        self.run(
+            &format!(
                 "CREATE TABLE IF NOT EXISTS {checkpoint} (sink String, log_id UInt64, \
                  log_position UInt64, source_position UInt64, written_at DateTime64(6, 'UTC')) \
                  ENGINE = ReplacingMergeTree(log_position) ORDER BY (sink, log_id)"
-            ))
-            .await
-            .map_err(self.error("creating the checkpoint table"))?;
+            ),
+            "creating the checkpoint table",
+        )
+        .await?;
         let answer = self
-            .client
-            .query(&format!(
-                "SELECT max(log_position) FROM {checkpoint} FINAL WHERE sink = {} AND log_id = {} \
-                 FORMAT TabSeparated",
-                quote_string(&self.name),
-                self.log.id()
-            ))
-            .await
-            .map_err(self.error("reading the checkpoint"))?;
+            .run(
+                &format!(
+                    "SELECT max(log_position) FROM {checkpoint} FINAL WHERE sink = {} AND \
+                     log_id = {} FORMAT TabSeparated",
+                    quote_string(&self.name),
+                    self.log.id()
+                ),
+                "reading the checkpoint",
+            )
+            .await?;
         let text = String::from_utf8_lossy(&answer);
         let position = text.trim().parse::<u64>().map_err(|_| {
             self.inconsistent(format!(
@@ -532,6 +515,9 @@ impl Sink for ClickHouseSink {
             ))
         })?;
         self.prepared.clear();
+        self.replay_checked.clear();
+        self.applied = position;
+        self.large.reset();
         self.dead_letters.load().map_err(|source| SinkError::Io {
             sink: self.name.clone(),
             context: format!("reading {}", self.dead_letters.path().display()),
@@ -541,53 +527,52 @@ impl Sink for ClickHouseSink {
     }
 
     async fn apply(&mut self, entries: &[LogEntry]) -> Result<DeadLettered, SinkError> {
-        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+        let result = self.apply_batch(entries).await;
+        if result.is_err() {
+            // What the failed batch wrote is checked again when it is applied again.
+            self.prepared.clear();
+            self.replay_checked.clear();
+            self.large.reset();
+        }
+        result
+    }
+}
+
+impl ClickHouseSink {
+    async fn apply_batch(&mut self, entries: &[LogEntry]) -> Result<DeadLettered, SinkError> {
+        let Some(last) = entries.last() else {
             return Ok(DeadLettered::new());
         };
-        let (plans, version) = self.plan(entries)?;
-        let mut refused = Vec::new();
-        for (number, plan) in plans.iter().enumerate() {
-            self.prepare(plan.relation_id, &plan.relation).await?;
-            let table = self.encode_plan(plan, version, &mut refused).await?;
-            if table.truncate {
-                let context = format!("truncating {}", table.target);
-                self.client
-                    .query(&format!("TRUNCATE TABLE {}", table.target))
-                    .await
-                    .map_err(self.error(&context))?;
-            }
-            let token = format!(
-                "{}-{}-{}-{}-{number}",
-                self.name,
-                self.log.id(),
-                first.seq,
-                last.seq
-            );
-            self.insert(&table, &token, &mut refused).await?;
+        if self.config.mode != ClickHouseMode::Scd2 {
+            return self.apply_records(entries, last.seq, true).await;
         }
-        let dead_lettered = self.dead_letter(&refused, last.seq)?;
-        let checkpoint = format!(
-            "INSERT INTO {} (sink, log_id, log_position, source_position, written_at) \
-             VALUES ({}, {}, {}, {}, now64(6))",
-            self.checkpoint_table(),
-            quote_string(&self.name),
-            self.log.id(),
-            last.seq,
-            version.0
-        );
-        self.client
-            .query(&checkpoint)
-            .await
-            .map_err(self.error("writing the checkpoint"))?;
-        // The target's checkpoint is what resumes the sink; the log's cursor only lets the
-        // log trim what the target holds.
-        self.log.note_cursor(
-            &self.name,
-            &SinkCursor {
-                seq: last.seq,
-                state: Vec::new(),
-            },
-        )?;
+        // A version is a key's state at its transaction's commit: a transaction larger than
+        // a batch is split by key as its chunks arrive and applied at its commit, partition
+        // by partition.
+        let mut dead_lettered = DeadLettered::new();
+        let mut entries = entries;
+        let is_commit = |e: &LogEntry| matches!(e.record, crate::event::Record::Commit(_));
+        if self.large.is_open() || !entries.iter().any(is_commit) {
+            let end = entries.iter().position(is_commit);
+            self.large
+                .add(&self.log, &entries[..end.unwrap_or(entries.len())])?;
+            let Some(end) = end else {
+                return Ok(dead_lettered);
+            };
+            let commit = &entries[end];
+            let mut partitions = self.large.finish(commit);
+            while let Some((part, is_last)) = partitions.next(&self.log)? {
+                for (table, count) in self.apply_records(&part, commit.seq, is_last).await? {
+                    *dead_lettered.entry(table).or_default() += count;
+                }
+            }
+            entries = &entries[end + 1..];
+        }
+        if let Some(last) = entries.last() {
+            for (table, count) in self.apply_records(entries, last.seq, true).await? {
+                *dead_lettered.entry(table).or_default() += count;
+            }
+        }
         Ok(dead_lettered)
     }
 }

@@ -7,7 +7,6 @@
 
 pub mod check;
 pub mod ddl;
-mod large;
 pub mod merge;
 pub mod scd2;
 pub mod schema;
@@ -15,7 +14,7 @@ pub mod staging;
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::pin;
 use std::sync::Arc;
 
@@ -24,11 +23,11 @@ use futures_util::SinkExt;
 use tokio_postgres::Client;
 
 use self::ddl::TargetTable;
-use self::large::{partition_entries, LargeTransaction, PartitionError};
 use self::schema::SchemaStep;
 use self::staging::{Pass, PlanSql};
 use super::collapse::{Collapse, CollapseError, KeyState, TablePlan};
 use super::history::{EventKind, History, HistoryPlan};
+use super::large::LargeSplit;
 use super::{DeadLettered, Sink, SinkError};
 use crate::config::{PostgresSinkConfig, SinkMode};
 use crate::dead_letter::{self, DeadLetterQueue, LetterChange, Touch};
@@ -50,10 +49,8 @@ pub struct PostgresSink {
     prepared: HashSet<RelationId>,
     planner: BatchPlanner,
     dead_letters: DeadLetterQueue,
-    /// SCD2: a transaction larger than a batch, being split by key (`large`), and where its
-    /// partition files go.
-    large: Option<LargeTransaction>,
-    large_dir: PathBuf,
+    /// SCD2: a transaction larger than a batch, split by key as its chunks arrive.
+    large: LargeSplit,
     /// How many connections COPY a batch that holds only initial-snapshot rows (the
     /// source's `snapshot_parallelism`), and the ones open besides `client`.
     snapshot_writers: usize,
@@ -100,8 +97,7 @@ impl PostgresSink {
             client: None,
             prepared: HashSet::new(),
             dead_letters: DeadLetterQueue::new(data_dir, name),
-            large: None,
-            large_dir: data_dir.join("large_transactions").join(name),
+            large: LargeSplit::new(name, data_dir),
             snapshot_writers: 1,
             extra_writers: Vec::new(),
         })
@@ -141,13 +137,6 @@ impl PostgresSink {
             .await
             .map_err(self.error("setting lc_monetary".into()))?;
         Ok(client)
-    }
-
-    fn inconsistent(&self, message: String) -> SinkError {
-        SinkError::Inconsistent {
-            sink: self.name.clone(),
-            message,
-        }
     }
 
     fn error(&self, context: String) -> impl FnOnce(tokio_postgres::Error) -> SinkError + '_ {
@@ -585,7 +574,7 @@ impl Sink for PostgresSink {
             .map_err(self.error("reading the checkpoint".into()))?;
         self.client = Some(client);
         self.prepared.clear();
-        self.large = None;
+        self.large.reset();
         self.dead_letters.load().map_err(|source| SinkError::Io {
             sink: self.name.clone(),
             context: format!("reading {}", self.dead_letters.path().display()),
@@ -623,12 +612,13 @@ impl PostgresSink {
         let mut entries = entries;
         let is_commit = |e: &LogEntry| matches!(e.record, Record::Commit(_));
         if self.config.mode == SinkMode::Scd2
-            && (self.large.is_some() || !entries.iter().any(is_commit))
+            && (self.large.is_open() || !entries.iter().any(is_commit))
         {
             // A chunk of a transaction larger than a batch (a batch that holds a Commit ends
             // with whole transactions).
             let end = entries.iter().position(is_commit);
-            self.split_large(&entries[..end.unwrap_or(entries.len())])?;
+            self.large
+                .add(&self.log, &entries[..end.unwrap_or(entries.len())])?;
             let Some(end) = end else {
                 return Ok(DeadLettered::new());
             };
@@ -758,139 +748,20 @@ impl PostgresSink {
         Ok(rejected)
     }
 
-    /// Adds a chunk of a large transaction (its Begin first, for the first chunk) to its
-    /// partitions.
-    fn split_large(&mut self, chunk: &[LogEntry]) -> Result<(), SinkError> {
-        for entry in chunk {
-            match &entry.record {
-                Record::Begin(begin) => {
-                    let commit = self.log.commit_of(entry.seq)?.ok_or_else(|| {
-                        self.inconsistent(format!(
-                            "the transaction that begins at log record {} has no commit",
-                            entry.seq
-                        ))
-                    })?;
-                    let large = LargeTransaction::start(
-                        &self.large_dir,
-                        entry.seq,
-                        begin.clone(),
-                        commit - entry.seq,
-                        // The first chunk is a whole batch: partitions of about its size.
-                        chunk.len(),
-                    )
-                    .map_err(|e| self.large_error(e.into()))?;
-                    tracing::info!(
-                        sink = %self.name,
-                        records = commit - entry.seq,
-                        partitions = large.partitions(),
-                        "a transaction larger than a batch: splitting it by key"
-                    );
-                    self.large = Some(large);
-                }
-                Record::Change(change) => {
-                    let relation = self.log.relation(change.relation)?;
-                    self.add_to_large(entry.seq, &relation, &entry.record)?;
-                }
-                Record::SnapshotRows(rows) => {
-                    let relation = self.log.relation(rows.relation)?;
-                    let changes = rows.changes(&relation).map_err(|message| {
-                        self.inconsistent(format!("log record {}: {message}", entry.seq))
-                    })?;
-                    for change in changes {
-                        self.add_to_large(entry.seq, &relation, &Record::Change(change))?;
-                    }
-                }
-                Record::Schema(_) => {
-                    // Its rows are applied after the change, under its names: the whole
-                    // transaction must be planned as one batch.
-                    if let Some(large) = self.large.as_mut() {
-                        large.whole = true;
-                    }
-                }
-                Record::Commit(_) => {}
-            }
-        }
-        Ok(())
-    }
-
-    /// Adds a change of log record `seq` (`record`, a `Record::Change`) to the large
-    /// transaction's partitions.
-    fn add_to_large(
-        &mut self,
-        seq: u64,
-        relation: &Relation,
-        record: &Record,
-    ) -> Result<(), SinkError> {
-        let Record::Change(change) = record else {
-            return Err(self.inconsistent(format!("log record {seq} is not a change")));
-        };
-        let encoded =
-            postcard::to_allocvec(record).map_err(|e| self.inconsistent(e.to_string()))?;
-        let Some(large) = self.large.as_mut() else {
-            return Err(self.inconsistent(format!("log record {seq} is not inside a transaction")));
-        };
-        large
-            .add(change, relation, &encoded)
-            .map_err(|e| self.large_error(e.into()))
-    }
-
     /// Applies the large transaction that `commit` ends, partition by partition; the last
     /// writes the checkpoint. Returns the tables of the rows dead-lettered.
     async fn apply_large(&mut self, commit: &LogEntry) -> Result<Vec<String>, SinkError> {
-        let Some(mut large) = self.large.take() else {
-            return Ok(Vec::new());
-        };
-        let begin = LogEntry {
-            seq: large.begin_seq,
-            record: Record::Begin(large.begin.clone()),
-        };
         let log = Arc::clone(&self.log);
-        if large.whole {
-            tracing::warn!(
-                sink = %self.name,
-                records = commit.seq - large.begin_seq,
-                "a transaction larger than a batch moves rows to other keys or changes a \
-                 table's columns: applying it whole, in memory"
-            );
-            let mut entries = Vec::new();
-            while entries.last().is_none_or(|e: &LogEntry| e.seq < commit.seq) {
-                let after = entries.last().map_or(large.begin_seq - 1, |e| e.seq);
-                let chunk = log.read(after, large.batch_records)?;
-                if chunk.is_empty() {
-                    break;
-                }
-                entries.extend(chunk);
-            }
-            entries.retain(|e| e.seq <= commit.seq);
-            let batch = self
-                .plan(&entries, |id| Ok(log.relation(id)?), SnapshotText::Decode)
-                .await?
-                .into_batch(commit.seq, true);
-            return self.apply_planned(&batch, &entries).await;
-        }
+        let mut partitions = self.large.finish(commit);
         let mut rejected = Vec::new();
-        for number in 0..large.partitions() {
-            let mut reader = large.read(number).map_err(|e| self.large_error(e.into()))?;
-            let entries =
-                partition_entries(&begin, &mut reader, commit).map_err(|e| self.large_error(e))?;
+        while let Some((entries, last)) = partitions.next(&log)? {
             let batch = self
                 .plan(&entries, |id| Ok(log.relation(id)?), SnapshotText::Decode)
                 .await?
-                .into_batch(commit.seq, number + 1 == large.partitions());
+                .into_batch(commit.seq, last);
             rejected.extend(self.apply_planned(&batch, &entries).await?);
         }
         Ok(rejected)
-    }
-
-    fn large_error(&self, error: PartitionError) -> SinkError {
-        SinkError::Io {
-            sink: self.name.clone(),
-            context: format!(
-                "splitting a large transaction under {}",
-                self.large_dir.display()
-            ),
-            source: std::io::Error::other(error.to_string()),
-        }
     }
 }
 

@@ -309,6 +309,7 @@ pub fn stage_event(out: &mut Vec<u8>, plan: &HistoryPlan, number: usize) {
         at,
         previous,
         valid_to,
+        closed_by: _,
     } = &plan.events[number];
     let unchanged = if kind.is_version() {
         unchanged_columns(row)

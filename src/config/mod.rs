@@ -217,6 +217,8 @@ pub struct ClickHouseSinkConfig {
     pub mode: ClickHouseMode,
     /// Only meaningful for [`ClickHouseMode::Scd2`].
     pub columns: ColumnNaming,
+    /// SCD2: a delete adds a version marked deleted (else it only ends the current one).
+    pub history_deletes: bool,
     /// Per-table renames (`"database.table"`); a table without one keeps its name in
     /// `database`.
     pub tables: Vec<TableMapping>,
@@ -231,6 +233,17 @@ pub enum ClickHouseMode {
     Scd2,
     /// Every change as a row, partitioned by day.
     Changelog,
+}
+
+impl ClickHouseMode {
+    /// The name `mode` gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClickHouseMode::Merge => "merge",
+            ClickHouseMode::Scd2 => "scd2",
+            ClickHouseMode::Changelog => "changelog",
+        }
+    }
 }
 
 /// `mode` of a postgres sink.

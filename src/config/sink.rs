@@ -31,7 +31,14 @@ const POSTGRES_SINK_KEYS: &[&str] = &[
     "table",
 ];
 const CLICKHOUSE_SINK_KEYS: &[&str] = &[
-    "url", "user", "password", "database", "mode", "columns", "table",
+    "url",
+    "user",
+    "password",
+    "database",
+    "mode",
+    "columns",
+    "history_deletes",
+    "table",
 ];
 /// ClickHouse's own user when the URL and the config name none.
 const CLICKHOUSE_DEFAULT_USER: &str = "default";
@@ -343,6 +350,7 @@ impl Checker<'_> {
             })
             .or(ClickHouseMode::Merge);
         let columns = self.column_naming(t);
+        let history_deletes = self.field(t, "history_deletes", Self::bool).or(false);
         let tables = match t.get("table") {
             None => Some(Vec::new()),
             Some((key, val)) => self.table_mappings(t, key, val, database.as_deref(), patterns),
@@ -358,6 +366,7 @@ impl Checker<'_> {
             password,
             database: database?,
             mode: mode?,
+            history_deletes: history_deletes?,
             columns: columns?,
             tables: tables?,
         })
