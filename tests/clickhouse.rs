@@ -595,3 +595,72 @@ fn check_says_what_the_server_is_and_how_to_fix_a_wrong_password() {
         "{stdout}"
     );
 }
+
+#[test]
+fn schema_changes_reach_every_mode_at_their_place_in_the_stream() {
+    let fixture = Fixture::with_sinks("", |_, ch| {
+        format!(
+            "{}{}{}",
+            ch.sink_toml("warehouse", "mirror", "merge"),
+            ch.sink_toml("chhistory", "history", "scd2"),
+            ch.sink_toml("bronze", "bronze", "changelog")
+        )
+    });
+    let mut agent = fixture.setup.start();
+    agent.wait_streaming();
+    fixture.pg.psql(
+        &fixture.db,
+        "INSERT INTO items (id, name, price) VALUES (1, 'a', 1.5), (2, 'b', 2.5), (5, 'kept', 5);
+         ALTER TABLE items ADD COLUMN qty int DEFAULT 7;
+         INSERT INTO items (id, name, qty) VALUES (3, 'c', 9);
+         BEGIN;
+         UPDATE items SET name = 'a2' WHERE id = 1;
+         ALTER TABLE items RENAME COLUMN name TO label;
+         UPDATE items SET label = 'b2' WHERE id = 2;
+         COMMIT;
+         ALTER TABLE items ALTER COLUMN qty TYPE bigint;
+         UPDATE items SET qty = 5000000000 WHERE id = 3;
+         ALTER TABLE items DROP COLUMN tags;
+         INSERT INTO items (id, label) VALUES (4, 'd');",
+    );
+    let columns = "id, label, qty, toString(price)";
+    let want = sorted(&fixture.pg.psql(
+        &fixture.db,
+        "COPY (SELECT id, label, qty, trim_scale(price) FROM items) TO STDOUT",
+    ));
+    for (table, filter) in [("mirror.items", ""), ("history.items", " WHERE is_current")] {
+        let mut got = Vec::new();
+        let same = eventually(Duration::from_secs(60), || {
+            got = fixture
+                .ch
+                .try_query(&format!("SELECT {columns} FROM {table} FINAL{filter}"))
+                .map(|out| sorted(&out))
+                .unwrap_or_default();
+            got == want
+        });
+        assert!(
+            same,
+            "{table}: {got:?}, the source: {want:?}\n{}",
+            agent.log()
+        );
+    }
+    let changes = fixture.ch.query(
+        "SELECT _tidemark_op, id, label, qty FROM bronze.items ORDER BY _tidemark_seq, _tidemark_row",
+    );
+    assert_eq!(
+        changes,
+        "c\t1\ta\t\\N\nc\t2\tb\t\\N\nc\t5\tkept\t\\N\nc\t3\tc\t9\nu\t1\ta2\t7\nu\t2\tb2\t7\n\
+         u\t3\tc\t5000000000\nc\t4\td\t7\n"
+    );
+    for database in ["mirror", "history", "bronze"] {
+        let types = fixture.ch.query(&format!(
+            "SELECT name, type FROM system.columns WHERE database = '{database}' \
+             AND table = 'items' AND name IN ('name', 'label', 'qty', 'tags') ORDER BY name"
+        ));
+        assert_eq!(
+            types, "label\tNullable(String)\nqty\tNullable(Int64)\ntags\tArray(Nullable(Int32))\n",
+            "{database}"
+        );
+    }
+    agent.terminate();
+}

@@ -108,7 +108,8 @@ impl ClickHouseSink {
                     entry.seq
                 )));
             };
-            let relation = self.log.relation(id)?;
+            // Written as the target stands after the batch's schema changes.
+            let relation = self.target_shape(id, &self.log.relation(id)?);
             let slot = *index.entry(id).or_insert_with(|| {
                 tables.push((id, Arc::clone(&relation), Vec::new()));
                 tables.len() - 1

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::types::{encode, ChType};
 use super::{encoded_key, ClickHouseSink, EncodedRow, Letter, Refused, TableRows, TableShape};
-use crate::event::{Op, Position, Record, Row, Value};
+use crate::event::{Op, Position, Record, Relation, Row, Value};
 use crate::log::LogEntry;
 use crate::sinks::collapse::{Collapse, KeyState, TablePlan};
 use crate::sinks::SinkError;
@@ -43,8 +43,9 @@ impl ClickHouseSink {
     ) -> Result<Position, SinkError> {
         let (plans, version) = self.plan_merge(entries)?;
         for (number, plan) in plans.iter().enumerate() {
-            self.prepare(plan.relation_id, &plan.relation).await?;
-            let table = self.encode_plan(plan, version, refused).await?;
+            let relation = self.target_shape(plan.relation_id, &plan.relation);
+            self.prepare(plan.relation_id, &relation).await?;
+            let table = self.encode_plan(plan, &relation, version, refused).await?;
             if plan.truncate {
                 let context = format!("truncating {}", table.target);
                 self.run(&format!("TRUNCATE TABLE {}", table.target), &context)
@@ -99,18 +100,20 @@ impl ClickHouseSink {
         Ok((collapse.finish(), version))
     }
 
-    /// Encodes a plan's states as rows of its target table; states ClickHouse cannot hold
-    /// go to `refused` with the reason.
+    /// Encodes a plan's states as rows of its target table (`relation`: the plan's as the
+    /// target stands); states ClickHouse cannot hold go to `refused` with the reason.
     async fn encode_plan(
         &self,
         plan: &TablePlan,
+        relation: &Arc<Relation>,
         version: Position,
         refused: &mut Vec<Refused>,
     ) -> Result<TableRows, SinkError> {
-        let relation = &plan.relation;
         let types = self.column_types(relation);
         let target = self.target_of(relation);
-        let held = self.held_rows(plan, &target, &types, version).await?;
+        let held = self
+            .held_rows(plan, relation, &target, &types, version)
+            .await?;
         let key: Vec<usize> = relation.primary_key_indexes().collect();
         let mut rows = Vec::with_capacity(plan.states().len());
         for state in plan.states() {
@@ -166,6 +169,7 @@ impl ClickHouseSink {
     async fn held_rows(
         &self,
         plan: &TablePlan,
+        relation: &Relation,
         target: &str,
         types: &[ChType],
         version: Position,
@@ -180,7 +184,7 @@ impl ClickHouseSink {
             })
             .collect();
         self.latest_by_key(
-            &plan.relation,
+            relation,
             target,
             types,
             &keys,

@@ -17,6 +17,7 @@ pub mod check;
 pub mod client;
 pub mod merge;
 pub mod scd2;
+mod schema;
 pub mod types;
 
 use std::collections::{HashMap, HashSet};
@@ -50,6 +51,8 @@ pub struct ClickHouseSink {
     replay_checked: HashSet<String>,
     /// SCD2: a transaction larger than a batch, split by key as its chunks arrive.
     large: super::large::LargeSplit,
+    /// The schema changes of the batch being applied, made before its rows.
+    schema_steps: Vec<schema::SchemaStep>,
 }
 
 /// How a mode's target table is made: the columns after the source's, and the engine clause.
@@ -120,6 +123,7 @@ impl ClickHouseSink {
             applied: 0,
             replay_checked: HashSet::new(),
             large: super::large::LargeSplit::new(name, data_dir),
+            schema_steps: Vec::new(),
         })
     }
 
@@ -149,13 +153,17 @@ impl ClickHouseSink {
         self.client.query(sql).await.map_err(self.error(context))
     }
 
-    /// `database`.`table` of the target of `relation`.
-    fn target_of(&self, relation: &Relation) -> String {
-        let (database, table) = self
-            .renames
+    /// The database and table names of the target of `relation`.
+    fn target_names(&self, relation: &Relation) -> (String, String) {
+        self.renames
             .get(&relation.qualified_name())
             .cloned()
-            .unwrap_or_else(|| (self.config.database.clone(), relation.table.clone()));
+            .unwrap_or_else(|| (self.config.database.clone(), relation.table.clone()))
+    }
+
+    /// `database`.`table` of the target of `relation`.
+    fn target_of(&self, relation: &Relation) -> String {
+        let (database, table) = self.target_names(relation);
         format!(
             "{}.{}",
             quote_identifier(&database),
@@ -464,6 +472,7 @@ impl ClickHouseSink {
         last: u64,
         checkpoint: bool,
     ) -> Result<DeadLettered, SinkError> {
+        self.apply_schema_changes(entries).await?;
         let mut refused = Vec::new();
         let source = match self.config.mode {
             ClickHouseMode::Merge => self.apply_merge(entries, &mut refused).await?,

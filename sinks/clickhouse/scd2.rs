@@ -193,14 +193,15 @@ impl ClickHouseSink {
         };
         let (first, last) = (entries[0].seq, entries[entries.len() - 1].seq);
         for (number, plan) in history.finish().iter().enumerate() {
-            self.prepare(plan.relation_id, &plan.relation).await?;
-            let target = self.target_of(&plan.relation);
+            let relation = self.target_shape(plan.relation_id, &plan.relation);
+            self.prepare(plan.relation_id, &relation).await?;
+            let target = self.target_of(&relation);
             if let Some((lsn, at)) = plan.truncate {
-                self.close_all(&plan.relation, &target, lsn, at, first_commit)
+                self.close_all(&relation, &target, lsn, at, first_commit)
                     .await?;
             }
             let table = self
-                .encode_history(plan, target, first_commit, refused)
+                .encode_history(plan, &relation, target, first_commit, refused)
                 .await?;
             self.insert(table, &self.token(first, last, number), refused)
                 .await?;
@@ -248,12 +249,12 @@ impl ClickHouseSink {
     async fn encode_history(
         &self,
         plan: &HistoryPlan,
+        relation: &Arc<Relation>,
         target: String,
         first_commit: Position,
         refused: &mut Vec<Refused>,
     ) -> Result<TableRows, SinkError> {
         let layout = self.layout();
-        let relation = &plan.relation;
         let types = self.column_types(relation);
         let extra = layout.columns();
         let key: Vec<usize> = relation.primary_key_indexes().collect();
