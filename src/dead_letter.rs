@@ -18,7 +18,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::RowJson;
-use crate::event::{Op, Position, Relation, Row, Value};
+use std::sync::Arc;
+
+use crate::event::{
+    ChangeEvent, Op, Position, Record, Relation, RelationId, Row, TxBegin, TxCommit, TxOrigin,
+    Value,
+};
+use crate::log::LogEntry;
 
 /// One refused change.
 #[derive(Serialize)]
@@ -51,6 +57,62 @@ pub struct LetterChange {
     /// The source transaction's commit (SCD2: the version's `valid_from`); merge letters
     /// have none, the mirror keeps no time.
     pub commit: Option<(Position, i64)>,
+}
+
+/// Letters as log entries for a sink's planner: each commit (merge letters: each version) a
+/// transaction of its own, in commit order, at log position `applied`. A change's relation id
+/// is its index in the relations returned.
+pub fn as_transactions(
+    letters: &[LetterChange],
+    applied: u64,
+) -> (Vec<LogEntry>, Vec<Arc<Relation>>) {
+    let mut relations: Vec<Arc<Relation>> = Vec::new();
+    let mut order: Vec<&LetterChange> = letters.iter().collect();
+    order.sort_by_key(|letter| letter.commit.map(|(lsn, _)| lsn));
+    let mut entries = Vec::new();
+    let mut open: Option<(Position, i64)> = None;
+    let commit = |(commit_position, commit_ts): (Position, i64)| {
+        Record::Commit(TxCommit {
+            commit_position,
+            end_position: commit_position,
+            commit_ts,
+        })
+    };
+    for letter in order {
+        let relation = match relations.iter().position(|r| **r == letter.relation) {
+            Some(i) => i,
+            None => {
+                relations.push(Arc::new(letter.relation.clone()));
+                relations.len() - 1
+            }
+        };
+        let (commit_position, commit_ts) = letter.commit.unwrap_or_default();
+        if open != Some((commit_position, commit_ts)) {
+            entries.extend(open.map(commit));
+            entries.push(Record::Begin(TxBegin {
+                origin: TxOrigin::Postgres { xid: 0 },
+                commit_position,
+                commit_ts,
+            }));
+            open = Some((commit_position, commit_ts));
+        }
+        entries.push(Record::Change(ChangeEvent {
+            relation: RelationId(relation as u64),
+            position: commit_position,
+            op: letter.op,
+            before: letter.before.clone(),
+            after: letter.after.clone(),
+        }));
+    }
+    entries.extend(open.map(commit));
+    let entries = entries
+        .into_iter()
+        .map(|record| LogEntry {
+            seq: applied,
+            record,
+        })
+        .collect();
+    (entries, relations)
 }
 
 /// A later batch that touched a key with a dead letter.

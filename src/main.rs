@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tidemark::config::Config;
+use tidemark::config::{Config, SinkKind};
+use tidemark::sinks::clickhouse::ClickHouseSink;
+use tidemark::sinks::postgres::PostgresSink;
+use tidemark::sinks::Sink;
 use tokio_util::sync::CancellationToken;
 
 /// About a third of the agent's time went to glibc's malloc and free; with mimalloc the
@@ -326,14 +329,20 @@ async fn dead_letters(config: &Config, action: DlqAction) -> Result<(), String> 
         } => {
             let path =
                 file_of(&sink)?.ok_or_else(|| format!("sink {sink:?} has no dead letters"))?;
-            let Some(tidemark::config::SinkKind::Postgres(target)) = config
+            let kind = config
                 .sinks
                 .iter()
                 .find(|s| s.name == sink)
-                .map(|s| &s.kind)
-            else {
-                return Err(format!("sink {sink:?} is not a postgres sink"));
-            };
+                .map(|s| &s.kind);
+            if !matches!(
+                kind,
+                Some(SinkKind::Postgres(_)) | Some(SinkKind::ClickHouse(_))
+            ) {
+                return Err(format!(
+                    "sink {sink:?} is not a postgres or clickhouse sink: its letters cannot \
+                     be applied again"
+                ));
+            }
             // Opening the log takes the data_dir's lock: the agent must be stopped.
             let log = tidemark::log::OffsetLog::open(data_dir)
                 .map_err(|e| format!("{e}; stop the agent before retrying dead letters"))?;
@@ -342,12 +351,24 @@ async fn dead_letters(config: &Config, action: DlqAction) -> Result<(), String> 
                 selected(letters.len(), &numbers, all).map_err(|e| format!("{sink:?}: {e}"))?;
             let touches = dead_letter::read_touches(&path)
                 .map_err(|e| format!("reading the touches next to {}: {e}", path.display()))?;
-            let mut target_sink =
-                tidemark::sinks::postgres::PostgresSink::new(&sink, target, log, data_dir)
-                    .map_err(|e| e.to_string())?;
-            let applied = tidemark::sinks::Sink::open(&mut target_sink)
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut target_sink = match kind {
+                Some(SinkKind::ClickHouse(target)) => Retrier::ClickHouse(
+                    ClickHouseSink::new(&sink, target, log, data_dir).map_err(|e| e.to_string())?,
+                ),
+                Some(SinkKind::Postgres(target)) => Retrier::Postgres(
+                    PostgresSink::new(&sink, target, log, data_dir).map_err(|e| e.to_string())?,
+                ),
+                _ => {
+                    return Err(format!(
+                        "sink {sink:?} is not a postgres or clickhouse sink"
+                    ))
+                }
+            };
+            let applied = match &mut target_sink {
+                Retrier::Postgres(target) => Sink::open(target).await,
+                Retrier::ClickHouse(target) => Sink::open(target).await,
+            }
+            .map_err(|e| e.to_string())?;
             let mut retried = vec![false; letters.len()];
             let mut changes = Vec::new();
             for (number, letter) in letters.iter().enumerate() {
@@ -371,10 +392,11 @@ async fn dead_letters(config: &Config, action: DlqAction) -> Result<(), String> 
                     }
                 }
             }
-            let refused = target_sink
-                .retry(&changes, applied)
-                .await
-                .map_err(|e| e.to_string())?;
+            let refused = match &mut target_sink {
+                Retrier::Postgres(target) => target.retry(&changes, applied).await,
+                Retrier::ClickHouse(target) => target.retry(&changes, applied).await,
+            }
+            .map_err(|e| e.to_string())?;
             // The retried letters go; the sink appended the ones refused again after them.
             let now = read(&path)?;
             let kept: Vec<_> = now
@@ -398,6 +420,12 @@ async fn dead_letters(config: &Config, action: DlqAction) -> Result<(), String> 
             Ok(())
         }
     }
+}
+
+/// The sinks whose dead letters `dlq retry` applies again.
+enum Retrier {
+    Postgres(PostgresSink),
+    ClickHouse(ClickHouseSink),
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {

@@ -664,3 +664,69 @@ fn schema_changes_reach_every_mode_at_their_place_in_the_stream() {
     }
     agent.terminate();
 }
+
+/// Runs `tidemark dlq <args> -c config`: exit code and stdout with stderr.
+fn dlq(setup: &AgentSetup, args: &[&str]) -> (Option<i32>, String) {
+    let output = std::process::Command::new(common::agent::binary())
+        .arg("dlq")
+        .args(args)
+        .arg("-c")
+        .arg(&setup.config)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[test]
+fn dlq_retry_applies_refused_rows_and_keeps_a_later_state_of_their_key() {
+    let Fixture { pg, ch, db, setup } = Fixture::new("", "");
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(&db, "INSERT INTO items (id, name) VALUES (1, 'one');");
+    assert!(eventually(Duration::from_secs(60), || {
+        ch.try_query("SELECT count() FROM mirror.items FINAL")
+            .is_ok_and(|out| out == "1\n")
+    }));
+    // A constraint of the warehouse's own refuses keys from 100 on.
+    ch.query("ALTER TABLE mirror.items ADD CONSTRAINT small CHECK id < 100");
+    pg.psql(
+        &db,
+        "INSERT INTO items (id, name) VALUES (2, 'two'), (100, 'first'), (101, 'other');",
+    );
+    let file = setup.data_dir().join("dead_letters/warehouse.jsonl");
+    assert!(
+        eventually(Duration::from_secs(60), || file.exists()
+            && setup.dead_letters("warehouse").len() == 2),
+        "{}",
+        agent.log()
+    );
+    ch.query("ALTER TABLE mirror.items DROP CONSTRAINT small");
+    pg.psql(&db, "UPDATE items SET name = 'second' WHERE id = 100;");
+    assert!(eventually(Duration::from_secs(60), || {
+        ch.try_query("SELECT name FROM mirror.items FINAL WHERE id = 100")
+            .is_ok_and(|out| out == "second\n")
+    }));
+    assert!(agent.terminate().success());
+    let (code, out) = dlq(&setup, &["retry", "--sink", "warehouse", "--all"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("2 applied, 0 refused again, 0 dead letters left"),
+        "{out}"
+    );
+    // 101 is back; 100 keeps its later state, whose version is higher than the letter's.
+    assert_eq!(
+        ch.query("SELECT id, name FROM mirror.items FINAL ORDER BY id"),
+        "1\tone\n2\ttwo\n100\tsecond\n101\tother\n"
+    );
+    assert_eq!(
+        sorted(&pg.psql(&db, "COPY (SELECT id, name FROM items) TO STDOUT")),
+        sorted(&ch.query("SELECT id, name FROM mirror.items FINAL"))
+    );
+}

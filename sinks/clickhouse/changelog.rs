@@ -95,7 +95,7 @@ impl ClickHouseSink {
                 Record::Schema(_) => continue,
                 Record::Change(change) => (change.relation, vec![change.clone()]),
                 Record::SnapshotRows(rows) => {
-                    let relation = self.log.relation(rows.relation)?;
+                    let relation = self.relation(rows.relation)?;
                     let changes = rows.changes(&relation).map_err(|message| {
                         self.inconsistent(format!("log record {}: {message}", entry.seq))
                     })?;
@@ -109,7 +109,7 @@ impl ClickHouseSink {
                 )));
             };
             // Written as the target stands after the batch's schema changes.
-            let relation = self.target_shape(id, &self.log.relation(id)?);
+            let relation = self.target_shape(id, &self.relation(id)?);
             let slot = *index.entry(id).or_insert_with(|| {
                 tables.push((id, Arc::clone(&relation), Vec::new()));
                 tables.len() - 1

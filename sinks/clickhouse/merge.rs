@@ -74,14 +74,14 @@ impl ClickHouseSink {
             match &entry.record {
                 Record::Begin(begin) => version = version.max(begin.commit_position),
                 Record::Change(change) => {
-                    let relation = self.log.relation(change.relation)?;
+                    let relation = self.relation(change.relation)?;
                     collapse
                         .add(change.relation, &relation, change)
                         .map_err(|e| self.inconsistent(e.to_string()))?;
                     version = version.max(change.position);
                 }
                 Record::SnapshotRows(rows) => {
-                    let relation = self.log.relation(rows.relation)?;
+                    let relation = self.relation(rows.relation)?;
                     let changes = rows.changes(&relation).map_err(|message| {
                         self.inconsistent(format!("log record {}: {message}", entry.seq))
                     })?;

@@ -53,6 +53,8 @@ pub struct ClickHouseSink {
     large: super::large::LargeSplit,
     /// The schema changes of the batch being applied, made before its rows.
     schema_steps: Vec<schema::SchemaStep>,
+    /// `dlq retry`: the relations of the letters, by the ids their changes carry.
+    retrying: Option<Vec<Arc<Relation>>>,
 }
 
 /// How a mode's target table is made: the columns after the source's, and the engine clause.
@@ -124,6 +126,7 @@ impl ClickHouseSink {
             replay_checked: HashSet::new(),
             large: super::large::LargeSplit::new(name, data_dir),
             schema_steps: Vec::new(),
+            retrying: None,
         })
     }
 
@@ -139,6 +142,41 @@ impl ClickHouseSink {
                 message: format!("{context}: {message}"),
             },
         }
+    }
+
+    /// The relation description `id` names: the log's, or while retrying dead letters theirs.
+    fn relation(&self, id: RelationId) -> Result<Arc<Relation>, SinkError> {
+        match &self.retrying {
+            Some(relations) => relations.get(id.0 as usize).cloned().ok_or_else(|| {
+                self.inconsistent(format!("a dead letter names relation {}, not given", id.0))
+            }),
+            None => Ok(self.log.relation(id)?),
+        }
+    }
+
+    /// Applies dead letters again (`dlq retry`; the sink is open, the agent stopped), each
+    /// commit as a transaction of its own: a merge letter at its own version, so a later state
+    /// of its key stays; a changelog letter as the change row it was. Letters refused again go
+    /// back to the queue with the new reason; the checkpoint stays at `applied`, which `open`
+    /// returned. Returns how many were refused again.
+    pub async fn retry(
+        &mut self,
+        letters: &[LetterChange],
+        applied: u64,
+    ) -> Result<usize, SinkError> {
+        if self.config.mode == ClickHouseMode::Scd2 {
+            return Err(SinkError::Unsupported(format!(
+                "sink {:?}: dlq retry does not apply SCD2 versions to ClickHouse yet (a later \
+                 version of the key may have closed the one before); apply the version by hand \
+                 from `tidemark dlq show`, then `tidemark dlq drop` it",
+                self.name
+            )));
+        }
+        let (entries, relations) = dead_letter::as_transactions(letters, applied);
+        self.retrying = Some(relations);
+        let result = self.apply_records(&entries, applied, false).await;
+        self.retrying = None;
+        Ok(result?.values().sum::<u64>() as usize)
     }
 
     fn inconsistent(&self, message: String) -> SinkError {

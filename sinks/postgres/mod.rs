@@ -31,9 +31,7 @@ use super::large::LargeSplit;
 use super::{DeadLettered, Sink, SinkError};
 use crate::config::{PostgresSinkConfig, SinkMode};
 use crate::dead_letter::{self, DeadLetterQueue, LetterChange, Touch};
-use crate::event::{
-    ChangeEvent, Op, Position, Record, Relation, RelationId, Row, TxBegin, TxCommit, TxOrigin,
-};
+use crate::event::{ChangeEvent, Op, Position, Record, Relation, RelationId, Row};
 use crate::log::{LogEntry, OffsetLog, SinkCursor};
 use crate::pgclient::db_message;
 use crate::pgtext::copy_rows::parse_copy_rows;
@@ -483,57 +481,7 @@ impl PostgresSink {
         letters: &[LetterChange],
         applied: u64,
     ) -> Result<usize, SinkError> {
-        let mut relations: Vec<Arc<Relation>> = Vec::new();
-        let mut order: Vec<&LetterChange> = letters.iter().collect();
-        order.sort_by_key(|letter| letter.commit.map(|(lsn, _)| lsn));
-        let mut entries = Vec::new();
-        let mut open: Option<(Position, i64)> = None;
-        for letter in order {
-            let relation = match relations.iter().position(|r| **r == letter.relation) {
-                Some(i) => i,
-                None => {
-                    relations.push(Arc::new(letter.relation.clone()));
-                    relations.len() - 1
-                }
-            };
-            let (commit_position, commit_ts) = letter.commit.unwrap_or_default();
-            if open != Some((commit_position, commit_ts)) {
-                if let Some((commit_position, commit_ts)) = open {
-                    entries.push(Record::Commit(TxCommit {
-                        commit_position,
-                        end_position: commit_position,
-                        commit_ts,
-                    }));
-                }
-                entries.push(Record::Begin(TxBegin {
-                    origin: TxOrigin::Postgres { xid: 0 },
-                    commit_position,
-                    commit_ts,
-                }));
-                open = Some((commit_position, commit_ts));
-            }
-            entries.push(Record::Change(ChangeEvent {
-                relation: RelationId(relation as u64),
-                position: commit_position,
-                op: letter.op,
-                before: letter.before.clone(),
-                after: letter.after.clone(),
-            }));
-        }
-        if let Some((commit_position, commit_ts)) = open {
-            entries.push(Record::Commit(TxCommit {
-                commit_position,
-                end_position: commit_position,
-                commit_ts,
-            }));
-        }
-        let entries: Vec<LogEntry> = entries
-            .into_iter()
-            .map(|record| LogEntry {
-                seq: applied,
-                record,
-            })
-            .collect();
+        let (entries, relations) = dead_letter::as_transactions(letters, applied);
         let batch = self
             .plan(
                 &entries,
