@@ -38,24 +38,17 @@ mod common;
 #[path = "support/mod.rs"]
 mod support;
 
-use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::agent::{eventually, Agent, AgentSetup};
 use common::clickhouse::ClickHouse;
 use common::PgCluster;
-use rand::rngs::StdRng;
-use rand::Rng;
+use support::orders_backlog::{workload, Workload, MARKER_ID, TABLE_DDL};
 use support::Probe;
 use tokio::runtime::Runtime;
 
-const TABLE_DDL: &str = "CREATE TABLE orders (id bigint PRIMARY KEY, customer int NOT NULL, \
-                         status text NOT NULL, amount numeric(12,2) NOT NULL, note text)";
 const PUBLICATION: &str = "bench_pub";
-/// The workload's last transaction inserts this key; once a target has it, it has everything
-/// (both sinks apply the log in order).
-const MARKER_ID: i64 = 0;
 const TIMEOUT: Duration = Duration::from_secs(3600);
 const POLL: Duration = Duration::from_millis(20);
 /// The postgres merge sink's target schema.
@@ -66,66 +59,6 @@ const AGENT_NAME: &str = "capture";
 /// trailing zeros, hence `trim_scale`).
 const PG_COLUMNS: &str = "id, customer, status, trim_scale(amount), note";
 const CH_COLUMNS: &str = "id, customer, status, toString(amount), note";
-
-/// The pre-recorded workload: one psql script, and what it does.
-struct Workload {
-    sql: String,
-    transactions: usize,
-    inserts: usize,
-    updates: usize,
-    deletes: usize,
-    final_rows: usize,
-}
-
-impl Workload {
-    fn changes(&self) -> usize {
-        self.inserts + self.updates + self.deletes
-    }
-}
-
-/// `orders (id, customer, status, amount, note)` as the workload fills it.
-struct Orders;
-
-impl support::OrderColumns for Orders {
-    fn row(&self, rng: &mut StdRng, id: i64) -> String {
-        let note = support::text_literal(rng);
-        format!(
-            "({id},{},'new',{}.{:02},{note})",
-            rng.gen_range(1..50_000),
-            rng.gen_range(1..5_000),
-            rng.gen_range(0..100)
-        )
-    }
-
-    fn update(&self, rng: &mut StdRng) -> String {
-        format!(
-            "amount = amount + {}.{:02}",
-            rng.gen_range(0..20),
-            rng.gen_range(0..100)
-        )
-    }
-}
-
-/// About `target` row changes (`support::OrderWorkload`), the last of them the marker row.
-/// Seeded: the same every time.
-fn workload(target: usize) -> Workload {
-    let orders =
-        support::OrderWorkload::generate(0x6d65_7267, "orders", target.saturating_sub(1), &Orders);
-    let mut sql = orders.sql;
-    writeln!(
-        sql,
-        "INSERT INTO orders VALUES ({MARKER_ID}, 0, 'end', 0, 'end of the workload');"
-    )
-    .unwrap();
-    Workload {
-        sql,
-        transactions: orders.transactions + 1,
-        inserts: orders.inserts + 1,
-        updates: orders.updates,
-        deletes: orders.deletes,
-        final_rows: orders.live.len() + 1,
-    }
-}
 
 /// `count:checksum` of a dump (one row a line, columns tab-separated, `\N` for NULL): the
 /// wrapping sum of each line's CRC-32, so the order of the lines does not matter.

@@ -44,88 +44,21 @@ mod common;
 #[path = "support/mod.rs"]
 mod support;
 
-use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use common::agent::{eventually, Agent, AgentSetup};
 use common::PgCluster;
-use rand::rngs::StdRng;
-use rand::Rng;
+use support::orders_backlog::{workload, Workload, MARKER_ID, TABLE_DDL};
 use support::Probe;
 use tokio::runtime::Runtime;
 
-const TABLE_DDL: &str = "CREATE TABLE orders (id bigint PRIMARY KEY, customer int NOT NULL, \
-                         status text NOT NULL, amount numeric(12,2) NOT NULL, note text)";
 const PUBLICATION: &str = "bench_pub";
-/// The workload's last transaction inserts this key; once a target has it, it has everything
-/// (both sides apply whole transactions in commit order).
-const MARKER_ID: i64 = 0;
 const TIMEOUT: Duration = Duration::from_secs(3600);
 const POLL: Duration = Duration::from_millis(20);
 /// The merge sink's target schema.
 const MIRROR_SCHEMA: &str = "replica";
 /// The SCD2 sink's target schema.
 const HISTORY_SCHEMA: &str = "history";
-
-/// The pre-recorded workload: one psql script, and what it does.
-struct Workload {
-    sql: String,
-    transactions: usize,
-    inserts: usize,
-    updates: usize,
-    deletes: usize,
-    final_rows: usize,
-}
-
-impl Workload {
-    fn changes(&self) -> usize {
-        self.inserts + self.updates + self.deletes
-    }
-}
-
-/// `orders (id, customer, status, amount, note)` as the workload fills it.
-struct Orders;
-
-impl support::OrderColumns for Orders {
-    fn row(&self, rng: &mut StdRng, id: i64) -> String {
-        let note = support::text_literal(rng);
-        format!(
-            "({id},{},'new',{}.{:02},{note})",
-            rng.gen_range(1..50_000),
-            rng.gen_range(1..5_000),
-            rng.gen_range(0..100)
-        )
-    }
-
-    fn update(&self, rng: &mut StdRng) -> String {
-        format!(
-            "amount = amount + {}.{:02}",
-            rng.gen_range(0..20),
-            rng.gen_range(0..100)
-        )
-    }
-}
-
-/// About `target` row changes (`support::OrderWorkload`), the last of them the marker row.
-/// Seeded: the same every time.
-fn workload(target: usize) -> Workload {
-    let orders =
-        support::OrderWorkload::generate(0x6d65_7267, "orders", target.saturating_sub(1), &Orders);
-    let mut sql = orders.sql;
-    writeln!(
-        sql,
-        "INSERT INTO orders VALUES ({MARKER_ID}, 0, 'end', 0, 'end of the workload');"
-    )
-    .unwrap();
-    Workload {
-        sql,
-        transactions: orders.transactions + 1,
-        inserts: orders.inserts + 1,
-        updates: orders.updates,
-        deletes: orders.deletes,
-        final_rows: orders.live.len() + 1,
-    }
-}
 
 /// `count:sum(hashtext(row))` of a table, over the columns in a fixed order.
 fn checksum_sql(table: &str) -> String {

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::agent::{eventually, Agent, AgentSetup};
+use common::agent::{dlq, eventually, Agent, AgentSetup};
 use common::clickhouse::ClickHouse;
 use common::PgCluster;
 use rand::rngs::StdRng;
@@ -37,6 +37,15 @@ fn sorted(text: &str) -> Vec<String> {
     rows
 }
 
+/// The rows of `a` that `b` lacks, one a line.
+fn only(a: &[String], b: &[String]) -> String {
+    a.iter()
+        .filter(|row| !b.contains(row))
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn assert_mirrors(pg: &PgCluster, db: &str, ch: &ClickHouse, database: &str) {
     for (table, pg_columns, ch_columns) in [("items", ITEMS_PG, ITEMS_CH), ("pairs", PAIRS, PAIRS)]
     {
@@ -54,13 +63,6 @@ fn assert_mirrors(pg: &PgCluster, db: &str, ch: &ClickHouse, database: &str) {
                 .unwrap_or_default();
             got == want
         });
-        let only = |a: &[String], b: &[String]| {
-            a.iter()
-                .filter(|row| !b.contains(row))
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
         assert!(
             same,
             "{table} differs\nonly in the source:\n{}\nonly in ClickHouse:\n{}",
@@ -380,13 +382,6 @@ fn assert_same_history(fixture: &Fixture, warehouse: &str, pg_layout: &str, ch_l
             got = ch_history();
             want == got && ch_current() == source_now() && !want.is_empty()
         });
-        let only = |a: &[String], b: &[String]| {
-            a.iter()
-                .filter(|row| !b.contains(row))
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
         assert!(
             same,
             "history of {table} differs\nonly in PostgreSQL:\n{}\nonly in ClickHouse:\n{}",
@@ -665,25 +660,6 @@ fn schema_changes_reach_every_mode_at_their_place_in_the_stream() {
     agent.terminate();
 }
 
-/// Runs `tidemark dlq <args> -c config`: exit code and stdout with stderr.
-fn dlq(setup: &AgentSetup, args: &[&str]) -> (Option<i32>, String) {
-    let output = std::process::Command::new(common::agent::binary())
-        .arg("dlq")
-        .args(args)
-        .arg("-c")
-        .arg(&setup.config)
-        .output()
-        .unwrap();
-    (
-        output.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ),
-    )
-}
-
 #[test]
 fn dlq_retry_applies_refused_rows_and_keeps_a_later_state_of_their_key() {
     let Fixture { pg, ch, db, setup } = Fixture::new("", "");
@@ -714,8 +690,8 @@ fn dlq_retry_applies_refused_rows_and_keeps_a_later_state_of_their_key() {
             .is_ok_and(|out| out == "second\n")
     }));
     assert!(agent.terminate().success());
-    let (code, out) = dlq(&setup, &["retry", "--sink", "warehouse", "--all"]);
-    assert_eq!(code, Some(0), "{out}");
+    let (code, out, error) = dlq(&setup, &["retry", "--sink", "warehouse", "--all"]);
+    assert_eq!(code, Some(0), "{out}{error}");
     assert!(
         out.contains("2 applied, 0 refused again, 0 dead letters left"),
         "{out}"

@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::agent::{eventually, held_back_snapshot, http_get, mirror_sink, AgentSetup};
+use common::agent::{dlq, eventually, held_back_snapshot, http_get, mirror_sink, AgentSetup};
 use common::{workload, PgCluster};
 use rand::SeedableRng;
 
@@ -240,22 +240,6 @@ fn heartbeat_runs_its_query_and_retained_wal_over_the_limit_is_warned() {
         "{metrics}"
     );
     assert!(agent.terminate().success());
-}
-
-/// Runs `tidemark dlq <args> -c config`: exit code, stdout, stderr.
-fn dlq(setup: &AgentSetup, args: &[&str]) -> (Option<i32>, String, String) {
-    let output = std::process::Command::new(common::agent::binary())
-        .arg("dlq")
-        .args(args)
-        .arg("-c")
-        .arg(&setup.config)
-        .output()
-        .unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 #[test]

@@ -4,6 +4,8 @@
 // Each bench compiles this module on its own and uses part of it.
 #![allow(dead_code)]
 
+pub mod orders_backlog;
+
 use std::fmt::Write as _;
 
 use rand::rngs::StdRng;

@@ -95,11 +95,7 @@ impl ClickHouseSink {
                 Record::Schema(_) => continue,
                 Record::Change(change) => (change.relation, vec![change.clone()]),
                 Record::SnapshotRows(rows) => {
-                    let relation = self.relation(rows.relation)?;
-                    let changes = rows.changes(&relation).map_err(|message| {
-                        self.inconsistent(format!("log record {}: {message}", entry.seq))
-                    })?;
-                    (rows.relation, changes)
+                    (rows.relation, self.snapshot_changes(entry.seq, rows)?.1)
                 }
             };
             let Some(tx) = &begin else {

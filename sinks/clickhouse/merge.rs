@@ -81,10 +81,7 @@ impl ClickHouseSink {
                     version = version.max(change.position);
                 }
                 Record::SnapshotRows(rows) => {
-                    let relation = self.relation(rows.relation)?;
-                    let changes = rows.changes(&relation).map_err(|message| {
-                        self.inconsistent(format!("log record {}: {message}", entry.seq))
-                    })?;
+                    let (relation, changes) = self.snapshot_changes(entry.seq, rows)?;
                     for change in &changes {
                         collapse
                             .add(rows.relation, &relation, change)

@@ -29,7 +29,7 @@ use self::types::{encode, key_literal, quote_identifier, quote_string, split_row
 use super::{DeadLettered, Sink, SinkError};
 use crate::config::{ClickHouseMode, ClickHouseSinkConfig};
 use crate::dead_letter::{self, DeadLetterQueue, LetterChange};
-use crate::event::{Op, Position, Relation, RelationId, Row, Value};
+use crate::event::{ChangeEvent, Op, Position, Relation, RelationId, Row, SnapshotRows, Value};
 use crate::log::{LogEntry, OffsetLog, SinkCursor};
 
 const CHECKPOINT_TABLE: &str = "_tidemark_checkpoint";
@@ -152,6 +152,19 @@ impl ClickHouseSink {
             }),
             None => Ok(self.log.relation(id)?),
         }
+    }
+
+    /// The rows of the snapshot record `seq` as changes, with their relation.
+    fn snapshot_changes(
+        &self,
+        seq: u64,
+        rows: &SnapshotRows,
+    ) -> Result<(Arc<Relation>, Vec<ChangeEvent>), SinkError> {
+        let relation = self.relation(rows.relation)?;
+        let changes = rows
+            .changes(&relation)
+            .map_err(|message| self.inconsistent(format!("log record {seq}: {message}")))?;
+        Ok((relation, changes))
     }
 
     /// Applies dead letters again (`dlq retry`; the sink is open, the agent stopped), each

@@ -171,10 +171,7 @@ impl ClickHouseSink {
                         .map_err(|e| self.inconsistent(e.to_string()))?;
                 }
                 Record::SnapshotRows(rows) => {
-                    let relation = self.relation(rows.relation)?;
-                    let changes = rows.changes(&relation).map_err(|message| {
-                        self.inconsistent(format!("log record {}: {message}", entry.seq))
-                    })?;
+                    let (relation, changes) = self.snapshot_changes(entry.seq, rows)?;
                     for change in &changes {
                         history
                             .add(rows.relation, &relation, change)

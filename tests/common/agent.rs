@@ -367,6 +367,22 @@ pub fn every_sink(url: &str) -> String {
     format!("{}\n{}\n{EVENTS_SINK}", mirror_sink(url), history_sink(url))
 }
 
+/// Runs `tidemark dlq <args> -c config`: exit code, stdout, stderr.
+pub fn dlq(setup: &AgentSetup, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = std::process::Command::new(binary())
+        .arg("dlq")
+        .args(args)
+        .arg("-c")
+        .arg(&setup.config)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// Polls `condition` every 100 ms for up to `timeout`; true when it held.
 pub fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
