@@ -125,7 +125,11 @@ impl Layout {
 fn scd_id(relation: &Relation, event: &KeyEvent) -> String {
     let mut parts: Vec<String> = relation
         .primary_key_indexes()
-        .map(|i| value_text(&event.row[i]))
+        .map(|i| match &event.row[i] {
+            // `::text` of a boolean, unlike its COPY text.
+            Value::Bool(b) => b.to_string(),
+            value => value_text(value),
+        })
         .collect();
     parts.push(event.lsn.to_string());
     Md5::digest(parts.join("|").as_bytes())
