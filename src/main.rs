@@ -371,6 +371,8 @@ async fn dead_letters(config: &Config, action: DlqAction) -> Result<(), String> 
             .map_err(|e| e.to_string())?;
             let mut retried = vec![false; letters.len()];
             let mut changes = Vec::new();
+            // The letter number of each change.
+            let mut numbers = Vec::new();
             for (number, letter) in letters.iter().enumerate() {
                 if !chosen[number] {
                     continue;
@@ -389,14 +391,27 @@ async fn dead_letters(config: &Config, action: DlqAction) -> Result<(), String> 
                     Some(change) => {
                         retried[number] = true;
                         changes.push(change.clone());
+                        numbers.push(number);
                     }
                 }
             }
-            let refused = match &mut target_sink {
-                Retrier::Postgres(target) => target.retry(&changes, applied).await,
+            let (refused, superseded) = match &mut target_sink {
+                Retrier::Postgres(target) => target
+                    .retry(&changes, applied)
+                    .await
+                    .map(|refused| (refused, Vec::new())),
                 Retrier::ClickHouse(target) => target.retry(&changes, applied).await,
             }
             .map_err(|e| e.to_string())?;
+            for change in &superseded {
+                let number = numbers[*change];
+                retried[number] = false;
+                println!(
+                    "#{}: skipped, the target holds a later version of its key; \
+                     `tidemark dlq drop` removes it",
+                    number + 1
+                );
+            }
             // The retried letters go; the sink appended the ones refused again after them.
             let now = read(&path)?;
             let kept: Vec<_> = now
@@ -409,7 +424,7 @@ async fn dead_letters(config: &Config, action: DlqAction) -> Result<(), String> 
                 .map_err(|e| format!("rewriting {}: {e}", path.display()))?;
             println!(
                 "sink {sink:?}: {} applied, {refused} refused again, {} dead letters left",
-                changes.len() - refused,
+                changes.len() - superseded.len() - refused,
                 kept.len()
             );
             if refused > 0 {

@@ -706,3 +706,49 @@ fn dlq_retry_applies_refused_rows_and_keeps_a_later_state_of_their_key() {
         sorted(&ch.query("SELECT id, name FROM mirror.items FINAL"))
     );
 }
+
+#[test]
+fn dlq_retry_of_scd2_versions_skips_a_key_with_a_later_version() {
+    let Fixture { pg, ch, db, setup } =
+        Fixture::with_sinks("", |_, ch| ch.sink_toml("chhistory", "history", "scd2"));
+    let mut agent = setup.start();
+    agent.wait_streaming();
+    pg.psql(&db, "INSERT INTO items (id, name) VALUES (1, 'one');");
+    assert!(eventually(Duration::from_secs(60), || {
+        ch.try_query("SELECT count() FROM history.items FINAL")
+            .is_ok_and(|out| out == "1\n")
+    }));
+    ch.query("ALTER TABLE history.items ADD CONSTRAINT small CHECK id < 100");
+    pg.psql(
+        &db,
+        "INSERT INTO items (id, name) VALUES (100, 'first'), (101, 'other');",
+    );
+    let file = setup.data_dir().join("dead_letters/chhistory.jsonl");
+    assert!(
+        eventually(Duration::from_secs(60), || file.exists()
+            && setup.dead_letters("chhistory").len() == 2),
+        "{}",
+        agent.log()
+    );
+    ch.query("ALTER TABLE history.items DROP CONSTRAINT small");
+    pg.psql(&db, "UPDATE items SET name = 'second' WHERE id = 100;");
+    assert!(eventually(Duration::from_secs(60), || {
+        ch.try_query("SELECT name FROM history.items FINAL WHERE id = 100")
+            .is_ok_and(|out| out == "second\n")
+    }));
+    assert!(agent.terminate().success());
+    let (code, out, error) = dlq(&setup, &["retry", "--sink", "chhistory", "--all"]);
+    assert_eq!(code, Some(0), "{out}{error}");
+    assert!(
+        out.contains("skipped, the target holds a later version of its key")
+            && out.contains("1 applied, 0 refused again, 1 dead letters left"),
+        "{out}"
+    );
+    assert_eq!(
+        ch.query(
+            "SELECT id, name, toUInt8(is_current), _tidemark_op FROM history.items FINAL ORDER BY id"
+        ),
+        "1\tone\t1\tc\n100\tsecond\t1\tu\n101\tother\t1\tc\n"
+    );
+    assert_eq!(setup.dead_letters("chhistory").len(), 1);
+}

@@ -169,27 +169,41 @@ impl ClickHouseSink {
 
     /// Applies dead letters again (`dlq retry`; the sink is open, the agent stopped), each
     /// commit as a transaction of its own: a merge letter at its own version, so a later state
-    /// of its key stays; a changelog letter as the change row it was. Letters refused again go
-    /// back to the queue with the new reason; the checkpoint stays at `applied`, which `open`
-    /// returned. Returns how many were refused again.
+    /// of its key stays; a changelog letter as the change row it was; an SCD2 letter (a version
+    /// or a close) unless the target holds a later version of its key, which ended the version
+    /// before it already. Letters refused again go back to the queue with the new reason; the
+    /// checkpoint stays at `applied`, which `open` returned. Returns how many were refused
+    /// again and which of `letters` were left alone as superseded.
     pub async fn retry(
         &mut self,
         letters: &[LetterChange],
         applied: u64,
-    ) -> Result<usize, SinkError> {
+    ) -> Result<(usize, Vec<usize>), SinkError> {
+        let mut superseded = Vec::new();
+        let mut refused = 0;
+        let mut groups: Vec<Vec<LetterChange>> = Vec::new();
         if self.config.mode == ClickHouseMode::Scd2 {
-            return Err(SinkError::Unsupported(format!(
-                "sink {:?}: dlq retry does not apply SCD2 versions to ClickHouse yet (a later \
-                 version of the key may have closed the one before); apply the version by hand \
-                 from `tidemark dlq show`, then `tidemark dlq drop` it",
-                self.name
-            )));
+            // One at a time, in commit order: each finds the version before it as it stands.
+            let mut order: Vec<usize> = (0..letters.len()).collect();
+            order.sort_by_key(|&i| letters[i].commit.map(|(lsn, _)| lsn));
+            for i in order {
+                if self.superseded(&letters[i]).await? {
+                    superseded.push(i);
+                } else {
+                    groups.push(vec![letters[i].clone()]);
+                }
+            }
+        } else {
+            groups.push(letters.to_vec());
         }
-        let (entries, relations) = dead_letter::as_transactions(letters, applied);
-        self.retrying = Some(relations);
-        let result = self.apply_records(&entries, applied, false).await;
-        self.retrying = None;
-        Ok(result?.values().sum::<u64>() as usize)
+        for group in groups {
+            let (entries, relations) = dead_letter::as_transactions(&group, applied);
+            self.retrying = Some(relations);
+            let result = self.apply_records(&entries, applied, false).await;
+            self.retrying = None;
+            refused += result?.values().sum::<u64>() as usize;
+        }
+        Ok((refused, superseded))
     }
 
     fn inconsistent(&self, message: String) -> SinkError {

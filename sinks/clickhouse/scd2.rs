@@ -19,6 +19,7 @@ use super::merge::VERSION_COLUMN;
 use super::types::{encode, ChType, EncodeError};
 use super::{encoded_key, ClickHouseSink, EncodedRow, Letter, Refused, TableRows, TableShape};
 use crate::config::ColumnNaming;
+use crate::dead_letter::LetterChange;
 use crate::event::{Op, Position, Record, Relation, Row, Value};
 use crate::log::LogEntry;
 use crate::pgtext::copy_text::value_text;
@@ -149,6 +150,30 @@ impl ClickHouseSink {
             naming: self.config.columns,
             tombstones: self.config.history_deletes,
         }
+    }
+
+    /// Whether the target holds a version of an SCD2 letter's key committed after it.
+    pub(super) async fn superseded(&self, letter: &LetterChange) -> Result<bool, SinkError> {
+        let (Some(row), Some((lsn, _))) = (
+            letter.after.as_ref().or(letter.before.as_ref()),
+            letter.commit,
+        ) else {
+            return Ok(false);
+        };
+        let relation = Arc::new(letter.relation.clone());
+        let target = self.target_of(&relation);
+        let later = self
+            .latest_by_key(
+                &relation,
+                &target,
+                &self.column_types(&relation),
+                &[row],
+                &[],
+                &format!("{LSN_COLUMN} > {}", lsn.0),
+                LSN_COLUMN,
+            )
+            .await?;
+        Ok(!later.is_empty())
     }
 
     /// Inserts a batch of whole transactions as versions; returns its source position.
