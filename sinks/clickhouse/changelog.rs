@@ -6,7 +6,7 @@
 //! values, NULL in their columns), and where the change stands in the source and in the log.
 //!
 //! A MergeTree keeps what is inserted twice: before a table takes the first rows after the
-//! sink opens (or after a failed batch), the rows past the checkpoint — written by a batch
+//! sink opens (as the pipeline does again after a failed batch), the rows past the checkpoint — written by a batch
 //! whose checkpoint was not — are deleted, so a plain `SELECT` is exact.
 
 use std::collections::HashMap;
@@ -144,7 +144,7 @@ impl ClickHouseSink {
     }
 
     /// Deletes the rows a batch wrote past the checkpoint, once per table after the sink
-    /// opens or a batch fails.
+    /// opens.
     async fn remove_unrecorded(&mut self, target: &str) -> Result<(), SinkError> {
         if !self.replay_checked.insert(target.to_string()) {
             return Ok(());

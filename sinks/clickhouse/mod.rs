@@ -46,8 +46,7 @@ pub struct ClickHouseSink {
     dead_letters: DeadLetterQueue,
     /// The last log record applied: the checkpoint `open` read, then each batch's.
     applied: u64,
-    /// Changelog: the tables cleared of rows past the checkpoint since the sink opened or a
-    /// batch failed.
+    /// Changelog: the tables cleared of rows past the checkpoint since the sink opened.
     replay_checked: HashSet<String>,
     /// SCD2: a transaction larger than a batch, split by key as its chunks arrive.
     large: super::large::LargeSplit,
@@ -600,20 +599,9 @@ impl Sink for ClickHouseSink {
         Ok(position)
     }
 
+    /// After a failed batch the pipeline opens the sink again, which forgets what the batch
+    /// left half done.
     async fn apply(&mut self, entries: &[LogEntry]) -> Result<DeadLettered, SinkError> {
-        let result = self.apply_batch(entries).await;
-        if result.is_err() {
-            // What the failed batch wrote is checked again when it is applied again.
-            self.prepared.clear();
-            self.replay_checked.clear();
-            self.large.reset();
-        }
-        result
-    }
-}
-
-impl ClickHouseSink {
-    async fn apply_batch(&mut self, entries: &[LogEntry]) -> Result<DeadLettered, SinkError> {
         let Some(last) = entries.last() else {
             return Ok(DeadLettered::new());
         };
